@@ -1,0 +1,21 @@
+"""pytest set-up shared by test_dark.py: where ../shared lives, and small-CPU defaults."""
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(min(2, torch.get_num_threads()))  # CI has 2 cores; keep the suite predictable
+
+SHARED = Path(__file__).resolve().parent.parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared():
+    """Path to ../shared. Skips with a reason when absent; fails instead when DARK_REQUIRE_SHARED=1 (CI)."""
+    if not (SHARED / "README.md").exists():
+        msg = f"{SHARED} is absent: reference fixtures, BPE vocabulary and HC18 sample not available"
+        if os.environ.get("DARK_REQUIRE_SHARED") == "1":
+            pytest.fail(msg + " (DARK_REQUIRE_SHARED=1 is set, so this is an error)")
+        pytest.skip(msg)
+    return SHARED

@@ -1,0 +1,564 @@
+"""Evaluation: the paper's zero-shot protocols, linear probing, the teacher-student analysis, speed. It only evaluates:
+choosing a checkpoint is train.py's business, on validation data.
+
+    python eval.py --checkpoint=out/best.pt                                   # toy world, test split
+    python eval.py --checkpoint=ckpt.pt --task=planes --data=FETAL_PLANES_DB  # or brain, or hc18 --data=HC18
+    python eval.py --checkpoint=ckpt.pt --task=paper --data=FETAL_PLANES_DB,HC18   # all three + the composite
+    python eval.py --checkpoint=FetalCLIP_weights.pt --model_config=fetalclip --task=hc18 --data=HC18
+    python eval.py --checkpoint=student.pt --probe --analysis --teacher=teacher.pt
+    python eval.py --speed                                    # FetalCLIP vs MobileCLIP2-S0: params, GMACs, CPU ms
+
+Zero-shot, as FetalCLIP's released evaluation (reused by MobileFetalCLIP):
+- A class embedding is normalise(mean of normalised prompt embeddings); logits = 100 * cosine, CLIP's fixed
+  zero-shot scale rather than the model's learned one, so every model is scored alike; softmax over classes.
+- 5 planes: FETAL_PLANES_DB without "Other", a 9-class text classifier over 5 labels; per-class F1 and accuracy
+  (recall) averaged over the classes present, so a prediction of an absent class is simply a miss. Brain: 3 classes.
+- Gestational age on HC18: 175 daily candidates, each scored by the mean over its prompts of 100 * cosine; the
+  median by age of the 15 best is the prediction; valid when P2.5(age) <= true HC <= P97.5(age).
+- Class F1 = (5 F1_planes + 3 F1_brain) / 8; composite = (class F1 + validity / 100) / 2, the paper's "Avg".
+"""
+import copy
+import functools
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+import models
+
+PROTOCOL = "dark-eval-1"  # bump when a metric, prompt or filter changes, so results files stay comparable
+
+# --- prompts: our own wording; a {class: [prompts]} JSON (FetalCLIP's files too) can replace them ---
+PLANE_PROMPTS = {  # 9 classes, as FetalCLIP's classifier, though FETAL_PLANES_DB labels only 5 of them
+    "abdomen": ["fetal ultrasound of the abdomen", "transverse view of the fetal abdomen with the stomach bubble"],
+    "brain": ["fetal ultrasound of the head", "axial view of the fetal brain inside the skull"],
+    "femur": ["fetal ultrasound of the femur", "long axis of the fetal thigh bone"],
+    "heart": ["fetal ultrasound of the heart", "four chamber view of the fetal heart in the thorax"],
+    "kidney": ["fetal ultrasound of the kidneys", "view of both fetal kidneys beside the spine"],
+    "lips_nose": ["fetal ultrasound of the lips and nose", "coronal view of the fetal upper lip and nostrils"],
+    "profile_patient": ["fetal profile on ultrasound", "sagittal view of the fetal face and forehead"],
+    "spine": ["fetal ultrasound of the spine", "sagittal view of the fetal vertebral column"],
+    "cervix": ["transvaginal ultrasound of the maternal cervix", "the mother's cervical canal measured on ultrasound"],
+}
+BRAIN_PROMPTS = {
+    "trans-thalamic": ["transthalamic plane of the fetal brain", "fetal head at the level of the thalami"],
+    "trans-cerebellum": ["transcerebellar plane of the fetal brain", "fetal head showing the cerebellum"],
+    "trans-ventricular": ["transventricular plane of the fetal brain", "fetal head with the lateral ventricles"],
+}
+GA_TEMPLATES = [  # FetalCLIP's placeholders, so its template files work too
+    "fetal head ultrasound at {weeks} weeks and {day} days of gestation, pixel spacing {pixel_spacing} mm/pixel",
+    "ultrasound of the fetal brain, gestational age {weeks} weeks {day} days, {pixel_spacing} mm per pixel",
+    "fetal skull at {weeks} weeks and {day} days, imaged with a pixel spacing of {pixel_spacing} mm/pixel",
+]
+FPDB_CLASS = {"Fetal abdomen": "abdomen", "Fetal brain": "brain", "Fetal femur": "femur", "Fetal thorax": "heart",
+              "Maternal cervix": "cervix", "Trans-thalamic": "trans-thalamic", "Trans-cerebellum": "trans-cerebellum",
+              "Trans-ventricular": "trans-ventricular"}  # FETAL_PLANES_DB label -> class of the prompt sets
+GA_DAYS = np.array([w * 7 + d for w in range(14, 39) for d in range(7)])  # 14w0d..38w6d: FetalCLIP's 175 candidates
+TOP_N = 15  # the median of the 15 best candidates, not the argmax: scores of neighbouring days are flat and noisy
+HC_WINDOW = (100.0, 342.0)  # mm, the median HC at 14 and at 40 weeks: HC18's younger heads (down to 44 mm) are
+#                             outside the ages any candidate states, so they are not scored
+
+
+# --- metrics: numpy functions of predictions and labels ---
+def class_metrics(probs, targets, names, topk=(1, 2, 3)):
+    """probs [N, C] over the classifier's C classes, targets [N]. Per-class F1 and accuracy (recall, as torchmetrics'
+    average='none'), and top-k accuracy, each averaged over the classes present in targets only."""
+    probs, targets = np.asarray(probs), np.asarray(targets)
+    pred, present, out = probs.argmax(1), np.unique(targets), {}
+    ranked = np.argsort(-probs, axis=1, kind="stable")
+    key = {c: str(names[c]).lower().replace(" ", "_") for c in present}  # 'Fetal abdomen' -> f1_fetal_abdomen
+    for c in present:
+        tp, fp, fn = [int(np.sum(m)) for m in ((pred == c) & (targets == c), (pred == c) & (targets != c),
+                                               (pred != c) & (targets == c))]
+        out[f"f1_{key[c]}"], out[f"acc_{key[c]}"] = 2 * tp / (2 * tp + fp + fn), tp / (tp + fn)
+    for metric in ("f1", "acc"):
+        out[metric] = float(np.mean([out[f"{metric}_{key[c]}"] for c in present]))
+    for k in topk[1:]:
+        hit = (ranked[:, :k] == targets[:, None]).any(1)
+        out[f"top{k}"] = float(np.mean([hit[targets == c].mean() for c in present]))
+    return out
+
+
+def class_f1(planes_f1, brain_f1):
+    return (5 * planes_f1 + 3 * brain_f1) / 8  # each task weighted by its number of classes
+
+
+def composite(class_f1_value, validity_percent):
+    return (class_f1_value + validity_percent / 100) / 2
+
+
+def pixel_spacing_text(width, height, input_size, pixel_mm):
+    """The spacing a GA prompt states: mm per pixel of the model's input, after padding to a square and resizing."""
+    return f"{max(width, height) / input_size * pixel_mm:.2f}"
+
+
+def median_of_top(scores, n=TOP_N):
+    """Index of the predicted candidate: the n best scores, sorted by age, element n // 2."""
+    best = np.argsort(-np.asarray(scores), kind="stable")[:n]  # a tie keeps the younger candidate first
+    return int(np.sort(best)[n // 2])
+
+
+def ga_valid(pred_days, hc_mm):
+    """P2.5(predicted age) <= true HC <= P97.5(predicted age), boundaries included."""
+    weeks, hc_mm = np.asarray(pred_days) / 7, np.asarray(hc_mm)
+    return (data.hc_curve(weeks, "p2.5") <= hc_mm) & (hc_mm <= data.hc_curve(weeks, "p97.5"))
+
+
+def in_hc_window(hc_mm):
+    return (HC_WINDOW[0] <= np.asarray(hc_mm)) & (np.asarray(hc_mm) <= HC_WINDOW[1])
+
+
+def bootstrap_ci(values, n_boot=10_000, seed=42):
+    """95% percentile interval of 100 * mean(values); the same draws as FetalCLIP's script."""
+    means = np.random.default_rng(seed).choice(np.asarray(values, float), size=(n_boot, len(values))).mean(1)
+    return tuple(100 * float(q) for q in np.percentile(means, [2.5, 97.5]))
+
+
+def _ranks(x):
+    """1-based ranks; tied values share their average rank (as scipy.stats.rankdata)."""
+    x = np.asarray(x, dtype=float)
+    order = np.empty(len(x))
+    order[np.argsort(x, kind="stable")] = np.arange(1, len(x) + 1)
+    _, group, count = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=order) / count)[group]
+
+
+def pearson(x, y):
+    x, y = np.ravel(x).astype(float), np.ravel(y).astype(float)
+    x, y = x - x.mean(), y - y.mean()
+    den = math.sqrt((x * x).sum() * (y * y).sum())
+    return float((x * y).sum() / den) if den > 0 else float("nan")  # undefined when one side is constant
+
+
+def spearman(x, y):
+    return pearson(_ranks(x), _ranks(y))
+
+
+def auroc(scores, labels):
+    """P(score of a positive > score of a negative), a tie counting one half (Mann-Whitney U / n_pos n_neg)."""
+    labels = np.asarray(labels).astype(bool)
+    n_pos, n_neg = labels.sum(), (~labels).sum()
+    return float((_ranks(scores)[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def ga_metrics(pred_days, hc_mm):
+    """Validity % with its bootstrap interval, and Spearman(predicted age, true HC), over images in HC_WINDOW."""
+    keep = in_hc_window(hc_mm)
+    pred_days, hc_mm = np.asarray(pred_days)[keep], np.asarray(hc_mm, dtype=float)[keep]
+    if not keep.any():
+        return dict(ga_validity=math.nan, ga_ci_low=math.nan, ga_ci_high=math.nan, ga_spearman=math.nan, ga_n=0)
+    valid = ga_valid(pred_days, hc_mm)
+    lo, hi = bootstrap_ci(valid)
+    return dict(ga_validity=100 * float(valid.mean()), ga_ci_low=lo, ga_ci_high=hi,
+                ga_spearman=spearman(pred_days, hc_mm), ga_n=int(keep.sum()))
+
+
+# --- zero-shot: image embeddings, text classifiers, age scores ---
+@torch.no_grad()
+def embed_images(model, images, batch_size=64, device="cpu"):
+    """PIL images or paths -> (raw image embeddings [N, D], each image's original (W, H)), preprocessed for model."""
+    prep = data.Preprocess(model.image_size, model.image_mean, model.image_std)
+    feats, sizes = [], []
+    for i in range(0, len(images), batch_size):
+        batch = [data.load_image(x) if isinstance(x, (str, Path)) else x for x in images[i:i + batch_size]]
+        sizes += [im.size for im in batch]
+        feats.append(model.encode_image(torch.stack([prep(im) for im in batch]).to(device)).float().cpu())
+    return torch.cat(feats), sizes
+
+
+@torch.no_grad()
+def encode_texts(model, tokenizer, texts, batch_size=256, device="cpu"):
+    """-> normalised text embeddings [len(texts), D]."""
+    parts = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float().cpu()
+             for i in range(0, len(texts), batch_size)]
+    return F.normalize(torch.cat(parts), dim=-1)
+
+
+def text_classifier(model, tokenizer, prompts, device="cpu"):
+    """{class: [prompts]} -> class embeddings [C, D] = normalise(mean of normalised prompt embeddings)."""
+    emb = encode_texts(model, tokenizer, [p for ps in prompts.values() for p in ps], device=device)
+    return F.normalize(torch.stack([e.mean(0) for e in emb.split([len(ps) for ps in prompts.values()])]), dim=-1)
+
+
+def template_prompts(templates):
+    """(weeks, days, spacing) -> one prompt per template with {weeks} {day} {pixel_spacing} filled in."""
+    return lambda w, d, s: [t.replace("{weeks}", str(w)).replace("{day}", str(d))
+                            .replace("{pixel_spacing}", f"{s:.2f}") for t in templates]
+
+
+def ga_predict(model, tokenizer, feats, spacings, prompt_fn, device="cpu"):
+    """feats [N, D] normalised, spacings [N] (2-decimal text) -> predicted age in days [N]. The 175 x P candidate
+    prompts depend on the spacing only, so they are encoded once per distinct spacing: that is the cost."""
+    pred = np.zeros(len(feats), dtype=int)
+    for s in sorted(set(spacings)):
+        rows = [i for i, x in enumerate(spacings) if x == s]
+        texts = [prompt_fn(int(d) // 7, int(d) % 7, float(s)) for d in GA_DAYS]
+        emb = encode_texts(model, tokenizer, [p for ps in texts for p in ps], device=device)
+        emb = emb.view(len(GA_DAYS), len(texts[0]), -1).mean(1)  # mean of 100*cos over prompts = 100*cos to the mean
+        pred[rows] = GA_DAYS[[median_of_top(row) for row in (100 * feats[rows] @ emb.T).numpy()]]  # scores [n, 175]
+    return pred
+
+
+def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
+    """records: dicts of image, plane and brain (class names or None), hc_mm (None: no age task), pixel_mm.
+    suite: {'planes': {class: [prompts]}, 'brain': {...}, 'ga': prompt_fn}. -> (metrics, outputs per task)."""
+    raw, sizes = embed_images(model, [r["image"] for r in records], batch_size, device)
+    feats, metrics, outputs = F.normalize(raw, dim=-1), {"n_images": len(records)}, {}
+    for task, key, topk in (("planes", "plane", (1, 2, 3)), ("brain", "brain", (1,))):
+        rows, names = [i for i, r in enumerate(records) if r.get(key)], list(suite[task])
+        if not rows:
+            continue
+        if unknown := sorted({records[i][key] for i in rows} - set(names)):
+            raise ValueError(f"{task}: labels {unknown} are not classes of the prompt set {names}")
+        targets = np.array([names.index(records[i][key]) for i in rows])
+        classes = text_classifier(model, tokenizer, suite[task], device)  # once per call, for every image
+        probs = (100 * feats[rows] @ classes.T).softmax(-1).numpy()  # 100: CLIP's fixed zero-shot scale
+        metrics.update({f"{task}_{k}": v for k, v in class_metrics(probs, targets, names, topk).items()})
+        outputs[task] = dict(probs=probs, targets=targets, names=names, feats=feats[rows].numpy())
+    if any(r.get("hc_mm") is not None for r in records):  # heads outside the HC window are not even scored
+        rows = [i for i, r in enumerate(records) if r.get("hc_mm") is not None and in_hc_window(r["hc_mm"])]
+        spacings = [pixel_spacing_text(*sizes[i], model.image_size, records[i]["pixel_mm"]) for i in rows]
+        pred = ga_predict(model, tokenizer, feats[rows], spacings, suite["ga"], device)
+        metrics.update(ga_metrics(pred, [records[i]["hc_mm"] for i in rows]))
+    if "planes_f1" in metrics and "brain_f1" in metrics:
+        metrics["class_f1"] = class_f1(metrics["planes_f1"], metrics["brain_f1"])
+        if "ga_validity" in metrics:
+            metrics["composite"] = composite(metrics["class_f1"], metrics["ga_validity"])
+    return metrics, outputs
+
+
+# --- tasks: records from the toy world or from the real files ---
+@functools.lru_cache(maxsize=4)  # the same images at every evaluation during training: render them once
+def toy_records(split, n=None):
+    out = []
+    for item in data.ToyWorld(split=split, length=n):
+        head = item["brain_plane"] >= 0  # a brain-plane image is a head with a true HC
+        out.append(dict(image=item["image"], plane=data.PLANES[item["plane"]], pixel_mm=item["pixel_mm"],
+                        brain=data.BRAIN_PLANES[item["brain_plane"]] if head else None,
+                        hc_mm=item["hc_mm"] if head else None))
+    return out
+
+
+def planes_records(root, split="all"):
+    """FETAL_PLANES_DB: 5 planes ("Other" left out) and brain sub-planes; split train | test | all."""
+    out = []
+    for r in data.read_fetal_planes(root):
+        plane = FPDB_CLASS[data.PLANES[r["plane"]]] if r["plane"] >= 0 else None
+        brain = FPDB_CLASS[data.BRAIN_PLANES[r["brain_plane"]]] if r["brain_plane"] >= 0 else None
+        if (plane or brain) and split in ("all", "train" if r["train"] else "test"):
+            out.append(dict(image=r["image_path"], plane=plane, brain=brain, patient=r["patient"], train=r["train"]))
+    return out
+
+
+def task_records(task, split="val", n=None, root=None):
+    """-> (records, prompt suite). task: toy (a ToyWorld split) | planes | brain (root: FETAL_PLANES_DB) | hc18 (root:
+    HC18; its labelled images, whatever the split) | paper (root 'FPDB,HC18': all three). n: at most n per source."""
+    if task == "toy":
+        return toy_records(split, n), dict(planes=data.TOY_PLANE_PROMPTS, brain=data.TOY_BRAIN_PROMPTS,
+                                           ga=data.toy_ga_prompts)
+    if task not in ("planes", "brain", "hc18", "paper") or not root or (task == "paper") != ("," in str(root)):
+        raise ValueError(f"task {task!r} with data {root!r}: use task=toy, or planes | brain | hc18 with data=DIR, "
+                         "or paper with data=FETAL_PLANES_DB_DIR,HC18_DIR")
+    fpdb, hc18 = str(root).split(",") if task == "paper" else (root, root)
+    records = []
+    if task != "hc18":
+        if split not in ("train", "test", "all"):  # no validation rows: select checkpoints on train, never on test
+            raise ValueError(f"FETAL_PLANES_DB splits are train | test | all (zero-shot papers use all), not {split!r}")
+        drop = {"planes": dict(brain=None), "brain": dict(plane=None)}.get(task, {})
+        records = [r for r in (dict(r, **drop) for r in planes_records(fpdb, split)) if r["plane"] or r["brain"]][:n]
+    if task in ("hc18", "paper"):
+        records += [dict(image=r["image_path"], hc_mm=r["hc_mm"], pixel_mm=r["pixel_mm"])
+                    for r in data.read_hc18(hc18)][:n]
+    return records, dict(planes=PLANE_PROMPTS, brain=BRAIN_PROMPTS, ga=template_prompts(GA_TEMPLATES))
+
+
+def evaluate(model, tokenizer, task="toy", split="val", n=None, root=None, prompts=None, batch_size=64, device="cpu"):
+    """Zero-shot metrics (train.py calls this): planes_f1, brain_f1, class_f1, ga_validity, composite and more.
+    prompts {'planes' | 'brain': {class: [prompts]}, 'ga': [templates]} replaces defaults; train/eval mode is kept."""
+    records, suite = task_records(task, split, n, root)
+    if not records:
+        raise ValueError(f"no images for task {task!r}, split {split!r} in {root or 'the toy world'}")
+    suite.update({k: template_prompts(v) if k == "ga" else v for k, v in (prompts or {}).items()})
+    training, t0 = model.training, time.perf_counter()
+    try:
+        metrics, _ = zero_shot(model.eval(), tokenizer, records, suite, batch_size, device)
+    finally:
+        model.train(training)
+    return {**metrics, "eval_seconds": time.perf_counter() - t0}
+
+
+# --- linear probing: one linear layer on frozen image embeddings ---
+def patient_split(patients, val_fraction=0.2, seed=0):
+    """Boolean mask of validation rows, drawn by whole patients: no patient is on both sides."""
+    ids = np.unique(np.asarray(patients))
+    np.random.default_rng(seed).shuffle(ids)
+    return np.isin(patients, ids[:max(1, round(val_fraction * len(ids)))])
+
+
+def linear_probe(train, val, test, num_classes, epochs=50, lr=3e-4, weight_decay=0.01, batch_size=64, seed=0):
+    """train/val/test: (embeddings [N, D], labels [N]). AdamW for `epochs`, keeping the weights of the epoch with
+    the lowest validation loss. -> f1 (macro over the classes in test), acc, best_epoch, auroc when binary."""
+    torch.manual_seed(seed)
+    (x, y), (xv, yv), (xt, yt) = [(torch.as_tensor(a).float(), torch.as_tensor(b).long()) for a, b in
+                                  (train, val, test)]
+    head = torch.nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
+    best = (math.inf, None, -1)
+    for epoch in range(epochs):
+        for idx in torch.randperm(len(x)).split(batch_size):
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(head(x[idx]), y[idx]).backward()
+            opt.step()
+        with torch.no_grad():
+            if (loss := F.cross_entropy(head(xv), yv).item()) < best[0]:
+                best = (loss, copy.deepcopy(head.state_dict()), epoch)
+    head.load_state_dict(best[1])
+    with torch.no_grad():
+        probs = head(xt).softmax(-1).numpy()
+    m = class_metrics(probs, yt.numpy(), list(range(num_classes)), topk=(1,))
+    return dict(f1=m["f1"], acc=m["acc"], best_epoch=best[2], **(
+        dict(auroc=auroc(probs[:, 1], yt.numpy())) if num_classes == 2 else {}))
+
+
+def probe(model, task, n=None, root=None, batch_size=64, device="cpu"):
+    """Probes for planes and brain sub-planes -> probe_plane_f1, probe_brain_f1, ... Toy: its train / val / test
+    splits. FETAL_PLANES_DB: the train rows split by patient into train and validation, the test rows to score."""
+    if task == "toy":
+        splits = {s: toy_records(s, n or 1000) for s in ("train", "val", "test")}
+    else:
+        rows = planes_records(str(root).split(",")[0])
+        train = [r for r in rows if r["train"]]
+        val = patient_split([r["patient"] for r in train])
+        splits = dict(train=[r for r, v in zip(train, val) if not v], val=[r for r, v in zip(train, val) if v],
+                      test=[r for r in rows if not r["train"]])
+    feats = {s: embed_images(model.eval(), [r["image"] for r in recs], batch_size, device)[0]
+             for s, recs in splits.items()}
+    out = {}
+    for key in ("plane", "brain"):
+        names, sets = sorted({r[key] for r in splits["train"] if r.get(key)}), []
+        for s, recs in splits.items():
+            rows = [i for i, r in enumerate(recs) if r.get(key)]
+            sets.append((feats[s][rows], [names.index(recs[i][key]) for i in rows]))
+        out.update({f"probe_{key}_{k}": v for k, v in linear_probe(*sets, len(names)).items()})
+    return out
+
+
+# --- teacher-student analysis: the same per-image confidence, different confusions? ---
+def separation(feats, targets):
+    """Mean distance between class centroids / mean distance of an embedding to its own centroid (> 1: separated)."""
+    feats, targets = np.asarray(feats, dtype=float), np.asarray(targets)
+    classes, inv = np.unique(targets, return_inverse=True)
+    cents = np.stack([feats[targets == c].mean(0) for c in classes])
+    between = [np.linalg.norm(cents[i] - cents[j]) for i in range(len(classes)) for j in range(i + 1, len(classes))]
+    return float(np.mean(between) / np.linalg.norm(feats - cents[inv], axis=1).mean())
+
+
+def confusion(probs, targets):
+    """Row-normalised confusion matrix of argmax predictions: rows = classes present, columns = all classes."""
+    present, pred = np.unique(targets), np.asarray(probs).argmax(1)
+    cm = np.stack([np.bincount(pred[targets == c], minlength=probs.shape[1]) / (targets == c).sum() for c in present])
+    return cm, present
+
+
+def teacher_student(t_probs, s_probs, targets, t_feats, s_feats):
+    """(a) r of the true-class probability per image; (b) r of the non-target probabilities (every image, every
+    class but its own) and of the off-diagonal cells of the two confusion matrices; (c) class separation."""
+    rows, targets = np.arange(len(targets)), np.asarray(targets)
+    other = np.ones(t_probs.shape, dtype=bool)
+    other[rows, targets] = False
+    (cm_t, present), (cm_s, _) = confusion(t_probs, targets), confusion(s_probs, targets)
+    off = np.ones(cm_t.shape, dtype=bool)
+    off[np.arange(len(present)), present] = False
+    return dict(true_prob_corr=pearson(t_probs[rows, targets], s_probs[rows, targets]),
+                offdiag_prob_corr=pearson(t_probs[other], s_probs[other]), confusion_corr=pearson(cm_t[off], cm_s[off]),
+                separation_teacher=separation(t_feats, targets), separation_student=separation(s_feats, targets))
+
+
+def plot_teacher_student(path, t_probs, s_probs, targets, names):
+    """PNG: teacher vs student true-class probability, and the two confusion matrices side by side."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("no figure: matplotlib is not installed (pip install matplotlib); the numbers are in the results JSON")
+        return None
+    t_true, s_true = t_probs[np.arange(len(targets)), targets], s_probs[np.arange(len(targets)), targets]
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
+    ax[0].scatter(t_true, s_true, s=6, alpha=0.5)
+    ax[0].plot([0, 1], [0, 1], "k--", lw=1)
+    ax[0].set(xlabel="teacher p(true class)", ylabel="student p(true class)",
+              title=f"per-image confidence, r = {pearson(t_true, s_true):.2f}")
+    for a, probs, who in ((ax[1], t_probs, "teacher"), (ax[2], s_probs, "student")):
+        cm, present = confusion(probs, targets)
+        a.imshow(cm, vmin=0, vmax=1, cmap="Blues")
+        a.set(title=f"{who} confusion (rows: true)", xticks=range(len(names)), yticks=range(len(present)))
+        a.set_xticklabels(names, rotation=60, ha="right", fontsize=7)
+        a.set_yticklabels([names[c] for c in present], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def analysis(teacher, student, task, split, n=None, root=None, out_dir="runs/eval", device="cpu"):
+    """teacher, student: (model, tokenizer), on the same images -> ts_planes_*, ts_brain_*; PNG of the planes task."""
+    records, suite = task_records(task, split, n, root)
+    (_, t), (_, s) = [zero_shot(m.eval(), tok, records, suite, device=device) for m, tok in (teacher, student)]
+    out = {}
+    for name in [name for name in ("planes", "brain") if name in s]:
+        ts = teacher_student(t[name]["probs"], s[name]["probs"], s[name]["targets"], t[name]["feats"], s[name]["feats"])
+        out.update({f"ts_{name}_{k}": v for k, v in ts.items()})
+    if "planes" in s:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        if png := plot_teacher_student(Path(out_dir) / f"teacher_student_{task}.png", t["planes"]["probs"],
+                                       s["planes"]["probs"], s["planes"]["targets"], s["planes"]["names"]):
+            print(f"figure: {png}")
+    return out
+
+
+# --- speed: parameters, counted MACs, CPU latency at batch 1 ---
+def count_gmacs(fn, x):
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        fn(x)
+    return counter.get_total_flops() / 2 / 1e9  # a multiply-add is two FLOPs
+
+
+@torch.no_grad()
+def latency_ms(fn, x, warmup=3, runs=10):
+    for _ in range(warmup):
+        fn(x)
+    times = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        fn(x)
+        times.append(time.perf_counter() - t0)
+    return 1000 * float(np.median(times))
+
+
+def speed(model, runs=10):
+    """Params (M), GMACs and median CPU ms at batch 1 of the image tower, multi-branch and folded when it has
+    branches, and of the text tower."""
+    model = model.eval()
+    image = torch.randn(1, 3, model.image_size, model.image_size)
+    ids = torch.randint(1, model.config["text_cfg"].get("vocab_size", 49408), (1, model.context_length))
+    foldable = any(hasattr(m, "reparameterize") for m in model.visual.modules())
+    tower = copy.deepcopy(model.visual).train() if foldable else model.visual  # train mode runs every branch (eval
+    out = dict(params_m=models.count_params(model) / 1e6,                     # mode sums them into one conv)
+               image_params_m=models.count_params(model.visual) / 1e6, image_gmacs=count_gmacs(tower, image),
+               text_gmacs=count_gmacs(model.encode_text, ids), image_ms=latency_ms(tower, image, runs=runs),
+               text_ms=latency_ms(model.encode_text, ids, runs=runs))
+    if foldable:
+        folded = models.reparameterize(copy.deepcopy(model.visual))
+        out.update(image_ms_folded=latency_ms(folded, image, runs=runs), image_gmacs_folded=count_gmacs(folded, image))
+    return out
+
+
+# --- checkpoints, results files, command line ---
+def load_model_from_checkpoint(path, model_config=None):
+    """-> (model in eval mode, tokenizer). A train.py checkpoint carries its config: {'model': state_dict,
+    'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too). Raw open_clip weights
+    (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    cfg = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or model_config
+    if cfg is None:
+        raise ValueError(f"{path} has no 'model_config': raw open_clip weights need "
+                         "--model_config=fetalclip | mobileclip2-s0 | PATH.json")
+    model = models.build_model(cfg)
+    models.load_checkpoint(model, ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
+    kind = ckpt.get("tokenizer") or ("bpe" if model.config["text_cfg"].get("vocab_size", 49408) == 49408 else "toy")
+    return model.eval(), data.get_tokenizer(kind, model.context_length)
+
+
+def save_results(path, metrics, meta):
+    """{'meta': protocol, date, model, checkpoint, dataset..., 'metrics': ...}; NaN (undefined) is written as null."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
+    meta = dict(protocol=PROTOCOL, date=time.strftime("%Y-%m-%d %H:%M:%S"), **meta)
+    Path(path).write_text(json.dumps(dict(meta=meta, metrics=clean), indent=2))
+    return path
+
+
+def markdown_table(rows, columns):
+    cell = lambda v: "-" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+    return "\n".join(["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)] +
+                     ["| " + " | ".join(cell(r.get(c)) for c in columns) + " |" for r in rows])
+
+
+def describe(model):
+    return f"{model.config['vision_cfg'].get('timm_model_name', 'ViT')} @{model.image_size}px"
+
+
+OPTIONS = dict(checkpoint="", model_config="", task="toy", data="", split="", n=0, batch_size=64, device="cpu",
+               prompts="", out="runs/eval", probe=False, analysis=False, teacher="", teacher_config="", speed=False,
+               runs=10)  # timed runs per tower for --speed, after 3 warm-up runs
+
+
+def parse_options(argv):
+    """--key=value over OPTIONS (a bare --flag sets a boolean); a bad key or value exits listing the valid ones."""
+    opt, usage = dict(OPTIONS), "options: " + " ".join(f"--{k}={v}" for k, v in OPTIONS.items())
+    for arg in argv:
+        key, has_value, value = arg.removeprefix("--").partition("=")
+        if key in ("h", "help"):
+            print(__doc__ + "\n" + usage)
+            sys.exit(0)
+        if key not in opt:
+            sys.exit(f"unknown option {arg!r}; {usage}")
+        kind = type(OPTIONS[key])
+        try:
+            opt[key] = (not has_value or value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
+        except ValueError:
+            sys.exit(f"--{key} takes a {kind.__name__}, not {value!r}; {usage}")
+    return opt
+
+
+def main(argv):
+    opt = parse_options(argv)
+    stamp, out = time.strftime("%Y%m%d_%H%M%S"), Path(opt["out"])
+    if opt["speed"]:  # the checkpoints given, else FetalCLIP and MobileCLIP2-S0 with random weights: same speed
+        rows = []
+        for role, src, cfg in (("teacher", opt["teacher"] or "fetalclip", opt["teacher_config"] or None),
+                               ("student", opt["checkpoint"] or "mobileclip2-s0", opt["model_config"] or None)):
+            model = load_model_from_checkpoint(src, cfg)[0] if Path(src).is_file() else models.build_model(src)
+            rows.append(dict(role=role, source=src, **speed(model, opt["runs"])))
+        print(markdown_table(rows, list(rows[0]) + ["image_ms_folded", "image_gmacs_folded"]))
+        return save_results(out / f"speed_{stamp}.json", {f"{r['role']}_{k}": v for r in rows for k, v in r.items()
+                                                          if k != "role"},
+                            dict(task="speed", device="cpu", threads=torch.get_num_threads()))
+    if not opt["checkpoint"] or (opt["analysis"] and not opt["teacher"]):
+        sys.exit("--checkpoint=PATH is required (or --speed), --analysis needs --teacher=PATH; --help lists options")
+    task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, opt["device"]
+    model, tokenizer = load_model_from_checkpoint(opt["checkpoint"], opt["model_config"] or None)
+    model.to(device)
+    split = opt["split"] or ("test" if opt["task"] == "toy" else "all")
+    prompts = None
+    if opt["prompts"]:  # a FetalCLIP-style file {class: [prompts]}; for hc18 {anything: [templates]}
+        if opt["task"] not in ("planes", "brain", "hc18"):
+            sys.exit("--prompts replaces the prompts of one task: use it with --task=planes | brain | hc18")
+        given = json.loads(Path(opt["prompts"]).read_text())
+        prompts = {"ga": [p for ps in given.values() for p in ps]} if opt["task"] == "hc18" else {opt["task"]: given}
+    metrics = evaluate(model, tokenizer, task, split, n, root, prompts, opt["batch_size"], device)
+    if opt["probe"]:
+        metrics.update(probe(model, task, n, root, opt["batch_size"], device))
+    if opt["analysis"]:
+        teacher, teacher_tokenizer = load_model_from_checkpoint(opt["teacher"], opt["teacher_config"] or None)
+        metrics.update(analysis((teacher.to(device), teacher_tokenizer), (model, tokenizer), task, split, n, root, out,
+                                device))
+    meta = dict(model=describe(model), checkpoint=opt["checkpoint"], dataset=opt["data"] or "toy world",
+                task=opt["task"], split=split)
+    path = save_results(out / f"results_{opt['task']}_{split}_{stamp}.json", metrics, meta)
+    print(markdown_table([dict(meta, protocol=PROTOCOL, **metrics)], ["model", "checkpoint", "dataset", "split",
+          "protocol", "planes_f1", "brain_f1", "class_f1", "ga_validity", "composite", "probe_plane_f1"]))
+    print(f"all {len(metrics)} metrics: {path}")
+    return path
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,353 @@
+"""Export a trained student as Core ML packages for an iPhone app. The only file that imports coremltools.
+
+    python export_ios.py --checkpoint=out/student.pt                    # image encoder + 5-plane zero-shot head
+    python export_ios.py --checkpoint=out/student.pt --classes=brain --text --quantize=int8
+    python export_ios.py --checkpoint=out/student.pt --classes=my_prompts.json --target=iOS18 --out=ios/
+    python export_ios.py --checkpoint=mobileclip2_s0.pt --model_config=mobileclip2-s0   # raw open_clip weights
+
+What it writes (the README documents these names; every run checks them on the saved files):
+- <out>/<name>Image.mlpackage: input `image`, an RGB image of the model's size (pixels / 255 by Core ML); output
+  `embedding` float32 [1, D], L2-normalised; with a zero-shot head (the default) also `probs` float32 [1, K] =
+  softmax(100 * cosine) against K class embeddings computed here in PyTorch and stored in the package, so the app
+  gets class probabilities from one call and needs no text encoder. The class names are in the metadata (`classes`).
+- <out>/<name>Text.mlpackage (--text): input `input_ids` int32 [1, context], output `embedding` float32 [1, D]. The
+  app must tokenize exactly as training did (the checkpoint's tokenizer: CLIP BPE, or the toy word tokenizer).
+Both are ML programs with fp16 weights and fp16 compute, for iOS 17 and later unless --target says otherwise.
+
+How: reparameterize a copy of the student (every multi-branch block folded), wrap it (the per-channel mean/std goes
+inside the graph: ImageType has one scale for all channels), torch.export(...).run_decompositions({}), coremltools.
+Not torch.jit.trace: coremltools 9's trace frontend fails on shape-derived ints with numpy >= 2.4; the export frontend
+works with any numpy. Checked on every run: the exported program equals the eager model (1e-5); the saved package
+reloads; inputs, outputs and shapes are as documented; weights are stored as fp16 (about 2 bytes per parameter) or as
+int8 / 4-bit with --quantize; every op is in ALLOWED_OPS. On macOS also MLModel.predict against PyTorch.
+"""
+import argparse
+import collections
+import copy
+import hashlib
+import json
+import math
+import platform
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+import data
+import eval as evaluation
+import models
+
+# MIL ops that the toy models and MobileCLIP2-S0 convert to (targets iOS 15-18). Anything else means a layer took a
+# conversion path nobody has looked at (a decomposed op, a fallback, an int64 detour): look before adding it here.
+ALLOWED_OPS = frozenset("""
+const cast add sub mul real_div maximum conv linear matmul reshape transpose squeeze expand_dims tile split concat
+slice_by_index gather gather_nd reduce_mean reduce_l2_norm reduce_argmax layer_norm batch_norm softmax gelu relu
+sigmoid stack select greater_equal scaled_dot_product_attention
+constexpr_affine_dequantize constexpr_blockwise_shift_scale constexpr_lut_to_dense
+""".split())  # scaled_dot_product_attention: one fused op from iOS 18 on; the last line: weight decompression
+# Per --quantize: the dtypes weight.bin may hold (4-bit indices are packed bytes up to iOS 17, uint4 from iOS 18);
+# weight.bin bytes per parameter (int8 and 4-bit leave tensors under 2048 values, biases and norms, in fp16: hence the
+# loose upper bounds); the least cosine Core ML vs PyTorch on macOS (compression costs accuracy, to be judged with
+# eval.py: these bounds only catch a broken export).
+QUANTIZE = {"none": dict(stored={"FLOAT16"}, bytes=(1.9, 2.2), cosine=0.999),
+            "int8": dict(stored={"FLOAT16", "INT8"}, bytes=(0.95, 1.5), cosine=0.99),
+            "palettize4": dict(stored={"FLOAT16", "UINT8", "UINT4"}, bytes=(0.45, 1.2), cosine=0.95)}
+N_CHECK = 4  # images (and prompts) that macOS runs through Core ML and PyTorch
+ZERO_SHOT_SCALE = 100.0  # CLIP's fixed zero-shot scale, as eval.py scores every model (not the learned logit_scale)
+
+
+class CheckpointError(ValueError):
+    """The checkpoint cannot be read, or its weights do not fit its own model_config."""
+
+
+class ExportCheckError(RuntimeError):
+    """An exported program or a saved package differs from what this file documents."""
+
+
+# --- checkpoint -> eager modules to export ---
+def load_student(path, model_config=None):
+    """-> (model, tokenizer, sha256 of the file), through eval.py's loader (train.py's checkpoint layout, or raw
+    open_clip weights with model_config), with every failure raised as a CheckpointError that names the file."""
+    try:
+        model, tokenizer = evaluation.load_model_from_checkpoint(path, model_config)
+    except Exception as e:  # torch.load raises pickle, zip and runtime errors alike for a damaged file
+        raise CheckpointError(f"cannot export {path}: {type(e).__name__}: {e}") from e
+    with open(path, "rb") as f:
+        return model, tokenizer, hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def class_prompts(classes, tokenizer):
+    """'planes' | 'brain' | 'none' | a {class: [prompts]} JSON path -> prompts (None for no head). The defaults are
+    eval.py's: the toy world's wording for a toy-tokenizer model, the clinical prompts otherwise."""
+    if classes == "none":
+        return None
+    if classes in ("planes", "brain"):
+        toy = isinstance(tokenizer, data.ToyTokenizer)
+        return {"planes": data.TOY_PLANE_PROMPTS if toy else evaluation.PLANE_PROMPTS,
+                "brain": data.TOY_BRAIN_PROMPTS if toy else evaluation.BRAIN_PROMPTS}[classes]
+    prompts = json.loads(Path(classes).read_text())
+    if not isinstance(prompts, dict) or not all(isinstance(v, list) and v for v in prompts.values()):
+        raise ValueError(f"{classes}: expected a JSON object {{class name: [prompt, ...]}}")
+    return prompts
+
+
+class ImageEncoder(nn.Module):
+    """RGB pixels in [0, 1] [B, 3, S, S] (Core ML's ImageType has divided by 255) -> L2-normalised embedding [B, D];
+    with class embeddings [K, D] also probabilities [B, K] = softmax(100 * cosine)."""
+
+    def __init__(self, model, classes=None):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.tensor(model.image_mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(model.image_std).view(1, 3, 1, 1))
+        self.register_buffer("classes", classes)  # None: no zero-shot head
+
+    def forward(self, image):
+        emb = self.model.encode_image((image - self.mean) / self.std, normalize=True)
+        if self.classes is None:
+            return emb
+        return emb, (ZERO_SHOT_SCALE * emb @ self.classes.t()).softmax(dim=-1)
+
+
+class TextEncoder(nn.Module):
+    """int32 token ids [B, context] (Core ML inputs have no int64) -> L2-normalised embedding [B, D]."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model.encode_text(input_ids.long(), normalize=True)
+
+
+def as_tuple(x):
+    return (x,) if torch.is_tensor(x) else tuple(x)
+
+
+def export_program(module, example, tol=1e-5):
+    """torch.export, decomposed to the core ATen ops coremltools reads; checked against eager -> (program, error)."""
+    program = torch.export.export(module, (example,)).run_decompositions({})
+    for node in [n for n in program.graph.nodes if n.target == torch.ops.aten.alias.default]:
+        node.replace_all_uses_with(node.args[0])  # coremltools 9 has no aten.alias, the no-op view that a full
+        program.graph.erase_node(node)  # slice exports to (a causal text tower's attn_mask[:L, :L])
+    program.graph_module.recompile()
+    with torch.no_grad():
+        err = max((w - g).abs().max().item() for w, g in zip(as_tuple(module(example)),
+                                                             as_tuple(program.module()(example))))
+    if err > tol:
+        raise ExportCheckError(f"the exported program differs from the eager model by {err:.2e} > {tol:.0e}")
+    return program, err
+
+
+def n_weights(program):
+    """Number of float values the program reads from parameters, buffers and constants (unused ones not counted)."""
+    sig, tensors = program.graph_signature, {**program.state_dict, **program.constants}
+    lifted = {**sig.inputs_to_parameters, **sig.inputs_to_buffers, **sig.inputs_to_lifted_tensor_constants}
+    used = [lifted[n.name] for n in program.graph.nodes if n.op == "placeholder" and n.name in lifted and n.users]
+    return sum(tensors[k].numel() for k in used if tensors[k].is_floating_point())
+
+
+# --- coremltools: convert, compress, describe ---
+def kmeans_palette(weight, nbits=4, iters=12):
+    """16-entry LUT and indices for one weight tensor by 1-D k-means (Lloyd, from quantiles). coremltools' own
+    'kmeans' mode needs scikit-learn, which this project does not install."""
+    flat = weight.astype(np.float32).ravel()
+    lut = np.quantile(flat, (np.arange(2 ** nbits) + 0.5) / 2 ** nbits)
+    for _ in range(iters):
+        idx = np.searchsorted((lut[1:] + lut[:-1]) / 2, flat)  # the nearest entry of the sorted LUT
+        count = np.bincount(idx, minlength=lut.size)
+        lut = np.where(count > 0, np.bincount(idx, flat, minlength=lut.size) / np.maximum(count, 1), lut)
+    return lut.astype(weight.dtype), idx.astype(np.uint8)
+
+
+def to_coreml(program, ct_input, outputs, target, quantize):
+    import coremltools as ct
+    import coremltools.optimize.coreml as cto
+    mlmodel = ct.convert(program, inputs=[ct_input], outputs=[ct.TensorType(name=n, dtype=np.float32) for n in outputs],
+                         convert_to="mlprogram", compute_precision=ct.precision.FLOAT16,
+                         minimum_deployment_target=getattr(ct.target, target))
+    if quantize == "none":
+        return mlmodel
+    config = cto.OpLinearQuantizerConfig() if quantize == "int8" else cto.OpPalettizerConfig(  # int8: per channel
+        mode="custom", lut_function=kmeans_palette)  # 4-bit: one 16-entry LUT per tensor (finer LUTs need iOS 18)
+    # every tensor of 2048+ values except those holding -inf (a causal attention mask), which stay fp16
+    keep = {op.name: None for op in mlmodel._mil_program.functions["main"].operations if op.op_type == "const"
+            and isinstance(op.val.val, np.ndarray) and not np.isfinite(op.val.val).all()}
+    config = cto.OptimizationConfig(global_config=config, op_name_configs=keep)
+    return (cto.linear_quantize_weights if quantize == "int8" else cto.palettize_weights)(mlmodel, config)
+
+
+def describe(mlmodel, meta, docs):
+    """Xcode shows these in the model's General and Predictions tabs; apps read meta via modelDescription.metadata."""
+    mlmodel.author, mlmodel.license, mlmodel.version = meta["author"], meta["license"], meta["version"]
+    mlmodel.short_description = meta["description"]
+    mlmodel.user_defined_metadata.update({k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()
+                                          if k not in ("author", "license", "version", "description")})
+    for name, text in docs.items():
+        (mlmodel.input_description if name in ("image", "input_ids") else mlmodel.output_description)[name] = text
+
+
+# --- checks on the saved package ---
+def feature(desc):
+    """A spec's input or output -> 'image RGB 256x256' | 'float32 [1, 512]', the notation of the README."""
+    if desc.type.WhichOneof("Type") == "imageType":
+        return f"image RGB {desc.type.imageType.height}x{desc.type.imageType.width}"
+    array = desc.type.multiArrayType
+    return f"{array.ArrayDataType.Name(array.dataType).lower()} {list(array.shape)}"
+
+
+def check_package(path, io, n_params, quantize):
+    """Reload the saved package and check it against the documented interface -> summary dict."""
+    import coremltools as ct
+    from coremltools.proto import MIL_pb2
+    spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    got = {d.name: feature(d) for d in [*spec.description.input, *spec.description.output]}
+    if got != io:
+        raise ExportCheckError(f"{path.name}: inputs/outputs {got}, documented {io}")
+    ops, stored, fp32_ops = collections.Counter(), collections.Counter(), collections.Counter()
+    graph_inputs = {d.name for d in spec.description.input}  # ImageType's 1/255 runs in fp32 on the input itself
+    for block in [b for f in spec.mlProgram.functions.values() for b in f.block_specializations.values()]:
+        for op in block.operations:
+            ops[op.type] += 1
+            args = [a for arg in op.inputs.values() for a in arg.arguments]  # names, or values inline (iOS 18)
+            for value in [*op.attributes.values(), *(a.value for a in args if a.HasField("value"))]:
+                if value.WhichOneof("value") == "blobFileValue":  # in weight.bin: consts, quantized data, LUTs
+                    tensor = value.type.tensorType
+                    n = math.prod(d.constant.size for d in tensor.dimensions)
+                    stored[MIL_pb2.DataType.Name(tensor.dataType)] += n
+            if op.type not in ("const", "cast") and not graph_inputs & {a.name for a in args} \
+                    and op.outputs[0].type.tensorType.dataType == MIL_pb2.FLOAT32:
+                fp32_ops[op.type] += 1
+    rule = QUANTIZE[quantize]
+    if set(ops) - ALLOWED_OPS:
+        raise ExportCheckError(f"{path.name}: ops outside ALLOWED_OPS: {sorted(set(ops) - ALLOWED_OPS)}")
+    if set(stored) - rule["stored"] or fp32_ops:
+        raise ExportCheckError(f"{path.name}: weights stored as {dict(stored)} and fp32 compute in {dict(fp32_ops)}; "
+                               f"expected {sorted(rule['stored'])} weights and fp16 compute")
+    weight_bytes = (path / "Data/com.apple.CoreML/weights/weight.bin").stat().st_size
+    (lo, hi), per_param = rule["bytes"], weight_bytes / n_params
+    if not lo <= per_param <= hi:
+        raise ExportCheckError(f"{path.name}: weight.bin holds {per_param:.2f} bytes per parameter ({weight_bytes} B "
+                               f"/ {n_params}), expected {lo}..{hi} with --quantize={quantize}")
+    return dict(io=got, ops=dict(ops.most_common()), stored=dict(stored), weight_bytes=weight_bytes,
+                n_params=n_params, bytes_per_param=per_param,
+                package_bytes=sum(f.stat().st_size for f in path.rglob("*") if f.is_file()))
+
+
+def check_predictions(path, module, feeds, quantize):
+    """macOS only: Core ML against PyTorch on (Core ML input dict, torch input) pairs -> a line for the summary."""
+    if platform.system() != "Darwin":
+        return ("skipped: only macOS can run a Core ML model (coremltools on Linux converts and saves, but its "
+                "runtime, libcoremlpython, ships for macOS only); rerun there to compare predictions")
+    import coremltools as ct
+    mlmodel, worst, least, moved = ct.models.MLModel(str(path)), 1.0, QUANTIZE[quantize]["cosine"], 0
+    for feed, x in feeds:
+        with torch.no_grad():
+            want = as_tuple(module(x))
+        got = mlmodel.predict(feed)
+        worst = min(worst, torch.cosine_similarity(torch.from_numpy(got["embedding"]).float(), want[0]).item())
+        moved += len(want) > 1 and int(np.argmax(got["probs"])) != int(want[1].argmax())
+    if worst < least or (moved and quantize == "none"):  # fp16 alone must not move a zero-shot answer
+        raise ExportCheckError(f"{path.name}: Core ML vs PyTorch: cosine {worst:.5f} (>= {least} required), "
+                               f"zero-shot argmax differs on {moved} of {len(feeds)} inputs")
+    return f"ok on {len(feeds)} inputs: cosine >= {worst:.5f}, zero-shot argmax differs on {moved}"
+
+
+def print_summary(summary, target):
+    print(f"{summary['path']}: {summary['package_bytes'] / 1e6:.2f} MB for {summary['n_params'] / 1e6:.2f}M params "
+          f"({summary['bytes_per_param']:.2f} B/param, weights {summary['stored']}), {target}, compute fp16")
+    for name, text in summary["io"].items():
+        print(f"  {name:10s} {text}")
+    print("  ops:", ", ".join(f"{k} {v}" for k, v in summary["ops"].items()))
+    print(f"  torch.export vs eager: max |diff| {summary['export_error']:.1e}")
+    print(f"  Core ML predict: {summary['predict']}")
+
+
+# --- the whole export ---
+def build_package(path, module, example, ct_input, io, docs, feeds, meta, target, quantize):
+    """Export, convert, describe, save, check -> summary (also printed)."""
+    program, err = export_program(module, example)
+    mlmodel = to_coreml(program, ct_input, list(io)[1:], target, quantize)
+    describe(mlmodel, meta, docs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    mlmodel.save(str(path))
+    summary = check_package(path, io, n_weights(program), quantize)
+    summary.update(path=str(path), export_error=err, predict=check_predictions(path, module, feeds, quantize))
+    print_summary(summary, target)
+    return summary
+
+
+def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", text=False, quantize="none",
+           target="iOS17", model_config=None, author="DARK export_ios.py", license="the licence of the checkpoint"):
+    """Write the packages -> {'image': summary, 'text': summary}. Raises CheckpointError or ExportCheckError."""
+    import coremltools as ct
+    if quantize not in QUANTIZE or not hasattr(ct.target, target):
+        raise ValueError(f"quantize must be one of {list(QUANTIZE)} and target a coremltools ct.target name "
+                         f"(iOS16, iOS17, iOS18, macOS14, ...); got {quantize!r}, {target!r}")
+    model, tokenizer, sha = load_student(checkpoint, model_config)
+    model = models.reparameterize(copy.deepcopy(model)).eval()
+    prompts = class_prompts(classes, tokenizer)
+    names, size, dim = list(prompts or ()), model.image_size, model.config["embed_dim"]
+    class_emb = evaluation.text_classifier(model, tokenizer, prompts) if prompts else None
+    meta = dict(author=author, license=license, version=Path(checkpoint).name, checkpoint_sha256=sha,
+                image_size=size, image_mean=list(model.image_mean), image_std=list(model.image_std),
+                context_length=model.context_length, tokenizer=type(tokenizer).__name__, classes=names,
+                zero_shot="probs = softmax(100 * cosine(embedding, class embedding))", quantize=quantize,
+                model_config=model.config)
+    out, results = Path(out), {}
+    pictures = [to_rgb(data.ToyWorld("test", size=size, length=N_CHECK)[i]["image"], size) for i in range(N_CHECK)]
+    io = {"image": f"image RGB {size}x{size}", "embedding": f"float32 [1, {dim}]"}
+    docs = {"image": f"RGB image {size}x{size}: pad to a centred black square, then resize",
+            "embedding": "L2-normalised image embedding"}
+    if names:
+        io["probs"] = f"float32 [1, {len(names)}]"
+        docs["probs"] = f"softmax(100 * cosine) over the classes: {', '.join(names)} (metadata 'classes')"
+    results["image"] = build_package(
+        out / f"{name}Image.mlpackage", ImageEncoder(model, class_emb).eval(),
+        torch.rand(1, 3, size, size, generator=torch.Generator().manual_seed(0)),
+        ct.ImageType(name="image", shape=(1, 3, size, size), scale=1 / 255, color_layout=ct.colorlayout.RGB),
+        io, docs, [({"image": p}, pixels(p)) for p in pictures],
+        dict(meta, description=f"{name} image encoder (DARK student), batch 1"), target, quantize)
+    if text:
+        ids = tokenizer([p for ps in (prompts or {}).values() for p in ps][:N_CHECK] or ["fetal ultrasound"]).int()
+        results["text"] = build_package(
+            out / f"{name}Text.mlpackage", TextEncoder(model).eval(), ids[:1],
+            ct.TensorType(name="input_ids", shape=(1, model.context_length), dtype=np.int32),
+            {"input_ids": f"int32 [1, {model.context_length}]", "embedding": f"float32 [1, {dim}]"},
+            {"input_ids": f"token ids from {type(tokenizer).__name__} (the training tokenizer), zero-padded",
+             "embedding": "L2-normalised text embedding"},
+            [({"input_ids": ids[i:i + 1].numpy()}, ids[i:i + 1]) for i in range(len(ids))],
+            dict(meta, description=f"{name} text encoder (DARK student), batch 1"), target, quantize)
+    return results
+
+
+def to_rgb(image, size):
+    """A PIL image or uint8 array -> RGB PIL image of the model's size (a square toy image needs no padding)."""
+    from PIL import Image
+    image = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    return image.convert("RGB").resize((size, size), Image.BICUBIC)
+
+
+def pixels(image):
+    """RGB PIL image -> [1, 3, S, S] in [0, 1]: what ImageType(scale=1/255) hands the graph."""
+    return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (or raw open_clip weights)")
+    p.add_argument("--model_config", default=None, help="for raw weights only: a preset name or an open_clip JSON")
+    p.add_argument("--out", default="out/ios", help="folder for the .mlpackage files")
+    p.add_argument("--name", default="MobileFetalCLIP", help="package prefix; Xcode names the Swift class after it")
+    p.add_argument("--classes", default="planes", help="planes | brain | none | a {class: [prompts]} JSON file")
+    p.add_argument("--text", action="store_true", help="also export the text encoder")
+    p.add_argument("--quantize", default="none", choices=list(QUANTIZE), help="weight compression")
+    p.add_argument("--target", default="iOS17", help="minimum deployment target, a coremltools ct.target name")
+    p.add_argument("--author", default="DARK export_ios.py")
+    p.add_argument("--license", default="the licence of the checkpoint")
+    return export(**vars(p.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
