@@ -19,3 +19,9 @@ def shared():
             pytest.fail(msg + " (DARK_REQUIRE_SHARED=1 is set, so this is an error)")
         pytest.skip(msg)
     return SHARED
+
+
+def pytest_configure(config):
+    # coremltools and torch.export speak of their own deprecations on every conversion: noise, not our failures
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:coremltools.*")
+    config.addinivalue_line("filterwarnings", "ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")

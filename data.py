@@ -284,10 +284,11 @@ class ToyWorld(torch.utils.data.Dataset):
     (NaN unless a brain), pixel_mm (mm per pixel at this size: render at the model's input size, or rescale it the
     way HC18 does). The same (seed, split, i) gives the same item; length defaults to 100k train, 1k val and test."""
 
-    def __init__(self, split='train', size=64, seed=0, length=None):
+    def __init__(self, split='train', size=64, seed=0, length=None, cache=False):
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         self.split, self.size, self.seed = split, size, seed
+        self.cache = {} if cache else None  # rendering is most of a CPU batch's data time: keep items for the next epoch
         self.length = length or {'train': 100_000, 'val': 1000, 'test': 1000}[split]
         assert self.length <= _SPLIT_STRIDE
 
@@ -301,13 +302,18 @@ class ToyWorld(torch.utils.data.Dataset):
     def __getitem__(self, i):
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for {self.length} items")
+        if self.cache is not None and i in self.cache:
+            return dict(self.cache[i])
         g = self.index(i)
         rng = np.random.default_rng([self.seed, g])
         p = _sample(rng)
         pixel_mm = p['fov'] / self.size
         caption = _caption(p, pixel_mm, np.random.default_rng([self.seed, g, 1]))  # own stream: words can change
-        return dict(image=Image.fromarray(_render(p, self.size, rng)), caption=caption, plane=p['plane'],
+        item = dict(image=Image.fromarray(_render(p, self.size, rng)), caption=caption, plane=p['plane'],
                     brain_plane=p['brain_plane'], ga_weeks=p['days'] / 7, hc_mm=p['hc'], pixel_mm=pixel_mm)
+        if self.cache is not None:
+            self.cache[i] = item
+        return dict(item)
 
 
 def save_grid(path, n=16, size=128, split='train', seed=0):

@@ -7,6 +7,7 @@ choosing a checkpoint is train.py's business, on validation data.
     python eval.py --checkpoint=FetalCLIP_weights.pt --model_config=fetalclip --task=hc18 --data=HC18
     python eval.py --checkpoint=student.pt --probe --analysis --teacher=teacher.pt
     python eval.py --speed                                    # FetalCLIP vs MobileCLIP2-S0: params, GMACs, CPU ms
+    python eval.py --table=out/table1     # a folder of train.py runs -> Table 1 (table1.md, .json), dynamics.png
 
 Zero-shot, as FetalCLIP's released evaluation (reused by MobileFetalCLIP):
 - A class embedding is normalise(mean of normalised prompt embeddings); logits = 100 * cosine, CLIP's fixed
@@ -380,14 +381,21 @@ def teacher_student(t_probs, s_probs, targets, t_feats, s_feats):
                 separation_teacher=separation(t_feats, targets), separation_student=separation(s_feats, targets))
 
 
-def plot_teacher_student(path, t_probs, s_probs, targets, names):
-    """PNG: teacher vs student true-class probability, and the two confusion matrices side by side."""
+def pyplot(numbers_in="the results JSON"):
+    """matplotlib.pyplot, drawing to files only; None, with a message, when it is absent: figures are optional."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("no figure: matplotlib is not installed (pip install matplotlib); the numbers are in the results JSON")
+        print(f"no figure: matplotlib is not installed (pip install matplotlib); the numbers are in {numbers_in}")
+        return None
+    return plt
+
+
+def plot_teacher_student(path, t_probs, s_probs, targets, names):
+    """PNG: teacher vs student true-class probability, and the two confusion matrices side by side."""
+    if (plt := pyplot()) is None:
         return None
     t_true, s_true = t_probs[np.arange(len(targets)), targets], s_probs[np.arange(len(targets)), targets]
     fig, ax = plt.subplots(1, 3, figsize=(15, 4.5))
@@ -496,9 +504,145 @@ def describe(model):
     return f"{model.config['vision_cfg'].get('timm_model_name', 'ViT')} @{model.image_size}px"
 
 
+# --- Table 1: a folder of train.py runs -> the paper's table, its Figure 2 and the teacher-student analysis ---
+TABLE1_ROWS = ("No KD", "Static logit KD", "Coupled repulsive KD (lambda 1 -> -0.8)", "DARK (beta 2 -> -0.8)")
+ANALYSED = ("No KD", "Static logit KD", "DARK (beta 2 -> -0.8)")  # the paper's teacher-student comparison
+TABLE1_METRICS = dict(planes_f1=4, brain_f1=4, ga_validity=2, composite=4)  # digits shown: validity is a percent
+TS_PLANES = [f"ts_planes_{k}" for k in ("true_prob_corr", "offdiag_prob_corr", "confusion_corr", "separation_teacher",
+                                        "separation_student")]  # analysis() keys for the 5-plane task
+
+
+def table1_row(cfg):
+    """A run's train config -> (sort key, label). The label names kd and its schedule w0 -> w0 * r (as
+    dark.kd_weight_at), so runs with one label are the seeds of one row; other DARK rows are the beta0 ablation."""
+    kd = cfg["kd"]
+    w0, r = {"none": (0, 0), "static": (cfg["lambda0"], 1), "coupled": (cfg["lambda0"], cfg["lambda_r"]),
+             "dark": (cfg["beta0"], cfg["beta_r"])}[kd]
+    label = {"none": "No KD", "static": "Static logit KD" + (f" (lambda {w0:g})" if w0 != 1 else ""),
+             "coupled": f"Coupled repulsive KD (lambda {w0:g} -> {w0 * r:g})",
+             "dark": f"DARK (beta {w0:g} -> {w0 * r:g})"}[kd]
+    if kd == "dark" and label not in TABLE1_ROWS:
+        label = f"DARK beta0={w0:g} (-> {w0 * r:g})"
+    return (("none", "static", "coupled", "dark").index(kd), label not in TABLE1_ROWS, w0), label
+
+
+def mean_std(values):
+    """-> (mean, sample std or None for one value); None too where a seed's metric is undefined (saved as null)."""
+    v = np.array([math.nan if x is None else x for x in values], dtype=float)
+    finite = lambda x: float(x) if math.isfinite(x) else None
+    return finite(v.mean()), finite(v.std(ddof=1)) if len(v) > 1 else None
+
+
+def cached(path, sources, meta, compute):
+    """compute() -> metrics, saved to path; reused while path is newer than every source file and was written with
+    the same meta and protocol, so rerunning the table evaluates only what was retrained."""
+    if path.exists() and all(path.stat().st_mtime >= Path(s).stat().st_mtime for s in sources):
+        saved = json.loads(path.read_text())
+        if saved["meta"]["protocol"] == PROTOCOL and all(saved["meta"].get(k) == v for k, v in meta.items()):
+            return saved["metrics"]
+    save_results(path, compute(), meta)
+    return json.loads(path.read_text())["metrics"]  # NaN read back as None, as from the cache
+
+
+def dynamics_curves(run_dirs):
+    """The log.jsonl of a row's seeds -> (progress, KD weight) of the first seed (every seed has the same schedule),
+    (epochs, validation composite averaged over the seeds)."""
+    logs = [[json.loads(x) for x in (d / "log.jsonl").read_text().splitlines() if x.strip()] for d in run_dirs]
+    steps, val = [r for r in logs[0] if "kd_weight" in r], {}
+    for r in (r for log in logs for r in log if "val_composite" in r):
+        val.setdefault(r["epoch"], []).append(r["val_composite"])
+    # a row logged at `step` carries the weight of optimizer step step - 1, and the last step is always logged
+    return ([(r["step"] - 1) / steps[-1]["step"] for r in steps], [r["kd_weight"] for r in steps], sorted(val),
+            [float(np.mean(val[e])) for e in sorted(val)])
+
+
+def plot_dynamics(path, curves):
+    """curves {label: dynamics_curves(...)} -> PNG, the paper's Figure 2."""
+    if (plt := pyplot("table1.json and the runs' log.jsonl")) is None:
+        return None
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, (progress, weight, epochs, score) in curves.items():
+        left.plot(progress, weight, label=label)
+        right.plot(epochs, score, marker="o", label=label)
+    left.axhline(0, color="k", lw=0.5)  # below zero the off-diagonal term repels
+    left.set(xlabel="training progress (step / total steps)", ylabel="KD weight", title="KD weight schedule")
+    right.set(xlabel="epoch", ylabel="validation composite", title="validation composite (mean over seeds)")
+    right.xaxis.get_major_locator().set_params(integer=True)  # epochs are whole
+    right.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def table1(root, out=None, n=None, device="cpu"):
+    """root/<run>/{best.pt, log.jsonl}, one folder per train.py run -> Table 1 on the toy test split (mean and sample
+    std over seeds, beside the teacher) in out/table1.md and table1.json (out defaults to root), Figure 2 in
+    dynamics.png, and the teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON.
+    Each checkpoint's metrics are cached beside it (test_metrics.json, analysis.json): a rerun is cheap."""
+    root, out = Path(root), Path(out or root)
+
+    def load(path):
+        model, tokenizer = load_model_from_checkpoint(path)
+        return model.to(device), tokenizer
+
+    def test(ckpt):
+        return cached(ckpt.parent / "test_metrics.json", [ckpt], dict(checkpoint=str(ckpt), split="test", n=n),
+                      lambda: evaluate(*load(ckpt), "toy", "test", n, device=device))
+
+    runs = [dict(name=p.parent.name, dir=p.parent, cfg=torch.load(p, map_location="cpu", weights_only=True)["config"])
+            for p in sorted(root.glob("*/best.pt"))]
+    if not runs:
+        raise FileNotFoundError(f"no {root}/<run>/best.pt: train each run with python train.py --kd=... --seed=... "
+                                f"--out_dir={root}/<run>")
+    teachers = {}  # a No KD run never loads its teacher: only distilled runs must agree on it
+    for run in [run for run in runs if run["cfg"]["kd"] != "none"] or runs:
+        teachers.setdefault(run["cfg"]["teacher"], []).append(run["name"])
+    if len(teachers) != 1:
+        raise ValueError("one teacher row needs one teacher, but the runs name several: " +
+                         "; ".join(f"{t} ({', '.join(names)})" for t, names in teachers.items()))
+    teacher = Path(next(iter(teachers)))
+    if not teacher.is_file():
+        raise FileNotFoundError(f"teacher {teacher}, named by the runs' config, is not there: a relative path is from "
+                                "the folder train.py ran in, so run the table from there")
+    groups, curves = {}, {}
+    for run in sorted(runs, key=lambda run: run["cfg"]["seed"]):  # lowest seed first: the one analysed
+        groups.setdefault(table1_row(run["cfg"]), []).append(run)
+    result = dict(teacher=dict(path=str(teacher), **{k: test(teacher)[k] for k in TABLE1_METRICS}), rows=[],
+                  analysis={})
+    for (_, label), members in sorted(groups.items()):
+        row = dict(row=label, seeds=len(members), runs=[m["name"] for m in members])
+        for k in TABLE1_METRICS:
+            row[k], row[f"{k}_std"] = mean_std([test(m["dir"] / "best.pt")[k] for m in members])
+        result["rows"].append(row)
+        if label in TABLE1_ROWS:
+            curves[label] = dynamics_curves([m["dir"] for m in members])
+        if label in ANALYSED:
+            first, ckpt = members[0], members[0]["dir"] / "best.pt"
+            ts = cached(first["dir"] / "analysis.json", [ckpt, teacher], dict(teacher=str(teacher), split="test", n=n),
+                        lambda: analysis(load(teacher), load(ckpt), "toy", "test", n, out_dir=first["dir"],
+                                         device=device))
+            result["analysis"][label] = dict(run=first["name"], **ts)
+    fmt = lambda x, digits: "-" if x is None else f"{x:.{digits}f}"
+    lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in TABLE1_METRICS.items()})]
+    lines += [dict(row=r["row"], seeds=r["seeds"], **{k: f"{fmt(r[k], d)} +/- {fmt(r[k + '_std'], d)}"
+                                                      for k, d in TABLE1_METRICS.items()}) for r in result["rows"]]
+    md = (f"Zero-shot on the toy test split: mean +/- sample std over seeds ({PROTOCOL})\n\n"
+          + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS]) + "\n\nTeacher-student analysis, 5 planes, "
+          "lowest seed\n\n" + markdown_table([dict(row=label, **a) for label, a in result["analysis"].items()],
+                                               ["row", "run", *TS_PLANES]) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table1.md").write_text(md)
+    save_results(out / "table1.json", result, dict(task="table1", root=str(root), split="test", n=n))
+    png = plot_dynamics(out / "dynamics.png", curves) if curves else None
+    print(md + f"\nwrote {out / 'table1.md'}, {out / 'table1.json'}" + (f", {png}" if png else ""))
+    return result
+
+
 OPTIONS = dict(checkpoint="", model_config="", task="toy", data="", split="", n=0, batch_size=64, device="cpu",
                prompts="", out="runs/eval", probe=False, analysis=False, teacher="", teacher_config="", speed=False,
-               runs=10)  # timed runs per tower for --speed, after 3 warm-up runs
+               runs=10,  # timed runs per tower for --speed, after 3 warm-up runs
+               table="")  # a folder of train.py runs (one per row and seed) -> Table 1, Figure 2, the analysis
 
 
 def parse_options(argv):
@@ -522,6 +666,8 @@ def parse_options(argv):
 def main(argv):
     opt = parse_options(argv)
     stamp, out = time.strftime("%Y%m%d_%H%M%S"), Path(opt["out"])
+    if opt["table"]:
+        return table1(opt["table"], n=opt["n"] or None, device=opt["device"])
     if opt["speed"]:  # the checkpoints given, else FetalCLIP and MobileCLIP2-S0 with random weights: same speed
         rows = []
         for role, src, cfg in (("teacher", opt["teacher"] or "fetalclip", opt["teacher_config"] or None),
@@ -533,7 +679,8 @@ def main(argv):
                                                           if k != "role"},
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))
     if not opt["checkpoint"] or (opt["analysis"] and not opt["teacher"]):
-        sys.exit("--checkpoint=PATH is required (or --speed), --analysis needs --teacher=PATH; --help lists options")
+        sys.exit("--checkpoint=PATH is required (or --speed, or --table), --analysis needs --teacher=PATH; "
+                 "--help lists options")
     task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, opt["device"]
     model, tokenizer = load_model_from_checkpoint(opt["checkpoint"], opt["model_config"] or None)
     model.to(device)

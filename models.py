@@ -43,11 +43,12 @@ PRESETS = {
         text_cfg=dict(context_length=117, vocab_size=49408, width=512, heads=8, layers=12, no_causal_mask=True),
         custom_text=True,
         preprocess_cfg=dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))),
-    # CPU-sized stand-ins with the same code paths: a ViT teacher (~4.8M image params) ...
+    # CPU-sized stand-ins with the same code paths: a ViT teacher (5.0M image params; 16 px patches keep a CPU step
+    # cheap, so it learns its world in minutes) ...
     'toy-teacher': dict(
         embed_dim=256,
-        vision_cfg=dict(image_size=64, layers=6, width=256, patch_size=8),
-        text_cfg=dict(context_length=TOY_CONTEXT, vocab_size=TOY_VOCAB_SIZE, width=256, heads=4, layers=4)),
+        vision_cfg=dict(image_size=64, layers=6, width=256, patch_size=16),
+        text_cfg=dict(context_length=TOY_CONTEXT, vocab_size=TOY_VOCAB_SIZE, width=256, heads=4, layers=3)),
     # ... and an MCi student (~0.3M image params) with MobileCLIP2's text layout (custom_text, no causal mask)
     'toy-student': dict(
         embed_dim=128,

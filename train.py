@@ -35,13 +35,16 @@ log_every = 50              # optimizer steps between log lines
 seed = 0
 # --- data ---
 train_data = "toy"          # 'toy' (built-in world) | image-caption .csv/.tsv | tar shards 'dir/shard_{0001..0025}.tar'
+toy_train_size = 6000       # toy world: training pairs (rendered once, then kept in memory)
 image_root = ""             # prefix for relative image paths in a caption CSV
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
 skip_bad = False            # tar shards: skip unreadable samples (counted and reported) instead of stopping
 bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
 val_data = ""               # model selection: toy -> toy val split; else a FETAL_PLANES_DB folder (Train=1 rows only)
 val_every = 1               # epochs between validations
+val_size = 500              # toy: validation images (the report uses the whole test split)
 workers = 4                 # DataLoader worker processes for files (the toy world is made in the main process)
+augment = True              # one random affine + brightness/contrast draw per pair, shared by both views
 # --- models ---
 teacher = "out/teacher/best.pt"  # a train.py checkpoint or raw open_clip weights; toy: pretrained here when missing
 teacher_config = ""         # for raw weights: preset name (fetalclip) or open_clip JSON (FetalCLIP_config.json)
@@ -68,11 +71,10 @@ dtype = "bf16"              # CUDA autocast: bf16 | fp16 (with a GradScaler) | f
 threads = 0                 # CPU threads (0 = torch's default)
 
 # The built-in toy world: sized so that `python train.py` finishes in minutes on a laptop CPU.
-TOY = dict(epochs=6, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05, workers=0, ckpt_every=100,
+TOY = dict(epochs=4, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05, workers=0, ckpt_every=100,
            log_every=25)
 # The toy teacher is pretrained by this same loop: CLIP loss only, the teacher preset, its own out_dir.
-TOY_TEACHER = dict(student="toy-teacher", kd="none", epochs=10, lr=1e-3)
-toy_train_size = 6000       # toy world: training pairs per epoch
+TOY_TEACHER = dict(student="toy-teacher", kd="none", epochs=6, lr=1e-3)
 
 KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
@@ -154,7 +156,7 @@ def print0(*args, rank=0):
 def make_pairs(cfg, size, rank, world):
     """The training image-caption pairs: the toy world or a caption CSV (map-style), or tar shards (streamed)."""
     if cfg["train_data"] == "toy":
-        return data.ToyWorld(split="train", size=size, seed=cfg["seed"], length=cfg["toy_train_size"])
+        return data.ToyWorld(split="train", size=size, seed=cfg["seed"], length=cfg["toy_train_size"], cache=True)
     if cfg["train_data"].endswith((".csv", ".tsv")):
         return data.ImageRows(data.read_captions(cfg["train_data"], root=cfg["image_root"] or None))
     return data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"], shuffle=True, seed=cfg["seed"]).shard_by(
@@ -163,8 +165,8 @@ def make_pairs(cfg, size, rank, world):
 
 def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
     """This rank's micro-batches of one epoch as (teacher view, student view, token ids), from micro-batch `start`
-    on (for --resume). Map-style data is shuffled by a generator seeded with (seed, epoch), so a resumed run sees
-    exactly the batches the uninterrupted run saw."""
+    on (for --resume). Map-style data is shuffled by a generator seeded with (seed, epoch) and each global batch is
+    cut into per-rank slices, so a resumed run, and a run on any number of ranks, sees the same global batches."""
     bs, g = cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
     # the loader gets its own generator: it draws worker seeds from one, which must not be the global RNG --resume restores
     if isinstance(pairs, torch.utils.data.IterableDataset):
@@ -174,8 +176,8 @@ def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
         batches = (b for i, b in enumerate(loader) if i >= start)
     else:
         order = torch.randperm(len(pairs), generator=g)
-        per_rank = len(order) // (bs * world) * bs
-        mine = order[rank * per_rank:(rank + 1) * per_rank].view(-1, bs)[start:]  # [micro-batches, B]
+        n = len(order) // (bs * world)
+        mine = order[:n * bs * world].view(n, world, bs)[start:, rank]  # [micro-batches, B]: rank's rows of each
         batches = torch.utils.data.DataLoader(pairs, batch_sampler=mine.tolist(), num_workers=cfg["workers"],
                                               collate_fn=collate, generator=g)
     for batch in batches:
@@ -233,7 +235,7 @@ def save_atomic(obj, path):
 def validate(model, tokenizer, cfg, device):
     """Zero-shot metrics for model selection, on data never reported as a test result."""
     if cfg["train_data"] == "toy" and not cfg["val_data"]:
-        return evaluation.evaluate(model, tokenizer, task="toy", split="val", device=device)
+        return evaluation.evaluate(model, tokenizer, task="toy", split="val", n=cfg["val_size"], device=device)
     if cfg["val_data"]:  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
         return evaluation.evaluate(model, tokenizer, task="planes", split="train", root=cfg["val_data"], device=device)
     return {}
@@ -262,8 +264,8 @@ def train(cfg):
         raise ValueError("teacher and student must share the tokenizer and context length (the same token ids "
                          f"feed both): teacher {tokenizer_kind(teacher)}/{teacher.context_length}, "
                          f"student {tokenizer_kind(student)}/{student.context_length}")
-    view = lambda m: (m.image_size, m.image_mean, m.image_std)  # noqa: E731
-    collate = data.Collate(data.DistillTransform(view(teacher or student), view(student)), tokenizer)
+    views = [(m.image_size, m.image_mean, m.image_std) for m in (teacher or student, student)]  # each its own
+    collate = data.Collate(data.DistillTransform(*views, augment=cfg["augment"]), tokenizer)
     pairs = make_pairs(cfg, max(student.image_size, (teacher or student).image_size), rank, world)
     steps_per_epoch = micro_batches_per_epoch(pairs, cfg, world) // cfg["grad_accum"]
     total_steps = steps_per_epoch * cfg["epochs"]
@@ -275,7 +277,9 @@ def train(cfg):
 
     step, best, ckpt_path = 0, -math.inf, out / "ckpt.pt"
     if cfg["resume"]:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)  # our own file: it holds RNG states
+        if not ckpt_path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (is --out_dir the run's folder?)")
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best = ckpt["step"], ckpt["best_val"]
@@ -325,7 +329,7 @@ def train(cfg):
                     scaler.scale(losses["total"] / cfg["grad_accum"]).backward()
                 seen += len(ids) * world
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["grad_clip"])
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["grad_clip"])
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -334,14 +338,20 @@ def train(cfg):
             step += 1
 
             if step % cfg["log_every"] == 0 or step == total_steps:
-                rate = seen / (time.time() - t0)
-                row = dict(step=step, epoch=epoch, lr=lr, kd_weight=weight, **{k: round(v.item(), 6) for k, v in
-                           losses.items() if k != "weight"}, scale=scale.item(),
-                           t_scale=t_scale.item() if t_scale is not None else None, samples_per_s=round(rate, 1))
+                terms = torch.stack([losses[k].detach() for k in ("total", "clip", "diag", "off")])
+                if ddp:  # each rank holds its rows' mean; the mean over ranks is the global batch's loss
+                    dist.all_reduce(terms)
+                    terms /= world
+                rate, t0, seen = seen / (time.time() - t0), time.time(), 0  # over the last log interval
+                row = dict(step=step, epoch=epoch, lr=lr, kd_weight=weight, **dict(zip(("total", "clip", "diag", "off"),
+                           terms.tolist())), grad_norm=grad_norm.item(), scale=scale.item(),
+                           t_scale=t_scale.item() if t_scale is not None else None, samples_per_s=round(rate, 1),
+                           cuda_gb=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if cuda else None)
                 eta = (total_steps - step) * cfg["batch_size"] * cfg["grad_accum"] * world / max(rate, 1e-9)
                 print0(f"step {step}/{total_steps} lr {lr:.2e} w {weight:+.3f} loss {row['total']:.4f} (clip "
                        f"{row['clip']:.4f} diag {row['diag']:.4f} off {row['off']:.4f}) scale {row['scale']:.1f} "
-                       f"{rate:.0f} samples/s eta {eta / 60:.1f} min", rank=rank)
+                       f"{rate:.0f} samples/s eta {eta / 60:.1f} min" + (f" {row['cuda_gb']} GB" if cuda else ""),
+                       rank=rank)
                 if log:
                     log.write(json.dumps(row) + "\n")
                     log.flush()

@@ -1,0 +1,1273 @@
+"""DARK's tests: identities of the loss, parity with open_clip/timm and the reference fixtures, the data readers on
+files in the real formats, the training loop (resume, two ranks, NaN), the evaluation protocols and the Core ML export.
+
+    python -m pytest -q                 # CI sets DARK_REQUIRE_SHARED=1: tests that need ../shared fail, never skip
+"""
+import copy
+import csv
+import hashlib
+import importlib.util
+import io
+import json
+import math
+import os
+import platform
+import re
+import socket
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from PIL import Image
+
+import dark
+import data
+import eval as evaluation
+import export_ios
+import models
+import train
+from dark import dark_loss, kd_weight_at
+
+
+# ==================== dark.py: the loss ====================
+
+def _embeddings(n=6, d=16, seed=0, grad=False):
+    g = torch.Generator().manual_seed(seed)
+    out = [F.normalize(torch.randn(n, d, generator=g, dtype=torch.float64), dim=-1) for _ in range(4)]
+    if grad:
+        out[0].requires_grad_(True)
+        out[1].requires_grad_(True)
+    return out
+
+
+def _coupled_soft_ce(img, txt, s, t_img, t_txt, t_s, tau):
+    """A second computation of the coupled KD term: full-row soft cross-entropy, both directions."""
+    def one(a, b, ta, tb):
+        p = F.softmax(t_s * ta @ tb.T / tau, dim=1)
+        return -(p * F.log_softmax(s * a @ b.T, dim=1)).sum(1).mean()
+    return 0.5 * (one(img, txt, t_img, t_txt) + one(txt, img, t_txt, t_img))
+
+
+def test_diag_plus_off_is_coupled_kd():
+    img, txt, t_img, t_txt = _embeddings()
+    out = dark_loss(img, txt, torch.tensor(30.0), t_img, t_txt, torch.tensor(50.0), mode="dark", weight=2.0, tau=5.0)
+    ref = _coupled_soft_ce(img, txt, 30.0, t_img, t_txt, 50.0, 5.0)
+    assert abs(float(out["diag"] + out["off"]) - float(ref)) < 1e-6
+    assert float(out["diag"]) > 0 and float(out["off"]) > 0  # both parts carry mass: the split is not trivial
+    ref_clip = 0.5 * (F.cross_entropy(30 * img @ txt.T, torch.arange(6)) + F.cross_entropy(30 * txt @ img.T, torch.arange(6)))
+    assert abs(float(out["clip"]) - float(ref_clip)) < 1e-6
+
+
+def test_modes_total():
+    img, txt, t_img, t_txt = _embeddings(seed=1)
+    kw = dict(scale=torch.tensor(20.0), t_img=t_img, t_txt=t_txt, t_scale=torch.tensor(40.0))
+    dark1 = dark_loss(img, txt, mode="dark", weight=1.0, **kw)
+    static1 = dark_loss(img, txt, mode="static", weight=1.0, **kw)
+    assert abs(float(dark1["total"]) - float(static1["total"])) < 1e-9
+    coupled = dark_loss(img, txt, mode="coupled", weight=-0.5, **kw)
+    assert abs(float(coupled["total"]) - float(coupled["clip"] - 0.5 * coupled["kd"])) < 1e-9
+    none = dark_loss(img, txt, torch.tensor(20.0), mode="none")
+    assert float(none["total"]) == float(none["clip"]) and float(none["weight"]) == 0.0
+    # open_clip's DistillClipLoss is the coupled soft CE with no temperature and weight 1
+    oc = dark_loss(img, txt, mode="static", weight=1.0, tau=1.0, **kw)
+    assert abs(float(oc["total"] - oc["clip"]) - float(_coupled_soft_ce(img, txt, 20.0, t_img, t_txt, 40.0, 1.0))) < 1e-9
+    with pytest.raises(ValueError, match="unknown KD mode 'dkd'"):
+        dark_loss(img, txt, mode="dkd", **kw)
+
+
+def test_schedule_endpoints_and_zero_crossing():
+    assert kd_weight_at(0, 1000, 2.0, -0.4) == 2.0
+    assert abs(kd_weight_at(1000, 1000, 2.0, -0.4) - (-0.8)) < 1e-12
+    assert abs(kd_weight_at(500, 1000, 2.0, -0.4) - 0.6) < 1e-12           # linear in between
+    assert abs(kd_weight_at(1000 / 1.4, 1000, 2.0, -0.4)) < 1e-12          # zero at t/T = 1 / (1 - r)
+    assert kd_weight_at(700, 1000, 2.0, -0.4) > 0 > kd_weight_at(720, 1000, 2.0, -0.4)
+    assert kd_weight_at(5000, 1000, 2.0, -0.4) == kd_weight_at(1000, 1000, 2.0, -0.4)  # clamped past the end
+    assert kd_weight_at(-3, 1000, 2.0, -0.4) == 2.0
+    assert abs(kd_weight_at(1000, 1000, 1.0, -0.8) - (-0.8)) < 1e-12        # coupled: 1 -> -0.8
+
+
+def test_off_diagonal_gradient_flips_to_repulsion():
+    def grads(beta):
+        img, txt, t_img, t_txt = _embeddings(seed=2, grad=True)
+        out = dark_loss(img, txt, torch.tensor(20.0), t_img, t_txt, torch.tensor(60.0), mode="dark", weight=beta)
+        out["total"].backward()
+        return img.grad.clone(), float(out["off"].detach())
+    g0, _ = grads(0.0)
+    g_pos, _ = grads(2.0)
+    g_neg, _ = grads(-0.8)
+    d_pos, d_neg = g_pos - g0, g_neg - g0                  # the off-diagonal term's share of the gradient
+    assert d_pos.abs().max() > 1e-4
+    assert torch.allclose(d_neg, -0.4 * d_pos, atol=1e-12)  # opposite sign, scaled by beta
+    # one small descent step imitates the teacher's non-target structure at beta > 0 and moves away at beta < 0
+    img, txt, t_img, t_txt = _embeddings(seed=2)
+    off0 = float(dark_loss(img, txt, torch.tensor(20.0), t_img, t_txt, torch.tensor(60.0))["off"])
+    for beta, d, sign in ((2.0, d_pos, -1), (-0.8, d_neg, 1)):
+        stepped = F.normalize(img - 1e-2 * (g0 + d), dim=-1)
+        g_off = float(dark_loss(stepped, txt, torch.tensor(20.0), t_img, t_txt, torch.tensor(60.0))["off"])
+        g_off0 = float(dark_loss(F.normalize(img - 1e-2 * g0, dim=-1), txt, torch.tensor(20.0), t_img, t_txt,
+                                 torch.tensor(60.0))["off"])
+        assert (g_off - g_off0) * sign > 0, (beta, off0, g_off0, g_off)
+
+
+def test_finite_at_negative_beta_and_scale_100():
+    g = torch.Generator().manual_seed(3)
+    img, txt, t_img, t_txt = (F.normalize(torch.randn(64, 512, generator=g), dim=-1) for _ in range(4))
+    txt = F.normalize(img + 0.01 * txt, dim=-1)            # near-duplicates: the sharpest softmaxes
+    img.requires_grad_(True)
+    out = dark_loss(img, txt, torch.tensor(100.0), t_img, t_txt, torch.tensor(100.0), mode="dark", weight=-0.8)
+    out["total"].backward()
+    assert all(torch.isfinite(v).all() for v in out.values())
+    assert torch.isfinite(img.grad).all() and img.grad.abs().sum() > 0
+
+
+def test_batch_of_one():
+    img, txt, t_img, t_txt = (t[:1] for t in _embeddings(seed=4))
+    img.requires_grad_(True)
+    out = dark_loss(img, txt, torch.tensor(100.0), t_img, t_txt, torch.tensor(100.0), mode="dark", weight=-0.8)
+    out["total"].backward()
+    assert out["off"].item() == 0.0 and out["clip"].item() == 0.0   # one column: nothing to contrast against
+    assert torch.isfinite(out["total"]) and torch.isfinite(img.grad).all()
+
+
+@pytest.mark.parametrize("mode", ["none", "static", "coupled", "dark"])
+def test_gathered_columns_match_global_batch(mode):
+    """Two simulated ranks: each takes its own rows against all gathered columns; the mean equals one process."""
+    img, txt, t_img, t_txt = _embeddings(n=8, seed=5)
+    kw = dict(scale=torch.tensor(25.0), t_img=t_img, t_txt=t_txt, t_scale=torch.tensor(50.0), mode=mode, weight=-0.6)
+    whole = dark_loss(img, txt, **kw)
+    ranks = [dark_loss(img, txt, rows=slice(4 * k, 4 * k + 4), **kw) for k in range(2)]
+    for key in ("total", "clip", "diag", "off"):
+        assert abs(float(whole[key]) - float(ranks[0][key] + ranks[1][key]) / 2) < 1e-9, key
+    # and rank 1 alone is not the same as a local-only loss: the offset matters
+    local = dark_loss(img[4:], txt[4:], **{**kw, "t_img": t_img[4:], "t_txt": t_txt[4:]})
+    assert abs(float(local["total"]) - float(ranks[1]["total"])) > 1e-3
+
+
+# ==================== models.py: encoders, checkpoints, reparameterization ====================
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize_(model, seed=0):
+    """Move every parameter and buffer off its init (BatchNorm statistics, layer scales), so that a wrong fold,
+    a missed branch or a swapped norm changes the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if 'running_var' in name or name.endswith('bn.weight') or 'gamma' in name:
+                t.copy_(0.5 + torch.rand(t.shape, generator=g))
+            elif t.is_floating_point():
+                t.add_(0.1 * torch.randn(t.shape, generator=g))
+    return model
+
+
+def branch_mode(model):
+    """training=True, so every re-parameterisable block runs its separate branches (eval mode runs their sum as one
+    conv), with BatchNorm kept on running statistics so that outputs compare with eval mode."""
+    model.train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.eval()
+    return model
+
+
+# --- architecture: open_clip / timm names, shapes and sizes ---
+@pytest.mark.parametrize('preset, ref', [('fetalclip', 'fetalclip_vit_l14_ctx117'),
+                                         ('mobileclip2-s0', 'mobileclip2_s0_ctx117')])
+def test_preset_matches_open_clip_keys_and_param_counts(shared, preset, ref):
+    with torch.device('meta'):  # no memory, no init time
+        model = models.build_model(preset)
+    got = [f"{k}\t{tuple(v.shape)}\t{str(v.dtype).removeprefix('torch.')}" for k, v in model.state_dict().items()]
+    assert got == (shared / 'reference' / f'{ref}.keys.tsv').read_text().splitlines()
+    counts = json.loads((shared / 'reference' / 'param_counts.json').read_text())[ref]
+    assert models.count_params(model) == counts['total']
+    assert models.count_params(model.visual) == counts['visual']
+
+
+def test_toy_presets_are_cheap_and_unequal():
+    teacher, student = models.build_model('toy-teacher'), models.build_model('toy-student')
+    assert teacher.image_size == student.image_size == 64
+    assert teacher.context_length == student.context_length == models.TOY_CONTEXT
+    assert models.count_params(student.visual) < 500_000
+    assert models.count_params(teacher.visual) >= 10 * models.count_params(student.visual)
+    assert student.image_mean == (0.0, 0.0, 0.0) and teacher.image_mean == models.OPENAI_MEAN
+
+
+# --- parity with open_clip / timm on the reference fixtures ---
+def test_vit_clip_reproduces_open_clip(shared):
+    ckpt = torch.load(shared / 'reference' / 'tiny_vit_clip.pt', weights_only=True)
+    model = models.load_checkpoint(models.build_model(ckpt['config']).eval(), ckpt['state_dict'])
+    ref = ckpt['reference']
+    with torch.no_grad():
+        assert rel_err(model.encode_image(ref['image']), ref['image_features']) < 1e-4
+        assert rel_err(model.encode_text(ref['text']), ref['text_features']) < 1e-4
+    assert model.logit_scale.item() == pytest.approx(ref['logit_scale'].item())
+
+
+def test_mci0_clip_reproduces_open_clip_and_timm_folded(shared):
+    ckpt = torch.load(shared / 'reference' / 'mci0_tinytext_clip.pt', weights_only=True)  # fp16 weights
+    model = models.load_checkpoint(models.build_model(ckpt['config']).eval(), ckpt['state_dict'])
+    ref = ckpt['reference']
+    with torch.no_grad():
+        assert rel_err(model.encode_image(ref['image']), ref['image_features']) < 1e-4
+        assert rel_err(model.encode_text(ref['text']), ref['text_features']) < 1e-4
+        folded = models.reparameterize(copy.deepcopy(model))
+        assert rel_err(folded.encode_image(ref['image']), ref['image_features_reparameterized']) < 1e-4
+        assert rel_err(branch_mode(model).encode_image(ref['image']), ref['image_features']) < 1e-4
+    foldable = [m for m in folded.modules() if isinstance(m, models.Reparameterizable)]
+    assert foldable and all(m.reparam_conv is not None for m in foldable)
+    branches = re.compile(r'conv_kxk|conv_scale|identity|large_conv|small_conv|pos_enc|token_mixer\.(norm|mixer)')
+    assert not [k for k in folded.state_dict() if branches.search(k)]
+
+
+# --- re-parameterisation ---
+def test_folded_equals_unfolded_on_toy_student():
+    model = randomize_(models.build_model('toy-student')).eval()
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = branch_mode(copy.deepcopy(model)).encode_image(images)  # the branches as trained
+        assert rel_err(model.encode_image(images), want) < 1e-5  # eval mode: each block's branches as one conv
+        folded = models.reparameterize(copy.deepcopy(model))
+        assert rel_err(folded.encode_image(images), want) < 1e-5
+        assert models.reparameterize(folded) is folded  # a second call changes nothing
+        assert rel_err(folded.encode_image(images), want) < 1e-5
+    assert models.count_params(folded.visual) < models.count_params(model.visual)
+
+
+# --- checkpoint loading ---
+def test_load_unwraps_state_dict_and_module_prefix(tmp_path):
+    source = randomize_(models.build_model('toy-student'))
+    path = tmp_path / 'ckpt.pt'
+    torch.save({'epoch': 3, 'state_dict': {'module.' + k: v for k, v in source.state_dict().items()}}, path)
+    model = models.load_checkpoint(models.build_model('toy-student'), path)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_renamed_or_reshaped_key_is_named_in_the_error():
+    model = models.build_model('toy-student')
+    sd = model.state_dict()
+    sd['text.ln_final.scale'] = sd.pop('text.ln_final.weight')
+    with pytest.raises(ValueError, match=r"missing: text\.ln_final\.weight(.|\n)*unexpected: text\.ln_final\.scale"):
+        models.load_checkpoint(model, sd)
+    sd = model.state_dict()
+    sd['visual.trunk.head.fc.weight'] = sd['visual.trunk.head.fc.weight'][:, :-1]
+    with pytest.raises(ValueError, match=r"wrong shape: visual\.trunk\.head\.fc\.weight is \(128, 255\)"):
+        models.load_checkpoint(model, sd)
+
+
+def to_ml_mobileclip(state_dict, prefix, stages):
+    """Our timm-named trunk keys in Apple ml-mobileclip's mci.py layout (the inverse of the loader's rules)."""
+    network, n = {}, 0  # ml-mobileclip's flat list: [blocks0, downsample1, blocks1, ..., downsample3, pe3, blocks3]
+    for s, stage in enumerate(stages):
+        parts = [('downsample.proj.', 'proj.')] if s > 0 else []
+        if hasattr(stage.pos_emb, 'pos_enc'):
+            parts.append(('pos_emb.pos_enc.', 'pe.'))
+        for ours, theirs in parts + [('blocks.', '')]:
+            network[f'stages.{s}.{ours}'] = f'network.{n}.{theirs}'
+            n += 1
+    renames = [('stem.', 'patch_embed.'), ('conv_kxk.', 'rbr_conv.'), ('conv_scale.', 'rbr_scale.'),
+               ('identity.', 'rbr_skip.'), ('final_conv.', 'conv_exp.'), ('large_conv.', 'lkb_origin.'),
+               ('mlp.', 'convffn.'), ('se.fc1.', 'se.reduce.'), ('se.fc2.', 'se.expand.'), ('.gamma', '')]
+    out = {}
+    for key, value in state_dict.items():
+        if not key.startswith('visual.trunk.'):
+            out[key] = value
+            continue
+        key = key.removeprefix('visual.trunk.')
+        for ours, theirs in network.items():
+            key = key.replace(ours, theirs)
+        for ours, theirs in renames:
+            key = key.replace(ours, theirs)
+        if key == 'head.fc.weight':
+            key, value = 'head.proj', value.t()  # GlobalPool2D: pooled @ proj, no bias
+        if key != 'head.fc.bias':
+            out[prefix + key] = value
+    return out
+
+
+def test_ml_mobileclip_layout_round_trip():
+    source = randomize_(models.build_model('toy-student'))
+    with torch.no_grad():
+        source.visual.trunk.head.fc.bias.zero_()  # ml-mobileclip's projection head has no bias
+    apple = to_ml_mobileclip(source.state_dict(), 'image_encoder.model.', source.visual.trunk.stages)
+    for key in ['patch_embed.0.rbr_conv.0.conv.weight', 'network.0.0.token_mixer.mixer.rbr_skip.running_var',
+                'network.0.0.token_mixer.layer_scale', 'network.0.0.convffn.conv.bn.weight',
+                'network.1.proj.0.lkb_origin.conv.weight', 'network.5.proj.0.se.reduce.weight',
+                'network.6.pe.weight', 'network.7.0.layer_scale_1', 'conv_exp.se.expand.bias', 'head.proj']:
+        assert 'image_encoder.model.' + key in apple  # spot checks against ml-mobileclip's mci.py names
+    model = models.load_checkpoint(models.build_model('toy-student'), apple)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+# --- text tower ---
+@pytest.mark.parametrize('preset, key', [('toy-teacher', 'positional_embedding'),
+                                         ('toy-student', 'text.positional_embedding')])
+def test_text_positions_are_linearly_interpolated(preset, key):
+    model = models.build_model(preset)
+    sd = model.state_dict()
+    half = models.TOY_CONTEXT // 2  # e.g. MobileCLIP2's 77 positions loaded at 117
+    sd[key] = torch.arange(half, dtype=torch.float32)[:, None].expand(half, sd[key].shape[1]).clone()
+    models.load_checkpoint(model, sd)
+    # linear, align_corners=False: output i samples the source at (i + 0.5) / 2 - 0.5, clamped to the ends
+    want = ((torch.arange(models.TOY_CONTEXT) + 0.5) / 2 - 0.5).clamp(0, half - 1)
+    assert torch.allclose(model.state_dict()[key][:, 0], want, atol=1e-6)
+
+
+def test_causal_mask_is_switchable():
+    ids = torch.tensor([[1, 5, 7, models.TOY_VOCAB_SIZE - 1, 0, 0]])  # end-of-text = largest id, then padding
+    changed = ids.clone()
+    changed[0, -1] = 9  # a token after end-of-text
+    with torch.no_grad():
+        causal = models.build_model('toy-teacher').eval()  # open_clip default: causal mask
+        assert torch.equal(causal.encode_text(ids), causal.encode_text(changed))
+        unmasked = models.build_model('toy-student').eval()  # MobileCLIP2: no mask at all, not even for padding
+        assert unmasked.text.attn_mask is None
+        assert not torch.allclose(unmasked.encode_text(ids), unmasked.encode_text(changed))
+
+
+# --- configs and the CLIP interface ---
+def test_forward_returns_normalized_features_and_scale():
+    model = models.build_model('toy-student').eval()
+    ids = torch.randint(1, models.TOY_VOCAB_SIZE, (3, models.TOY_CONTEXT))
+    with torch.no_grad():
+        img, txt, scale = model(torch.randn(2, 3, 64, 64), ids)
+    assert img.shape == (2, 128) and txt.shape == (3, 128)
+    assert torch.allclose(img.norm(dim=-1), torch.ones(2)) and torch.allclose(txt.norm(dim=-1), torch.ones(3))
+    assert scale.item() == pytest.approx(1 / 0.07, rel=1e-5)
+
+
+def test_config_from_json_quick_gelu_and_unknown_keys(tmp_path):
+    cfg = models.get_config('toy-teacher')
+    path = tmp_path / 'open_clip_config.json'
+    path.write_text(json.dumps({'model_cfg': {**cfg, 'quick_gelu': True}, 'preprocess_cfg': {'mean': [0.5] * 3}}))
+    model = models.build_model(str(path))
+    assert isinstance(model.transformer.resblocks[0].mlp.gelu, models.QuickGELU)
+    assert model.image_mean == (0.5, 0.5, 0.5) and model.config['quick_gelu']
+    cfg['vision_cfg']['ls_init_value'] = 1e-5
+    with pytest.raises(ValueError, match=r"vision_cfg\.ls_init_value"):
+        models.build_model(cfg)
+    with pytest.raises(ValueError, match="unknown model config 'vit-huge'"):
+        models.get_config('vit-huge')
+
+
+# ==================== data.py: toy world, tokenizers, readers, preprocessing ====================
+
+def test_toy_world_is_deterministic_and_splits_are_disjoint():
+    a, b = data.ToyWorld('train', 64, seed=0, length=6), data.ToyWorld('train', 64, seed=0, length=6)
+    for i in range(6):
+        x, y = a[i], b[i]
+        assert np.array_equal(np.asarray(x['image']), np.asarray(y['image']))
+        assert repr({**x, 'image': 0}) == repr({**y, 'image': 0})  # repr: nan == nan
+    other_seed, val = data.ToyWorld('train', 64, seed=1, length=6), data.ToyWorld('val', 64, seed=0, length=6)
+    assert a[0]['caption'] != other_seed[0]['caption'] or a[0]['ga_weeks'] != other_seed[0]['ga_weeks']
+    assert not np.array_equal(np.asarray(a[0]['image']), np.asarray(val[0]['image']))
+    worlds = [data.ToyWorld(s, length=10 ** 6) for s in data.SPLITS]
+    spans = [(w.index(0), w.index(len(w) - 1)) for w in worlds]
+    assert all(hi < lo for (_, hi), (lo, _) in zip(spans, spans[1:]))  # index ranges never overlap
+    with pytest.raises(IndexError):
+        a[6]
+    assert a[0]['image'].mode == 'L' and a[0]['image'].size == (64, 64)
+
+
+def test_head_sizes_follow_the_growth_curve():
+    ga = np.linspace(14, 40, 27)
+    low, mid, high = data.hc_curve(ga, 'p2.5'), data.hc_curve(ga), data.hc_curve(ga, 'p97.5')
+    assert np.all(low < mid) and np.all(mid < high)
+    assert 95 < data.hc_curve(14) < 105 and 330 < data.hc_curve(40) < 350  # the curve's known ends, in mm
+    for hc, ratio in ((100.0, 0.8), (300.0, 0.95)):  # the skull is drawn on an ellipse whose perimeter is HC
+        a, b = data._axes(hc, ratio)
+        h = ((a - b) / (a + b)) ** 2
+        assert abs(np.pi * (a + b) * (1 + 3 * h / (10 + np.sqrt(4 - 3 * h))) - hc) < 1e-9
+    heads = [p for p in (data._sample(np.random.default_rng([0, i])) for i in range(3000)) if p['plane'] == 1]
+    ga, hc = np.array([p['days'] / 7 for p in heads]), np.array([p['hc'] for p in heads])
+    inside = (data.hc_curve(ga, 'p2.5') <= hc) & (hc <= data.hc_curve(ga, 'p97.5'))
+    assert len(heads) > 450 and 0.92 < inside.mean() < 0.98  # 95% between the 2.5th and 97.5th percentiles
+    assert abs(np.median(np.log(hc / data.hc_curve(ga)))) < 0.02
+    world = data.ToyWorld('val', 64, length=200)
+    for item in (world[i] for i in range(200)):
+        assert (item['plane'] == 1) == (item['brain_plane'] >= 0) == np.isfinite(item['hc_mm'])
+        assert 14 <= item['ga_weeks'] <= 40 and item['pixel_mm'] * 64 in data.FIELDS_MM
+
+
+def test_captions_state_true_facts_often_enough_to_learn():
+    world = data.ToyWorld('train', 64, length=400)
+    items = [world[i] for i in range(400)]
+    heads = [it for it in items if it['plane'] == 1]
+    for it in items:
+        text = it['caption']
+        m = re.search(r'(\d+) weeks (?:and )?(\d+) days', text)
+        if m:
+            assert int(m[1]) * 7 + int(m[2]) == round(it['ga_weeks'] * 7)
+        m = re.search(r'(\d+\.\d\d) mm', text)
+        if m:
+            assert m[1] == f"{it['pixel_mm']:.2f}"
+        named = [p for p in data.PLANES if p.lower() in text]
+        assert named in ([], [data.PLANES[it['plane']]])
+    both = [it for it in heads if 'weeks' in it['caption'] and 'mm' in it['caption']]
+    sub = [it for it in heads if data.BRAIN_PLANES[it['brain_plane']].lower() in it['caption']]
+    named = [it for it in items if data.PLANES[it['plane']].lower() in it['caption']]
+    assert len(both) > 0.6 * len(heads) and len(sub) > 0.5 * len(heads) and len(named) > 0.4 * len(items)
+
+
+def test_toy_tokenizer_covers_the_toy_world():
+    tok = data.ToyTokenizer()
+    captions = [data._caption(data._sample(np.random.default_rng([7, i])), 2.5, np.random.default_rng([7, i, 1]))
+                for i in range(3000)]
+    prompts = [p for ps in (*data.TOY_PLANE_PROMPTS.values(), *data.TOY_BRAIN_PROMPTS.values()) for p in ps]
+    prompts += [p for w in range(14, 41) for d in range(7) for px in (0.43, 3.0) for p in data.toy_ga_prompts(w, d, px)]
+    assert list(data.TOY_PLANE_PROMPTS) == list(data.PLANES) and list(data.TOY_BRAIN_PROMPTS) == list(data.BRAIN_PLANES)
+    ids = tok(captions + prompts)
+    assert ids.shape == (len(captions) + len(prompts), data.TOY_CONTEXT)
+    assert not (ids == tok.unk).any() and ids.max() == tok.eot == data.TOY_VOCAB_SIZE - 1
+    assert (ids == tok.eot).sum(1).eq(1).all()  # every text fits: one end token each, none cut off
+    assert len(data.TOY_WORDS) == len(set(data.TOY_WORDS)) and len(data.TOY_WORDS) + 3 < data.TOY_VOCAB_SIZE
+    long = tok(['fetal brain ' * 40, 'zebra'])
+    assert long[0, -1] == tok.eot and long[1].tolist()[:3] == [tok.sot, tok.unk, tok.eot]
+
+
+def test_save_grid(tmp_path):
+    data.save_grid(tmp_path / 'grid.png', n=4, size=32)
+    assert Image.open(tmp_path / 'grid.png').size == (64, 64)
+
+
+# --- CLIP BPE ---
+def test_bpe_tokenizer_matches_open_clip(shared):
+    cases = json.loads((shared / 'reference/clip_bpe_tokenizer_cases.json').read_text())
+    tok = data.get_tokenizer('bpe', cases['context_length'], shared / 'vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz')
+    for case in cases['cases']:
+        assert tok([case['text']])[0].tolist() == case['ids'], case['text']
+    assert tok.vocab_size == 49408 and (tok.sot, tok.eot) == (49406, 49407)
+
+
+def test_bpe_tokenizer_without_vocabulary_says_where_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.delenv('DARK_BPE', raising=False)
+    with pytest.raises(FileNotFoundError, match='bpe_simple_vocab_16e6.txt.gz'):
+        data.SimpleTokenizer(tmp_path / 'nothing.txt.gz')
+
+
+# --- real formats ---
+def _png(path, size=(40, 30), value=128):
+    Image.new('L', size, value).save(path)
+
+
+def test_caption_csv_and_tsv(tmp_path):
+    (tmp_path / 'img').mkdir()
+    _png(tmp_path / 'img/a.png')
+    _png(tmp_path / 'img/b.png')
+    untidy = ' filepath , title \nimg/a.png, "fetal brain, 20 weeks" \n\nimg/b.png,a femur\n'  # spaces, a blank line
+    (tmp_path / 'pairs.csv').write_text(untidy)
+    (tmp_path / 'pairs.tsv').write_text('title\tfilepath\nfetal brain\timg/a.png\n')
+    rows = data.read_captions(tmp_path / 'pairs.csv')
+    assert [r['caption'] for r in rows] == ['fetal brain, 20 weeks', 'a femur']
+    assert rows[1]['where'].endswith('pairs.csv, line 4')
+    assert data.read_captions(tmp_path / 'pairs.tsv')[0]['image_path'] == tmp_path / 'img/a.png'
+    item = data.ImageRows(rows)[0]
+    assert item['image'].size == (40, 30) and item['caption'] == 'fetal brain, 20 weeks'
+    (tmp_path / 'empty.csv').write_text('filepath,title\nimg/a.png,ok\nimg/b.png,  \n')
+    with pytest.raises(ValueError, match=r'empty\.csv, line 3: empty caption'):
+        data.read_captions(tmp_path / 'empty.csv')
+    (tmp_path / 'nocap.csv').write_text('filepath,text\nimg/a.png,ok\n')
+    with pytest.raises(ValueError, match=r"nocap\.csv: missing column\(s\) \['title'\]"):
+        data.read_captions(tmp_path / 'nocap.csv')
+
+
+def test_missing_and_corrupt_images_name_file_and_row(tmp_path):
+    (tmp_path / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 10)
+    png = io.BytesIO()
+    Image.new('L', (64, 64), 9).save(png, 'PNG')
+    (tmp_path / 'cut.png').write_bytes(png.getvalue()[:60])  # truncated
+    (tmp_path / 'pairs.csv').write_text('filepath,title\nbad.png,one\ncut.png,two\ngone.png,three\n')
+    rows = data.ImageRows(data.read_captions(tmp_path / 'pairs.csv'))
+    for i, name in enumerate(('bad.png', 'cut.png', 'gone.png')):
+        with pytest.raises(ValueError, match=rf'pairs\.csv, line {i + 2}: cannot read image .*{name}'):
+            rows[i]
+
+
+def _write_shard(path, samples):
+    with tarfile.open(path, 'w') as tar:
+        for name, payload in samples:
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+
+
+def _png_bytes(value):
+    buffer = io.BytesIO()
+    Image.new('L', (16, 12), value).save(buffer, 'PNG')
+    return buffer.getvalue()
+
+
+def test_tar_shards_stream_shard_and_skip(tmp_path):
+    assert data.expand_braces('s_{a,b}_{08..10}.tar') == ['s_a_08.tar', 's_a_09.tar', 's_a_10.tar',
+                                                          's_b_08.tar', 's_b_09.tar', 's_b_10.tar']
+    _write_shard(tmp_path / 'shard_0000000001.tar', [
+        ('x/000.png', _png_bytes(0)), ('x/000.txt', b'fetal brain'), ('x/000.json', b'{}'),
+        ('x/001.png', _png_bytes(1)), ('x/001.txt', b' fetal femur \n')])
+    _write_shard(tmp_path / 'shard_0000000002.tar', [
+        ('002.jpg', _png_bytes(2)), ('002.txt', b'maternal cervix'),  # a PNG under .jpg: PIL reads the content
+        ('003.png', b'corrupt'), ('003.txt', b'fetal thorax'),
+        ('004.png', _png_bytes(4)), ('004.txt', b'fetal abdomen')])
+    pattern = str(tmp_path / 'shard_{0000000001..0000000002}.tar')
+    with pytest.raises(ValueError, match=r'shard_0000000002\.tar: 003: .*skip_bad'):
+        list(data.TarShards(pattern))
+    shards = data.TarShards(pattern, skip_bad=True)
+    got = [(s['caption'], s['image'].getpixel((0, 0))) for s in shards]
+    assert got == [('fetal brain', 0), ('fetal femur', 1), ('maternal cervix', 2), ('fetal abdomen', 4)]
+    assert len(shards.skipped) == 1 and '003' in shards.skipped[0][0]
+    rank1 = data.TarShards(pattern, skip_bad=True).shard_by(1, 2)
+    assert [s['caption'] for s in rank1] == ['maternal cervix', 'fetal abdomen']
+    tf = data.Preprocess(32)
+    loader = torch.utils.data.DataLoader(data.TarShards(pattern, skip_bad=True), batch_size=2, num_workers=2,
+                                         collate_fn=data.Collate(tf, data.ToyTokenizer()))
+    batches = list(loader)  # each worker streams its own shard: every sample once
+    assert sorted(c for b in batches for c in b['caption']) == sorted(c for c, _ in got)
+    assert batches[0]['image'].shape == (2, 3, 32, 32) and batches[0]['ids'].shape == (2, data.TOY_CONTEXT)
+
+
+def test_fetal_planes_reader_tolerates_whitespace_not_unknown_labels(tmp_path):
+    header = 'Image_name ; Patient_num;Plane;Brain_plane;Operator;US_Machine;Train \n'
+    good = ('Patient00001_Plane1_1_of_15; 1 ;Fetal brain ; Trans-thalamic;Op. 1;Voluson E6;1\n'
+            'Patient00001_Plane2_1_of_15;1;Other;Other;Op. 1;Voluson E6; 0 \n'
+            'Patient00002_Plane3_1_of_2;2;Maternal  cervix;Not A Brain;Other;Aloka;1;\n'
+            'Patient00002_Plane4_1_of_2;2;Fetal brain;Other;Other;Aloka;1\n')
+    (tmp_path / 'FETAL_PLANES_DB_data.csv').write_text(header + good)
+    rows = data.read_fetal_planes(tmp_path)
+    assert [(r['plane'], r['brain_plane'], r['patient'], r['train']) for r in rows] == [
+        (1, 0, '1', True), (-1, -1, '1', False), (4, -1, '2', True), (1, -1, '2', True)]
+    assert rows[0]['image_path'] == tmp_path / 'Images/Patient00001_Plane1_1_of_15.png'
+    for bad, message in (('Fetal Brain;Trans-thalamic', "line 6: Plane 'Fetal Brain'"),
+                         ('Fetal femur;Trans-thalamic', "line 6: Brain_plane 'Trans-thalamic' on a 'Fetal femur'"),
+                         ('Fetal brain;Trans-thalamus', "line 6: Brain_plane 'Trans-thalamus'")):
+        (tmp_path / 'FETAL_PLANES_DB_data.csv').write_text(header + good + f'P9;9;{bad};Op. 1;Aloka;1\n')
+        with pytest.raises(ValueError, match=re.escape(message)):
+            data.read_fetal_planes(tmp_path)
+    (tmp_path / 'FETAL_PLANES_DB_data.csv').write_text(header.replace('Brain_plane;', '') + 'P;1;Other;Op;M;1\n')
+    with pytest.raises(ValueError, match=r"FETAL_PLANES_DB_data\.csv: missing column\(s\) \['Brain_plane'\]"):
+        data.read_fetal_planes(tmp_path)
+
+
+def test_hc18_reader_on_the_real_sample(shared):
+    root = shared / 'data/hc18_sample'
+    rows = data.read_hc18(root)
+    with open(root / 'training_set_pixel_size_and_HC.csv', newline='') as f:
+        truth = list(csv.DictReader(f))
+    assert len(rows) == len(truth) == 60
+    for row, want in zip(rows, truth):
+        assert row['image_path'].name == want['filename']
+        assert row['pixel_mm'] == float(want['pixel size(mm)'])
+        assert row['hc_mm'] == float(want['head circumference (mm)'])
+        assert row['width'] == 800 and row['height'] in (540, 542)
+    assert 0.05 < min(r['pixel_mm'] for r in rows) < max(r['pixel_mm'] for r in rows) < 0.31
+    images = data.ImageRows(rows)
+    assert all(images[i]['image'].size == (rows[i]['width'], rows[i]['height']) for i in range(0, 60, 6))
+
+
+# --- preprocessing ---
+def test_preprocess_pads_a_real_image_to_a_centred_square(shared):
+    image = Image.open(shared / 'data/hc18_sample/training_set/000_HC.png')
+    assert image.size == (800, 540)
+    x = data.Preprocess(224)(image)
+    # the same thing by another route: numpy zero padding, then PIL's bicubic resize
+    padded = np.pad(np.asarray(image), ((130, 130), (0, 0)))
+    ref = np.asarray(Image.fromarray(padded).resize((224, 224), Image.BICUBIC), dtype=np.float32) / 255
+    mean, std = torch.tensor(data.CLIP_MEAN).view(3, 1, 1), torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    assert torch.allclose(x, (torch.from_numpy(ref).expand(3, -1, -1) - mean) / std)
+    black = (-mean / std).expand(3, 30, 224)
+    assert torch.allclose(x[:, :30], black) and torch.allclose(x[:, -30:], black)  # 130/800*224 = 36 rows each
+    assert (x[:, 50:-50] != black[:, :1]).any(2).all()  # the picture fills the middle rows
+    rgb = data.Preprocess(224, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))(image.convert('RGB'))
+    assert torch.allclose(rgb, 2 * torch.from_numpy(ref).expand(3, -1, -1) - 1, atol=1e-6)
+
+
+def test_distill_transform_one_draw_two_views():
+    image = data.ToyWorld('val', 128, length=1)[0]['image']
+    teacher, student = (64, data.CLIP_MEAN, data.CLIP_STD), (32, (0, 0, 0), (1, 1, 1))
+    t, s = data.DistillTransform(teacher, student, augment=False)(image)
+    assert torch.equal(t, data.Preprocess(*teacher)(image)) and torch.equal(s, data.Preprocess(*student)(image))
+    tf = data.DistillTransform(teacher, student)
+    torch.manual_seed(0)
+    t0, s0 = tf(image)
+    torch.manual_seed(0)
+    assert all(torch.equal(a, b) for a, b in zip((t0, s0), tf(image)))  # reproducible from torch's seed
+    mean, std = torch.tensor(data.CLIP_MEAN).view(3, 1, 1), torch.tensor(data.CLIP_STD).view(3, 1, 1)
+    as_student = torch.nn.functional.avg_pool2d(t0 * std + mean, 2)  # the teacher view at the student's size
+    gaps = []
+    for seed in range(1, 6):
+        torch.manual_seed(seed)
+        gaps.append((as_student - tf(image)[1]).abs().mean())
+    assert (as_student - s0).abs().mean() < 0.5 * min(gaps)  # same draw: same picture; other draws: not
+
+
+def test_collate_toy_batch_for_distillation():
+    world = data.ToyWorld('train', 64, length=4)
+    collate = data.Collate(data.DistillTransform((64, data.CLIP_MEAN, data.CLIP_STD), (32, (0,) * 3, (1,) * 3)),
+                           data.get_tokenizer('toy', data.TOY_CONTEXT))
+    batch = collate([world[i] for i in range(4)])
+    t, s = batch['image']
+    assert t.shape == (4, 3, 64, 64) and s.shape == (4, 3, 32, 32) and batch['ids'].shape == (4, data.TOY_CONTEXT)
+    assert batch['plane'].dtype == torch.long and batch['ga_weeks'].dtype == torch.float32
+    assert batch['caption'] == [world[i]['caption'] for i in range(4)]
+
+
+# ==================== train.py: the loop ====================
+
+def _cfg(tmp_path, **over):
+    """A seconds-long toy run: random toy teacher, 32 pairs, batch 8, no validation."""
+    teacher = tmp_path / "teacher.pt"
+    if not teacher.exists():
+        torch.manual_seed(0)
+        t = models.build_model("toy-teacher")
+        torch.save(dict(model=t.state_dict(), model_config=t.config, tokenizer="toy"), teacher)
+    cfg, _ = train.parse_args([])
+    cfg.update(out_dir=str(tmp_path / "run"), teacher=str(teacher), toy_train_size=32, batch_size=8, epochs=2,
+               warmup_steps=2, log_every=1, ckpt_every=1000, val_every=1000, threads=1, lr=2e-3)
+    cfg.update(over)
+    return cfg
+
+
+def _log(cfg):
+    with open(os.path.join(cfg["out_dir"], "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_bad_key_lists_the_keys(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--bta0=3"])
+    assert "bad argument '--bta0=3'" in str(e.value) and "beta0" in str(e.value) and "kd" in str(e.value)
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--epochs=two"])
+    assert "--epochs takes a int" in str(e.value)
+    cfg, given = train.parse_args(["--kd=static", "--resume=true", "--lr=3e-4"])
+    assert (cfg["kd"], cfg["resume"], cfg["lr"], given) == ("static", True, 3e-4, {"kd", "resume", "lr"})
+    assert cfg["batch_size"] == train.TOY["batch_size"]             # toy recipe under what is not given
+    assert train.parse_args(["--train_data=x.csv"])[0]["batch_size"] == 512  # the paper's recipe otherwise
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    assert "--beta_r=-0.4" in capsys.readouterr().out
+
+
+def test_schedules():
+    assert train.lr_at(0, 100, 1.0, 10) == 0.1 and train.lr_at(9, 100, 1.0, 10) == 1.0
+    assert abs(train.lr_at(55, 100, 1.0, 10) - 0.5) < 1e-12 and train.lr_at(100, 100, 1.0, 10) == 0.0
+    cfg, _ = train.parse_args([])
+    assert train.kd_weight({**cfg, "kd": "dark"}, 100, 100) == pytest.approx(-0.8)
+    assert train.kd_weight({**cfg, "kd": "coupled"}, 100, 100) == pytest.approx(-0.8)
+    assert train.kd_weight({**cfg, "kd": "static"}, 100, 100) == 1.0
+    assert train.kd_weight({**cfg, "kd": "none"}, 0, 100) == 0.0
+
+
+def test_a_few_steps_lower_the_loss(tmp_path):
+    cfg = _cfg(tmp_path, toy_train_size=8, epochs=16, kd="none")   # one batch of 8 pairs, seen 16 times
+    train.train(cfg)
+    rows = [r for r in _log(cfg) if "total" in r]
+    assert len(rows) == 16 and rows[-1]["step"] == 16
+    first, last = sum(r["clip"] for r in rows[:3]) / 3, sum(r["clip"] for r in rows[-3:]) / 3
+    assert last < 0.8 * first, (first, last)
+    ckpt = torch.load(os.path.join(cfg["out_dir"], "best.pt"), weights_only=False)
+    assert ckpt["step"] == 16 and ckpt["tokenizer"] == "toy" and ckpt["model_config"] == models.get_config("toy-student")
+
+
+def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
+    whole = _cfg(tmp_path, out_dir=str(tmp_path / "whole"))
+    train.train(whole)
+    killed = _cfg(tmp_path, out_dir=str(tmp_path / "killed"), ckpt_every=5)
+    real_save = train.save_atomic
+
+    def save_then_die(obj, path):
+        real_save(obj, path)
+        raise KeyboardInterrupt("killed after the first checkpoint")
+    monkeypatch.setattr(train, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(killed)
+    monkeypatch.setattr(train, "save_atomic", real_save)
+    train.train({**killed, "resume": True})
+    a = {r["step"]: r for r in _log(whole) if "total" in r}
+    b = {r["step"]: r for r in _log(killed) if "total" in r}
+    assert sorted(b) == list(range(1, 6)) + list(range(6, 9)), sorted(b)   # steps 1-5, then 6-8 after the resume
+    for step in range(6, 9):
+        assert abs(a[step]["total"] - b[step]["total"]) < 1e-6, step
+    sa = torch.load(tmp_path / "whole" / "ckpt.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "killed" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
+
+
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
+    cfg = _cfg(tmp_path, ckpt_every=1)
+    calls = {"n": 0}
+    real = dark.dark_loss
+
+    def poisoned(*args, **kwargs):
+        calls["n"] += 1
+        out = real(*args, **kwargs)
+        return {**out, "total": out["total"] * float("nan")} if calls["n"] == 3 else out
+    monkeypatch.setattr(train.dark, "dark_loss", poisoned)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 2 .*ckpt\.pt"):
+        train.train(cfg)
+    ckpt = torch.load(os.path.join(cfg["out_dir"], "ckpt.pt"), weights_only=False)
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def _ddp_worker(rank, world, port, cfg):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    train.train(cfg)
+    torch.distributed.destroy_process_group()
+
+
+def test_two_process_gloo_equals_one_process(tmp_path):
+    """Same global batch of 8: one process, or two ranks of 4 with gathered columns and DDP-averaged gradients."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # a BatchNorm-free student: BatchNorm statistics are per rank under DDP (as in open_clip), so the MCi tower in
+    # training mode is not expected to match a single process bit for bit
+    vit = dict(embed_dim=32, vision_cfg=dict(image_size=64, layers=1, width=64, patch_size=16, head_width=32),
+               text_cfg=dict(context_length=models.TOY_CONTEXT, vocab_size=models.TOY_VOCAB_SIZE, width=32, heads=2,
+                             layers=1))
+    (tmp_path / "vit.json").write_text(json.dumps(vit))
+    common = dict(epochs=1, augment=False, toy_train_size=16, student=str(tmp_path / "vit.json"))
+    one = _cfg(tmp_path, out_dir=str(tmp_path / "one"), **common)
+    two = _cfg(tmp_path, out_dir=str(tmp_path / "two"), batch_size=4, **common)
+    train.train(one)
+    mp.spawn(_ddp_worker, args=(2, port, two), nprocs=2, join=True)
+    a, b = _log(one), _log(two)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        for key in ("total", "clip", "diag", "off", "grad_norm"):
+            assert abs(ra[key] - rb[key]) < 1e-5 * max(1.0, abs(ra[key])), (key, ra[key], rb[key])
+    sa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
+    sb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
+    assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
+
+
+# ==================== eval.py: metrics and protocols ====================
+
+def _nine_class_probs():
+    # 10 images, 5 labels present (0 1 2 3 8) in a 9-class classifier; predictions 4 and 5 are absent classes
+    targets = np.array([0, 0, 1, 1, 2, 2, 3, 3, 8, 8])
+    preds = np.array([0, 0, 1, 4, 2, 2, 3, 0, 8, 5])
+    probs = np.full((10, 9), 0.01)
+    probs[np.arange(10), preds] = 0.6
+    probs[3, 1] = probs[9, 8] = 0.3  # true class second: top-2 hits
+    probs[7, 5], probs[7, 3] = 0.3, 0.2  # true class third: top-2 miss, top-3 hit
+    return probs, targets
+
+
+def test_f1_over_present_classes_only():
+    probs, targets = _nine_class_probs()
+    m = evaluation.class_metrics(probs, targets, list(evaluation.PLANE_PROMPTS))
+    # class 0: tp 2 fp 1 fn 0 -> 4/5; classes 1, 3, 8: tp 1 fn 1 -> 2/3; class 2: 1. Mean over the 5 present: 3.8/5
+    assert m["f1_abdomen"] == pytest.approx(0.8) and m["f1_brain"] == pytest.approx(2 / 3)
+    assert m["f1_cervix"] == pytest.approx(2 / 3) and m["f1_femur"] == 1.0
+    assert m["f1"] == pytest.approx(0.76)  # over all 9 classes it would be 3.8/9
+    assert m["acc"] == pytest.approx(0.7)  # recall per class: 1, .5, 1, .5, .5
+    assert m["top2"] == pytest.approx(0.9) and m["top3"] == pytest.approx(1.0)
+    assert "f1_kidney" not in m and "f1_spine" not in m
+
+
+def test_class_f1_and_composite():
+    assert evaluation.class_f1(0.76, 0.5) == pytest.approx((5 * 0.76 + 3 * 0.5) / 8) == pytest.approx(0.6625)
+    assert evaluation.composite(0.6625, 80.0) == pytest.approx(0.73125)
+
+
+def test_ga_candidates_and_median_of_top15():
+    assert len(evaluation.GA_DAYS) == 175 and evaluation.GA_DAYS[0] == 14 * 7 and evaluation.GA_DAYS[-1] == 38 * 7 + 6
+    scores = np.zeros(175)
+    best = [3, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 110, 120, 130, 140]
+    scores[best] = np.arange(15, 0, -1) + 1.0  # index 3 scores highest ... index 140 lowest of the 15
+    scores[140] = 99.0  # the argmax is 140, the median by age of the 15 best is 70
+    scores[0] = 0.5  # 16th best: left out
+    assert evaluation.median_of_top(scores) == 70 and evaluation.GA_DAYS[70] == 24 * 7
+    assert evaluation.median_of_top(np.ones(175)) == 7  # all tied: the 15 youngest, median 14w0d + 7 days
+
+
+def test_validity_at_percentile_boundaries_and_hc_window():
+    lo, hi = data.hc_curve(20.0, "p2.5"), data.hc_curve(20.0, "p97.5")
+    assert float(lo) == pytest.approx(157.0057, abs=1e-3) and float(hi) == pytest.approx(188.4548, abs=1e-3)
+    days = 20 * 7
+    assert evaluation.ga_valid(days, lo) and evaluation.ga_valid(days, hi)
+    assert not evaluation.ga_valid(days, np.nextafter(lo, 0)) and not evaluation.ga_valid(days, np.nextafter(hi, 1e9))
+    # 100 at 14w0d and 342 at 38w6d are valid; 99.99 and 342.01 would be invalid but lie outside the window
+    m = evaluation.ga_metrics([98, 272, 272, 98], [100.0, 342.0, 99.99, 342.01])
+    assert m["ga_n"] == 2 and m["ga_validity"] == 100.0
+
+
+def test_pixel_spacing_text():
+    assert evaluation.pixel_spacing_text(800, 540, 224, 0.0691358041432) == "0.25"  # 800 / 224 * 0.0691 = 0.2469
+    assert evaluation.pixel_spacing_text(800, 540, 256, 0.0691358041432) == "0.22"  # 800 / 256 * 0.0691 = 0.2160
+    assert evaluation.pixel_spacing_text(540, 800, 224, 0.1) == "0.36"  # the longer side, whichever it is
+
+
+def test_bootstrap_spearman_auroc():
+    lo, hi = evaluation.bootstrap_ci([1] * 8 + [0] * 2)
+    assert 40 < lo < 80 < hi <= 100 and (lo, hi) == evaluation.bootstrap_ci([1] * 8 + [0] * 2)
+    assert evaluation.bootstrap_ci([1, 1, 1]) == (100.0, 100.0)
+    assert evaluation.spearman([1, 2, 3, 4], [10, 20, 40, 30]) == pytest.approx(0.8)  # 1 - 6 * 2 / (4 * 15)
+    assert evaluation.spearman([1, 2, 2, 3], [1, 2, 3, 4]) == pytest.approx(0.9 ** 0.5)  # tied ranks 2.5, 2.5
+    assert np.isnan(evaluation.spearman([1, 1, 1], [1, 2, 3]))
+    assert evaluation.auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)  # 3 of 4 pairs ordered
+    assert evaluation.auroc([0.5, 0.5], [0, 1]) == pytest.approx(0.5)
+
+
+def test_patient_split_and_linear_probe():
+    patients = np.repeat(np.arange(10), 3)
+    val = evaluation.patient_split(patients, 0.2)
+    assert val.sum() == 6 and not set(patients[val]) & set(patients[~val])
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 2
+    x = torch.randn(300, 8, generator=g) + 3 * (y[:, None] - 0.5)  # two blobs at -1.5 and +1.5 on every axis
+    train, val, test = (x[:200], y[:200]), (x[200:250], y[200:250]), (x[250:], y[250:])
+    m = evaluation.linear_probe(train, val, test, 2, lr=1e-2, epochs=20)  # the protocol's 3e-4 needs more steps
+    assert m["f1"] == 1.0 and m["auroc"] == 1.0 and m["best_epoch"] > 10
+    flipped = evaluation.linear_probe(train, (val[0], 1 - val[1]), test, 2, epochs=5)
+    assert flipped["best_epoch"] == 0  # validation loss only rises: the first epoch's weights are kept
+
+
+def test_teacher_student_analysis():
+    targets = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([0.9, 0.6, 0.8, 0.3, 0.7, 0.4])  # true-class probability, identical for both
+    t, s = np.zeros((6, 3)), np.zeros((6, 3))
+    t[np.arange(6), targets] = s[np.arange(6), targets] = p
+    t[np.arange(6), (targets + 1) % 3] = 1 - p  # teacher confuses c with c+1, student with c+2
+    s[np.arange(6), (targets + 2) % 3] = 1 - p
+    feats = np.array([[0, 1], [0, -1], [4, 1], [4, -1], [8, 1], [8, -1]], dtype=float)
+    m = evaluation.teacher_student(t, s, targets, feats, feats)
+    assert m["true_prob_corr"] == pytest.approx(1.0)
+    assert m["offdiag_prob_corr"] == pytest.approx(-5.29 / 8.51)  # swapped pairs: -(sum r)^2/12 / var
+    assert m["confusion_corr"] == pytest.approx(-0.5)  # [0,0,0,.5,.5,0] vs [0,0,.5,0,0,.5]
+    assert m["separation_student"] == pytest.approx((4 + 8 + 4) / 3)  # centroid distances 4 8 4, within 1
+
+
+def test_gmacs_counted():
+    lin = torch.nn.Linear(10, 20, bias=False)
+    assert evaluation.count_gmacs(lin, torch.randn(1, 10)) == pytest.approx(200 / 1e9)
+
+
+# --- zero-shot runs of a tiny model: the toy world and files in the real formats ---
+ZERO_SHOT_KEYS = {"planes_f1", "planes_acc", "planes_top2", "planes_top3", "brain_f1", "brain_acc", "class_f1",
+                  "ga_validity", "ga_ci_low", "ga_ci_high", "ga_spearman", "ga_n", "composite", "n_images",
+                  "eval_seconds"}
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The toy student with a one-layer text tower: the same code paths, fast enough for 175-candidate GA maps."""
+    cfg = copy.deepcopy(models.get_config("toy-student"))
+    cfg["embed_dim"] = 32
+    cfg["text_cfg"].update(width=32, heads=2, layers=1, vocab_size=data.TOY_VOCAB_SIZE, context_length=data.TOY_CONTEXT)
+    torch.manual_seed(0)
+    model = models.build_model(cfg).eval()
+    return model, data.get_tokenizer("toy", model.context_length)
+
+
+class _TableTextTower:
+    """A stand-in text tower: every distinct prompt gets its own random vector, of random length and direction, so
+    a missing or extra normalisation changes the answers."""
+    def __init__(self):
+        self.ids, self.table = {}, torch.randn(4000, 8, generator=torch.Generator().manual_seed(0))
+
+    def tokenizer(self, texts):
+        return torch.tensor([self.ids.setdefault(t, len(self.ids)) for t in texts])
+
+    def encode_text(self, ids):
+        return self.table[ids] * (1 + ids[:, None] % 5)
+
+
+def test_text_classifier_and_ga_scores_follow_the_protocol():
+    tower = _TableTextTower()
+    enc = lambda texts: F.normalize(tower.encode_text(tower.tokenizer(texts)), dim=-1)
+    prompts = {"a": ["fetal brain", "fetal head", "skull"], "b": ["maternal cervix"]}
+    a, b = enc(prompts["a"]).mean(0), enc(prompts["b"])[0]
+    assert torch.allclose(evaluation.text_classifier(tower, tower.tokenizer, prompts), torch.stack([a / a.norm(), b]))
+    feats = F.normalize(torch.randn(3, 8, generator=torch.Generator().manual_seed(1)), dim=-1)
+    fn = lambda w, d, s: [f"{w}w{d}d at {s:.2f} mm, view {k}" for k in range(3)]
+    pred = evaluation.ga_predict(tower, tower.tokenizer, feats, ["0.25", "0.31", "0.25"], fn)
+    # by hand: each candidate's prompts at the image's spacing, mean over prompts of 100 * cosine, median of top 15
+    scores = [[float((100 * enc(fn(d // 7, d % 7, s)) @ f).mean()) for d in evaluation.GA_DAYS] for f, s in
+              zip(feats, (0.25, 0.31, 0.25))]
+    assert list(pred) == [evaluation.GA_DAYS[evaluation.median_of_top(s)] for s in scores]
+
+
+def test_zero_shot_toy_world_every_key(tiny):
+    model, tok = tiny
+    model.train()
+    m = evaluation.evaluate(model, tok, task="toy", split="val", n=48)
+    assert model.training  # the caller's mode comes back
+    model.eval()
+    assert ZERO_SHOT_KEYS <= set(m) and m["n_images"] == 48
+    assert "planes_f1_fetal_brain" in m and 0 <= m["planes_f1"] <= 1 and 0 <= m["ga_validity"] <= 100
+    assert m["class_f1"] == pytest.approx((5 * m["planes_f1"] + 3 * m["brain_f1"]) / 8)
+    assert m["composite"] == pytest.approx((m["class_f1"] + m["ga_validity"] / 100) / 2)
+
+
+def _write_fetal_planes(root):
+    """A FETAL_PLANES_DB folder: ';' CSV with its untidy 'Train ' header, 6 patients, every label kind, PNGs."""
+    (root / "Images").mkdir(parents=True)
+    kinds = [("Fetal abdomen", "Not A Brain"), ("Fetal brain", "Trans-thalamic"), ("Fetal brain", "Trans-cerebellum"),
+             ("Fetal brain", "Trans-ventricular"), ("Fetal femur", "Not A Brain"), ("Fetal thorax", "Not A Brain"),
+             ("Maternal cervix", "Not A Brain"), ("Other", "Not A Brain"), ("Fetal brain", "Other")]
+    lines, rng = ["Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train "], np.random.default_rng(0)
+    for patient in range(1, 7):
+        for k, (plane, brain) in enumerate(kinds):
+            name = f"Patient{patient:05d}_Plane{k}_1_of_1"
+            Image.fromarray(rng.integers(0, 255, (60, 80), dtype=np.uint8)).save(root / "Images" / f"{name}.png")
+            lines.append(f"{name};{patient};{plane} ;{brain};Op. 1;Voluson E6;{int(patient <= 4)}")
+    (root / "FETAL_PLANES_DB_data.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_zero_shot_real_formats_every_key(tiny, shared, tmp_path):
+    model, tok = tiny
+    fpdb, hc18 = _write_fetal_planes(tmp_path / "FETAL_PLANES_DB"), shared / "data" / "hc18_sample"
+    one_template = {"ga": ["fetal head at {weeks} weeks {day} days, {pixel_spacing} mm/pixel"]}  # 175 texts a spacing
+    m = evaluation.evaluate(model, tok, task="paper", split="all", root=f"{fpdb},{hc18}", prompts=one_template)
+    assert ZERO_SHOT_KEYS <= set(m)
+    assert m["n_images"] == 6 * 8 + 60  # "Other" planes left out (the brain "Other" row is still a Fetal brain)
+    assert m["ga_n"] == 49  # the sample's heads with 100 <= HC <= 342 mm
+    assert {f"planes_f1_{c}" for c in ("abdomen", "brain", "femur", "heart", "cervix")} <= set(m)
+    assert "planes_f1_kidney" not in m  # in the 9-class classifier, never a label
+    test_rows = evaluation.evaluate(model, tok, task="brain", split="test", root=fpdb)
+    assert test_rows["n_images"] == 2 * 3 and "planes_f1" not in test_rows and "brain_f1" in test_rows
+    with pytest.raises(ValueError, match=r"train \| test \| all"):
+        evaluation.evaluate(model, tok, task="planes", split="val", root=fpdb)  # no test rows for checkpoint selection
+    prompts = tmp_path / "brain_prompts.json"  # a user's FetalCLIP-style file, through the command line
+    prompts.write_text(json.dumps({c: [f"fetal brain, {c} plane"] for c in evaluation.BRAIN_PROMPTS}))
+    evaluation.main([f"--checkpoint={_save(model, tmp_path / 'ckpt.pt')}", "--task=brain", f"--data={fpdb}", f"--prompts={prompts}",
+             f"--out={tmp_path / 'runs'}"])
+    result = json.loads(next((tmp_path / "runs").glob("results_brain_all_*.json")).read_text())
+    assert result["meta"]["split"] == "all" and "brain_f1_trans-cerebellum" in result["metrics"]
+    probe = evaluation.probe(model, "planes", root=fpdb)
+    assert 0 <= probe["probe_plane_f1"] <= 1 and 0 <= probe["probe_brain_f1"] <= 1 and "probe_plane_auroc" not in probe
+
+
+def test_checkpoints_cli_results_and_analysis(tiny, tmp_path, capsys):
+    model, tok = tiny
+    path = _save(model, tmp_path / "ckpt.pt")
+    loaded, loaded_tok = evaluation.load_model_from_checkpoint(path)
+    x = torch.randn(2, 3, model.image_size, model.image_size)
+    with torch.no_grad():
+        assert torch.equal(loaded.encode_image(x), model.encode_image(x))
+    assert torch.equal(loaded_tok(["fetal brain"]), tok(["fetal brain"]))
+    torch.save(model.state_dict(), tmp_path / "raw.pt")
+    with pytest.raises(ValueError, match="model_config"):
+        evaluation.load_model_from_checkpoint(tmp_path / "raw.pt")
+    assert evaluation.load_model_from_checkpoint(tmp_path / "raw.pt", model.config)[0].config == model.config
+    out = tmp_path / "runs"
+    evaluation.main([f"--checkpoint={path}", "--n=40", f"--out={out}", "--analysis", f"--teacher={path}"])
+    result = json.loads(next(out.glob("results_toy_test_*.json")).read_text())
+    assert {"model", "checkpoint", "dataset", "protocol"} <= set(result["meta"])
+    assert ZERO_SHOT_KEYS <= set(result["metrics"])
+    ts = result["metrics"]  # the model is its own teacher: everything agrees
+    assert ts["ts_planes_true_prob_corr"] == pytest.approx(1) and ts["ts_planes_offdiag_prob_corr"] == pytest.approx(1)
+    printed = capsys.readouterr().out
+    assert "| model |" in printed and evaluation.PROTOCOL in printed and str(path) in printed
+    with pytest.raises(SystemExit, match="--task"):
+        evaluation.main(["--tsak=toy"])
+
+
+def test_figure_or_clear_message(monkeypatch, tmp_path, capsys):
+    probs, targets = _nine_class_probs()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    assert evaluation.plot_teacher_student(tmp_path / "f.png", probs, probs, targets, list(evaluation.PLANE_PROMPTS)) is None
+    assert "pip install matplotlib" in capsys.readouterr().out
+
+
+def test_speed_counts_and_folds(tiny, tmp_path):
+    model, _ = tiny
+    s = evaluation.speed(model, runs=1)
+    assert s["image_params_m"] < s["params_m"] and s["image_gmacs"] > 0 and s["text_gmacs"] > 0
+    assert "image_ms_folded" in s and s["image_gmacs_folded"] < s["image_gmacs"]  # folding removes branches
+    path = _save(model, tmp_path / "ckpt.pt")
+    saved = evaluation.main(["--speed", f"--checkpoint={path}", f"--teacher={path}", "--runs=1", f"--out={tmp_path}"])
+    result = json.loads(saved.read_text())
+    assert result["metrics"]["teacher_image_gmacs"] == pytest.approx(s["image_gmacs"])
+
+
+# ==================== eval.py: the Table 1 summary ====================
+
+N = 16  # test images: the toy test split's first 16 hold both plane and brain classes and four heads for GA
+
+
+def _tiny(preset, seed):
+    """The toy preset with a one-layer text tower: the same code paths, fast enough for 175-candidate GA maps."""
+    cfg = copy.deepcopy(models.get_config(preset))
+    cfg["embed_dim"] = 32
+    cfg["text_cfg"].update(width=32, heads=2, layers=1)
+    torch.manual_seed(seed)
+    return models.build_model(cfg)
+
+
+def _save(model, path, config=None):
+    """What train.py writes (less optimizer and RNG state): the run's flat train config rides along."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(dict(model=model.state_dict(), model_config=model.config, tokenizer="toy", step=10, best_val=0.0,
+                    config=config or {}), path)
+    return path
+
+
+def _run(root, name, kd, seed, beta0=2.0, beta_r=-0.4, teacher=None, val=(0.1, 0.2)):
+    """One run folder: best.pt (random weights, a seed of its own) and a log.jsonl of 10 steps over 2 epochs."""
+    cfg = dict(kd=kd, seed=seed, beta0=beta0, beta_r=beta_r, lambda0=1.0, lambda_r=-0.8, epochs=2,
+               teacher=str(teacher or root.parent / "teacher" / "best.pt"))
+    _save(_tiny("toy-student", 100 + len(list(root.glob("*")))), root / name / "best.pt", cfg)
+    w = lambda step: dark.kd_weight_at(step, 10, beta0, beta_r) if kd == "dark" else 0.0
+    rows = [dict(step=5, epoch=0, lr=1e-3, kd_weight=w(4), total=1.0, clip=1.0, diag=0.0, off=0.0),
+            dict(step=5, epoch=1, val_composite=val[0], val_planes_f1=0.5),
+            dict(step=10, epoch=1, lr=1e-4, kd_weight=w(9), total=0.9, clip=0.9, diag=0.0, off=0.0),
+            dict(step=10, epoch=2, val_composite=val[1], val_planes_f1=0.6)]
+    (root / name / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Models this small run faster on one thread than on two that share a busy 2-core machine (10x here)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def root(tmp_path):
+    _save(_tiny("toy-teacher", 0), tmp_path / "teacher" / "best.pt", dict(kd="none", seed=0))
+    root = tmp_path / "table1"
+    _run(root, "none-s0", "none", 0)
+    _run(root, "none-s1", "none", 1, teacher=tmp_path / "unused.pt")  # No KD never loads it: no clash
+    _run(root, "dark-s0", "dark", 0, val=(0.1, 0.3))
+    _run(root, "dark-s1", "dark", 1, val=(0.2, 0.5))
+    _run(root, "dark-b4-s0", "dark", 0, beta0=4.0, beta_r=-0.2)  # the beta0 ablation, one seed
+    return root
+
+
+def test_table1_rows_seeds_files_and_cache(root, capsys, monkeypatch):
+    result = evaluation.table1(root, n=N)
+    printed = capsys.readouterr().out
+    rows = {r["row"]: r for r in result["rows"]}
+    assert list(rows) == ["No KD", "DARK (beta 2 -> -0.8)", "DARK beta0=4 (-> -0.8)"]  # Table 1 order, then ablation
+    assert [(r["seeds"], r["runs"]) for r in rows.values()] == [
+        (2, ["none-s0", "none-s1"]), (2, ["dark-s0", "dark-s1"]), (1, ["dark-b4-s0"])]
+    cached = {p.parent.name: json.loads(p.read_text()) for p in root.glob("*/test_metrics.json")}
+    assert len(cached) == 5 and all(c["meta"]["n"] == N and c["metrics"]["n_images"] == N for c in cached.values())
+    for label, (a, b) in (("No KD", ("none-s0", "none-s1")), ("DARK (beta 2 -> -0.8)", ("dark-s0", "dark-s1"))):
+        for k in evaluation.TABLE1_METRICS:
+            x, y = cached[a]["metrics"][k], cached[b]["metrics"][k]
+            assert rows[label][k] == pytest.approx((x + y) / 2)
+            assert rows[label][f"{k}_std"] == pytest.approx(abs(x - y) / math.sqrt(2))  # sample std of two values
+    one = rows["DARK beta0=4 (-> -0.8)"]
+    assert one["composite"] == pytest.approx(cached["dark-b4-s0"]["metrics"]["composite"])
+    assert one["composite_std"] is None  # one seed: no sample std
+    teacher = json.loads((root.parent / "teacher" / "test_metrics.json").read_text())["metrics"]
+    assert result["teacher"]["composite"] == pytest.approx(teacher["composite"])
+    assert set(result["analysis"]) == {"No KD", "DARK (beta 2 -> -0.8)"}  # no Static KD run here
+    assert result["analysis"]["DARK (beta 2 -> -0.8)"]["run"] == "dark-s0"  # the lowest seed
+    assert sorted(p.parent.name for p in root.glob("*/analysis.json")) == ["dark-s0", "none-s0"]
+    md = (root / "table1.md").read_text()
+    assert md in printed and "| Teacher | - |" in md and "+/- -" in md and "ts_planes_true_prob_corr" in md
+    saved = json.loads((root / "table1.json").read_text())
+    assert saved["meta"]["n"] == N and saved["metrics"]["rows"] == result["rows"]
+    if importlib.util.find_spec("matplotlib"):
+        assert (root / "dynamics.png").stat().st_size > 0
+    else:
+        assert "pip install matplotlib" in printed and not (root / "dynamics.png").exists()
+    # a rerun reads every number from the caches, and the command line gives the same table
+    monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("re-evaluated a cached checkpoint"))
+    monkeypatch.setattr(evaluation, "analysis", lambda *a, **k: pytest.fail("re-ran a cached analysis"))
+    assert evaluation.main([f"--table={root}", f"--n={N}"]) == result
+
+
+def test_dynamics_curves_mean_over_seeds(root):
+    progress, weight, epochs, score = evaluation.dynamics_curves([root / "dark-s0", root / "dark-s1"])
+    assert progress == [0.4, 0.9] and weight == pytest.approx([2 * (1 - 0.4 * 1.4), 2 * (1 - 0.9 * 1.4)])
+    assert epochs == [1, 2] and score == pytest.approx([0.15, 0.4])  # (0.1 + 0.2) / 2, (0.3 + 0.5) / 2
+
+
+def test_table1_needs_one_teacher(root, tmp_path):
+    _run(root, "dark-s2", "dark", 2, teacher=tmp_path / "other.pt")
+    with pytest.raises(ValueError, match=r"other\.pt \(dark-s2\)"):
+        evaluation.table1(root, n=N)
+    with pytest.raises(FileNotFoundError, match="no .*best.pt"):
+        evaluation.table1(tmp_path / "empty", n=N)
+
+
+def test_rows_are_named_as_the_paper_and_ordered():
+    cfg = dict(kd="none", seed=0, beta0=2.0, beta_r=-0.4, lambda0=1.0, lambda_r=-0.8)
+    runs = [dict(cfg, kd="dark", beta0=8.0, beta_r=-0.1), dict(cfg, kd="dark"), dict(cfg, kd="coupled"),
+            dict(cfg, kd="static"), dict(cfg, lambda0=0.5), cfg, dict(cfg, kd="dark", beta0=1.0, beta_r=-0.8)]
+    assert [label for _, label in sorted(map(evaluation.table1_row, runs))] == [
+        "No KD", "No KD", "Static logit KD", "Coupled repulsive KD (lambda 1 -> -0.8)", "DARK (beta 2 -> -0.8)",
+        "DARK beta0=1 (-> -0.8)", "DARK beta0=8 (-> -0.8)"]
+    assert evaluation.table1_row(cfg) == evaluation.table1_row(dict(cfg, lambda0=0.5))  # No KD ignores every KD weight
+    assert evaluation.table1_row(dict(cfg, kd="static", lambda0=0.5))[1] == "Static logit KD (lambda 0.5)"
+
+
+def test_mean_and_sample_std():
+    assert evaluation.mean_std([1.0, 3.0]) == pytest.approx((2.0, math.sqrt(2)))
+    assert evaluation.mean_std([1.0]) == (1.0, None)  # one seed: no spread to report
+    assert evaluation.mean_std([1.0, None]) == (None, None)  # an undefined metric (null in JSON) leaves the row undefined
+
+
+# ==================== export_ios.py: Core ML ====================
+
+def toy_checkpoint(path, preset="toy-student"):
+    """A train.py-style checkpoint whose BatchNorm statistics and layer scales are off their initial values, so a
+    wrong fold or a skipped normalisation shows up."""
+    torch.manual_seed(0)
+    model = models.build_model(preset)
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if name.endswith("running_var"):
+                t.uniform_(0.5, 2.0)
+            elif t.is_floating_point():
+                t.add_(0.05 * torch.randn_like(t))
+    torch.save({"model": model.state_dict(), "model_config": model.config, "tokenizer": "toy"}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    ckpt = toy_checkpoint(root / "student.pt")
+    results = export_ios.main([f"--checkpoint={ckpt}", f"--out={root / 'ios'}", "--text"])  # the CLI path
+    return ckpt, results
+
+
+def test_packages_have_the_documented_interface(exported):
+    _, results = exported
+    image, text = results["image"], results["text"]
+    n_classes, ctx = len(data.TOY_PLANE_PROMPTS), data.TOY_CONTEXT
+    assert image["io"] == {"image": "image RGB 64x64", "embedding": "float32 [1, 128]",
+                           "probs": f"float32 [1, {n_classes}]"}
+    assert text["io"] == {"input_ids": f"int32 [1, {ctx}]", "embedding": "float32 [1, 128]"}
+    for summary in (image, text):
+        assert summary["export_error"] <= 1e-5
+        assert set(summary["stored"]) == {"FLOAT16"}
+        assert 1.9 <= summary["bytes_per_param"] <= 2.2  # fp16 weights, nothing duplicated
+        assert set(summary["ops"]) <= export_ios.ALLOWED_OPS and "conv" in image["ops"] and "gather" in text["ops"]
+        expect = "ok" if platform.system() == "Darwin" else "skipped"
+        assert summary["predict"].startswith(expect)
+
+
+def test_package_metadata_and_baked_class_embeddings(exported):
+    """The package carries the checkpoint's hash and class names, and its class matrix is eval.py's classifier."""
+    import coremltools as ct
+    from coremltools.converters.mil.frontend.milproto.load import load as load_mil
+    ckpt, results = exported
+    path = results["image"]["path"]
+    mlmodel = ct.models.MLModel(path, skip_model_load=True)
+    meta = mlmodel.user_defined_metadata
+    assert meta["checkpoint_sha256"] == hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    assert json.loads(meta["classes"]) == list(data.TOY_PLANE_PROMPTS) and meta["image_size"] == "64"
+    spec = mlmodel.get_spec()
+    program = load_mil(spec, spec.specificationVersion, f"{path}/Data/com.apple.CoreML/weights")
+    model, tokenizer = evaluation.load_model_from_checkpoint(ckpt)
+    want = evaluation.text_classifier(model, tokenizer, data.TOY_PLANE_PROMPTS)  # [5, 128]
+    baked = [op.val.val for op in program.functions["main"].operations
+             if op.op_type == "const" and getattr(op.val.val, "shape", None) == tuple(want.shape)]
+    assert len(baked) == 1 and baked[0].dtype == np.float16
+    torch.testing.assert_close(torch.from_numpy(baked[0].astype(np.float32)), want, atol=1e-3, rtol=0)
+
+
+def test_image_wrapper_matches_eval_preprocessing():
+    """ImageEncoder on raw pixels (what Core ML hands the graph) of the folded model == eval.py's path: Preprocess
+    with the model's mean/std, the unfolded model, softmax(100 * cosine) against text_classifier."""
+    torch.manual_seed(0)
+    model = models.build_model("toy-student").eval()
+    model.image_mean, model.image_std = data.CLIP_MEAN, data.CLIP_STD  # per-channel, so the in-graph division matters
+    tokenizer = data.get_tokenizer("toy", model.context_length)
+    classes = evaluation.text_classifier(model, tokenizer, data.TOY_PLANE_PROMPTS)
+    folded = models.reparameterize(copy.deepcopy(model)).eval()
+    image = data.ToyWorld("test", length=1)[0]["image"]
+    with torch.no_grad():
+        emb, probs = export_ios.ImageEncoder(folded, classes)(export_ios.pixels(export_ios.to_rgb(image, 64)))
+        want = F.normalize(model.encode_image(data.Preprocess(64, data.CLIP_MEAN, data.CLIP_STD)(image)[None]), dim=-1)
+    torch.testing.assert_close(emb, want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(probs, (100 * want @ classes.t()).softmax(-1), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("mode,dtype,per_param", [("int8", "INT8", 1.0), ("palettize4", "UINT8", 0.5)])
+def test_quantized_export(tmp_path, mode, dtype, per_param):
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({"head": ["fetal brain."], "belly": ["fetal abdomen."]}))
+    summary = export_ios.export(toy_checkpoint(tmp_path / "s.pt"), out=tmp_path, classes=str(prompts),
+                                quantize=mode)["image"]
+    assert summary["io"]["probs"] == "float32 [1, 2]"
+    assert summary["stored"][dtype] > 0.9 * sum(summary["stored"].values())  # most weights compressed
+    assert per_param <= summary["bytes_per_param"] <= per_param + 0.2
+
+
+def test_kmeans_palette_beats_a_uniform_grid():
+    w = np.random.default_rng(0).standard_normal(5000).astype(np.float16)
+    lut, idx = export_ios.kmeans_palette(w)
+    assert lut.shape == (16,) and lut.dtype == np.float16 and idx.dtype == np.uint8 and idx.max() < 16
+    grid = np.linspace(w.min(), w.max(), 16, dtype=np.float32)
+    uniform_err = np.abs(w[:, None].astype(np.float32) - grid).min(1).mean()
+    assert np.abs(lut[idx].astype(np.float32) - w).mean() < 0.7 * uniform_err
+
+
+def test_check_package_rejects_what_is_not_documented(exported, monkeypatch):
+    _, results = exported
+    path, image = Path(results["image"]["path"]), results["image"]
+    with pytest.raises(export_ios.ExportCheckError, match="documented"):
+        export_ios.check_package(path, {**image["io"], "probs": "float32 [1, 9]"}, image["n_params"], "none")
+    with pytest.raises(export_ios.ExportCheckError, match="bytes per parameter"):
+        export_ios.check_package(path, image["io"], image["n_params"] // 2, "none")
+    monkeypatch.setattr(export_ios, "ALLOWED_OPS", export_ios.ALLOWED_OPS - {"gelu"})
+    with pytest.raises(export_ios.ExportCheckError, match="gelu"):
+        export_ios.check_package(path, image["io"], image["n_params"], "none")
+
+
+def test_macos_prediction_check(monkeypatch):
+    """The macOS branch, with Core ML's predict played by PyTorch: fp16 rounding passes, a wrong embedding or a
+    moved zero-shot answer fails."""
+    import coremltools as ct
+    torch.manual_seed(0)
+    model = models.reparameterize(models.build_model("toy-student")).eval()
+    classes = F.normalize(torch.randn(5, 128), dim=-1)
+    module = export_ios.ImageEncoder(model, classes).eval()
+    feeds = [({"image": p}, export_ios.pixels(p))
+             for p in [export_ios.to_rgb(data.ToyWorld("test", length=3)[i]["image"], 64) for i in range(3)]]
+    damage = {}
+
+    class PlayedByTorch:
+        def __init__(self, path):
+            pass
+
+        def predict(self, feed):
+            with torch.no_grad():
+                emb, probs = module(export_ios.pixels(feed["image"]))
+            emb, probs = damage.get("embedding", emb.half().float()), damage.get("probs", probs)
+            return {"embedding": emb.numpy(), "probs": probs.numpy()}
+
+    monkeypatch.setattr(export_ios.platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(ct.models, "MLModel", PlayedByTorch)
+    assert export_ios.check_predictions(Path("x.mlpackage"), module, feeds, "none").startswith("ok")
+    damage["embedding"] = F.normalize(torch.randn(1, 128), dim=-1)
+    with pytest.raises(export_ios.ExportCheckError, match="cosine"):
+        export_ios.check_predictions(Path("x.mlpackage"), module, feeds, "none")
+    damage.clear()
+    with torch.no_grad():
+        probs = module(feeds[0][1])[1]
+    damage["probs"] = F.one_hot(probs.argmin(-1), 5).float()  # every image answered with the first image's worst class
+    with pytest.raises(export_ios.ExportCheckError, match="argmax differs"):
+        export_ios.check_predictions(Path("x.mlpackage"), module, feeds, "none")
+
+
+def test_bad_checkpoints_raise_a_named_error(tmp_path):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint" * 10)
+    with pytest.raises(export_ios.CheckpointError, match="corrupt.pt"):
+        export_ios.export(corrupt, out=tmp_path)
+    teacher = models.build_model("toy-teacher")  # weights of another architecture under the student's config
+    mismatched = tmp_path / "mismatched.pt"
+    torch.save({"model": teacher.state_dict(), "model_config": models.get_config("toy-student"), "tokenizer": "toy"},
+               mismatched)
+    with pytest.raises(export_ios.CheckpointError, match="missing: visual.trunk"):
+        export_ios.export(mismatched, out=tmp_path)
+    with pytest.raises(export_ios.CheckpointError, match="absent.pt"):
+        export_ios.export(tmp_path / "absent.pt", out=tmp_path)
