@@ -713,6 +713,17 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+def test_selection_on_fetal_planes_train_rows(tmp_path):
+    """The real path's model selection: FETAL_PLANES_DB Train=1 rows, planes and brain, class F1 picks best.pt."""
+    cfg = _cfg(tmp_path, epochs=1, val_every=1, kd="none", val_data=str(_write_fetal_planes(tmp_path / "fpdb")))
+    train.train(cfg)
+    val = [r for r in _log(cfg) if "val_class_f1" in r]
+    assert len(val) == 1 and val[0]["val_n_images"] == 4 * 3  # brain rows of the 4 Train=1 patients (6 with test)
+    assert val[0]["val_class_f1"] == pytest.approx((5 * val[0]["val_planes_f1"] + 3 * val[0]["val_brain_f1"]) / 8)
+    ckpt = torch.load(os.path.join(cfg["out_dir"], "best.pt"), weights_only=True)
+    assert ckpt["best_val"] == pytest.approx(val[0]["val_class_f1"])
+
+
 def _ddp_worker(rank, world, port, cfg):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

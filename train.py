@@ -237,8 +237,13 @@ def validate(model, tokenizer, cfg, device):
     if cfg["train_data"] == "toy" and not cfg["val_data"]:
         return evaluation.evaluate(model, tokenizer, task="toy", split="val", n=cfg["val_size"], device=device)
     if cfg["val_data"]:  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
-        return evaluation.evaluate(model, tokenizer, task="planes", split="train", root=cfg["val_data"], device=device)
+        planes, brain = (evaluation.evaluate(model, tokenizer, task=task, split="train", root=cfg["val_data"],
+                                             device=device) for task in ("planes", "brain"))
+        return {**planes, **brain, "class_f1": evaluation.class_f1(planes["planes_f1"], brain["brain_f1"])}
     return {}
+
+
+SELECT_ON = ("composite", "class_f1")  # the first one validation reports picks best.pt
 
 
 # --- the loop ---
@@ -359,13 +364,14 @@ def train(cfg):
             if rank == 0 and end_of_epoch and (step // steps_per_epoch) % cfg["val_every"] == 0:
                 metrics = validate(student, tokenizer, cfg, dev)
                 if metrics:
-                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in ("planes_f1", "brain_f1",
-                                                                                "ga_validity", "composite")))
+                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in ("planes_f1", "brain_f1", "class_f1",
+                                                                                "ga_validity", "composite") if k in metrics))
                     log.write(json.dumps(dict(step=step, epoch=epoch + 1, **{f"val_{k}": v for k, v in metrics.items()
                                                                                if isinstance(v, (int, float))})) + "\n")
                     log.flush()
-                    if metrics["composite"] > best:
-                        best = metrics["composite"]
+                    score = next(metrics[k] for k in SELECT_ON if k in metrics)
+                    if score > best:
+                        best = score
                         checkpoint(out / "best.pt")
             if rank == 0 and (step % cfg["ckpt_every"] == 0 or step == total_steps):
                 checkpoint(ckpt_path)
