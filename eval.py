@@ -470,19 +470,20 @@ def speed(model, runs=10):
 
 
 # --- checkpoints, results files, command line ---
-def load_model_from_checkpoint(path, model_config=None):
+def load_model_from_checkpoint(path, model_config=None, bpe_path=None):
     """-> (model in eval mode, tokenizer). A train.py checkpoint carries its config: {'model': state_dict,
     'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too). Raw open_clip weights
     (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or model_config
     if cfg is None:
-        raise ValueError(f"{path} has no 'model_config': raw open_clip weights need "
-                         "--model_config=fetalclip | mobileclip2-s0 | PATH.json")
+        raise ValueError(f"{path} has no 'model_config': raw open_clip weights need their config, a preset "
+                         "(fetalclip | mobileclip2-s0) or an open_clip JSON: --model_config= for eval.py and "
+                         "export_ios.py, --teacher_config= for train.py's teacher")
     model = models.build_model(cfg)
     models.load_checkpoint(model, ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
     kind = ckpt.get("tokenizer") or ("bpe" if model.config["text_cfg"].get("vocab_size", 49408) == 49408 else "toy")
-    return model.eval(), data.get_tokenizer(kind, model.context_length)
+    return model.eval(), data.get_tokenizer(kind, model.context_length, bpe_path)
 
 
 def save_results(path, metrics, meta):

@@ -595,13 +595,15 @@ def load_checkpoint(model, state_dict_or_path):
     if not isinstance(sd, dict):
         sd = torch.load(sd, map_location='cpu', weights_only=True)
     sd = sd.get('state_dict', sd)
+    sd = sd['model'] if isinstance(sd.get('model'), dict) else sd  # a train.py checkpoint: its weights
     sd = {k.removeprefix('module.'): v for k, v in sd.items()}
     sd = resize_text_positions(from_ml_mobileclip(sd), model)
     expected = model.state_dict()
     problems = [f"  missing: {k} {tuple(v.shape)}" for k, v in expected.items() if k not in sd]
-    problems += [f"  unexpected: {k} {tuple(v.shape)}" for k, v in sd.items() if k not in expected]
+    problems += [f"  unexpected: {k} {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}"
+                 for k, v in sd.items() if k not in expected]
     problems += [f"  wrong shape: {k} is {tuple(v.shape)}, model has {tuple(expected[k].shape)}"
-                 for k, v in sd.items() if k in expected and v.shape != expected[k].shape]
+                 for k, v in sd.items() if k in expected and torch.is_tensor(v) and v.shape != expected[k].shape]
     if problems:
         image = "timm fastvit names under 'visual.trunk.'" if hasattr(model.visual, 'trunk') else "ViT names"
         text = "under 'text.' (custom_text)" if model.custom_text else "at the top level"

@@ -724,6 +724,23 @@ def test_selection_on_fetal_planes_train_rows(tmp_path):
     assert ckpt["best_val"] == pytest.approx(val[0]["val_class_f1"])
 
 
+def test_tar_shard_training_wraps_and_checks_readers(tmp_path):
+    """Shards stream per rank: an epoch of --samples_per_epoch runs on into a second pass instead of running dry,
+    too few shards for the readers is a named error, and a train.py checkpoint serves as --student_init."""
+    for k, n in ((1, 5), (2, 3)):
+        _write_shard(tmp_path / f"shard_{k:02d}.tar", [item for i in range(n) for item in (
+            (f"s{k}_{i}.png", _png_bytes(40 * i)), (f"s{k}_{i}.txt", b"ultrasound of the fetal brain"))])
+    cfg = _cfg(tmp_path, kd="none", train_data=str(tmp_path / "shard_{01..02}.tar"), batch_size=4, epochs=1,
+               samples_per_epoch=24, workers=0)
+    train.train(cfg)                       # 6 steps from 8 pairs: two batches a pass, three passes
+    assert [r["step"] for r in _log(cfg)] == [1, 2, 3, 4, 5, 6]
+    with pytest.raises(ValueError, match=r"2 shards .* for 1 ranks x 4 workers"):
+        train.train({**cfg, "workers": 4})
+    model = train.build_student({**cfg, "student_init": os.path.join(cfg["out_dir"], "best.pt")})
+    saved = torch.load(os.path.join(cfg["out_dir"], "best.pt"), weights_only=True)["model"]
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
 def _ddp_worker(rank, world, port, cfg):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))

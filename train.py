@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import torch.distributed.nn  # all_gather with gradient
 import torch.nn.functional as F
 
 import dark
@@ -74,7 +75,7 @@ threads = 0                 # CPU threads (0 = torch's default)
 TOY = dict(epochs=4, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05, workers=0, ckpt_every=100,
            log_every=25)
 # The toy teacher is pretrained by this same loop: CLIP loss only, the teacher preset, its own out_dir.
-TOY_TEACHER = dict(student="toy-teacher", kd="none", epochs=6, lr=1e-3)
+TOY_TEACHER = dict(student="toy-teacher", student_init="", kd="none", epochs=6, lr=1e-3)
 
 KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 
@@ -159,8 +160,11 @@ def make_pairs(cfg, size, rank, world):
         return data.ToyWorld(split="train", size=size, seed=cfg["seed"], length=cfg["toy_train_size"], cache=True)
     if cfg["train_data"].endswith((".csv", ".tsv")):
         return data.ImageRows(data.read_captions(cfg["train_data"], root=cfg["image_root"] or None))
-    return data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"], shuffle=True, seed=cfg["seed"]).shard_by(
-        rank, world)
+    shards = data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"], shuffle=True, seed=cfg["seed"])
+    if len(shards.shards) < world * max(1, cfg["workers"]):  # a reader without a shard would wait forever
+        raise ValueError(f"{len(shards.shards)} shards in {cfg['train_data']!r} for {world} ranks x "
+                         f"{max(1, cfg['workers'])} workers: give every reader a shard (fewer --workers, more shards)")
+    return shards.shard_by(rank, world)
 
 
 def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
@@ -168,12 +172,17 @@ def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
     on (for --resume). Map-style data is shuffled by a generator seeded with (seed, epoch) and each global batch is
     cut into per-rank slices, so a resumed run, and a run on any number of ranks, sees the same global batches."""
     bs, g = cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-    # the loader gets its own generator: it draws worker seeds from one, which must not be the global RNG --resume restores
+    # the loader gets its own generator: it draws worker seeds from one, and the global RNG belongs to --resume
     if isinstance(pairs, torch.utils.data.IterableDataset):
-        pairs.set_epoch(epoch)  # shards are dealt to ranks, then to DataLoader workers
-        loader = torch.utils.data.DataLoader(pairs, batch_size=bs, num_workers=cfg["workers"], drop_last=True,
-                                             collate_fn=collate, generator=g)
-        batches = (b for i, b in enumerate(loader) if i >= start)
+        # shards are dealt to ranks, then to workers, so ranks see different counts: each rank's stream runs on into
+        # the next pass (a new shard order) and the step count, the same on every rank, ends the epoch
+        def endless(p=0):
+            while True:
+                pairs.set_epoch(epoch * 1000 + p)
+                yield from torch.utils.data.DataLoader(pairs, batch_size=bs, num_workers=cfg["workers"],
+                                                       drop_last=True, collate_fn=collate, generator=g)
+                p += 1
+        batches = (b for i, b in enumerate(endless()) if i >= start)
     else:
         order = torch.randperm(len(pairs), generator=g)
         n = len(order) // (bs * world)
@@ -197,7 +206,7 @@ def count_shard_pairs(shards):
 # --- models ---
 def load_teacher(cfg, device):
     """Frozen, eval mode: a train.py checkpoint carries its config; raw weights need --teacher_config."""
-    model, _ = evaluation.load_model_from_checkpoint(cfg["teacher"], cfg["teacher_config"] or None)
+    model, _ = evaluation.load_model_from_checkpoint(cfg["teacher"], cfg["teacher_config"] or None, cfg["bpe"] or None)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval()
@@ -277,6 +286,8 @@ def train(cfg):
     if total_steps == 0:
         raise ValueError(f"no optimizer step fits: {len(pairs)} pairs, batch {cfg['batch_size']} x {world} ranks x "
                          f"{cfg['grad_accum']} micro-batches")
+    if cfg["val_data"]:  # a wrong path fails now, not after the first epoch
+        data.read_fetal_planes(cfg["val_data"])
     optimizer = make_optimizer(student, cfg)
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if cuda else None) if ddp else student
 
@@ -288,6 +299,7 @@ def train(cfg):
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best = ckpt["step"], ckpt["best_val"]
+        scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["cpu"])
         if cuda and ckpt["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
@@ -295,11 +307,12 @@ def train(cfg):
 
     def checkpoint(path):
         save_atomic(dict(model=student.state_dict(), model_config=student.config, tokenizer=tokenizer_kind(student),
-                         optimizer=optimizer.state_dict(), step=step, best_val=best, config=cfg,
+                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, best_val=best,
+                         config=cfg,
                          rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)),
                     path)
 
-    log = open(out / "log.jsonl", "a") if rank == 0 else None
+    log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
     n_params = sum(p.numel() for p in student.parameters())
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
            f"({cfg['epochs']} epochs x {steps_per_epoch}) on {world} x {dev}", rank=rank)
@@ -328,13 +341,17 @@ def train(cfg):
                     losses = dark.dark_loss(gather(img, ddp, True), gather(txt, ddp, True), scale, t_img, t_txt,
                                             t_scale, mode=cfg["kd"], weight=weight, tau=cfg["tau"], rows=rows)
                     if not torch.isfinite(losses["total"]):
-                        raise FloatingPointError(
-                            f"loss is {losses['total'].item()} at step {step} ({ {k: v.item() for k, v in losses.items()} });"
-                            f" stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}")
+                        terms = {k: round(v.item(), 4) for k, v in losses.items()}
+                        raise FloatingPointError(f"loss is {losses['total'].item()} at step {step} ({terms}); stopping."
+                                                 f" The last good checkpoint is "
+                                                 f"{ckpt_path if ckpt_path.exists() else 'none yet'}")
                     scaler.scale(losses["total"] / cfg["grad_accum"]).backward()
                 seen += len(ids) * world
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["grad_clip"])
+            if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16's scaler skips such steps itself
+                raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step}; stopping. The last "
+                                         f"good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}")
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -364,8 +381,8 @@ def train(cfg):
             if rank == 0 and end_of_epoch and (step // steps_per_epoch) % cfg["val_every"] == 0:
                 metrics = validate(student, tokenizer, cfg, dev)
                 if metrics:
-                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in ("planes_f1", "brain_f1", "class_f1",
-                                                                                "ga_validity", "composite") if k in metrics))
+                    shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite")
+                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
                     log.write(json.dumps(dict(step=step, epoch=epoch + 1, **{f"val_{k}": v for k, v in metrics.items()
                                                                                if isinstance(v, (int, float))})) + "\n")
                     log.flush()
@@ -377,7 +394,7 @@ def train(cfg):
                 checkpoint(ckpt_path)
             if end_of_epoch:
                 break
-    if rank == 0 and not (out / "best.pt").exists():  # no validation set: the last step is the model
+    if rank == 0 and best == -math.inf:  # nothing validated: the last step is the model
         checkpoint(out / "best.pt")
     if log:
         log.close()
@@ -408,11 +425,14 @@ def main(argv):
     cfg, _ = parse_args(argv)
     t0 = time.time()
     if cfg["train_data"] == "toy" and cfg["kd"] != "none" and not Path(cfg["teacher"]).exists():
-        # the same loop pretrains the toy teacher: CLIP loss only, teacher preset, in the folder of --teacher
+        # the same loop pretrains the toy teacher: CLIP loss only, teacher preset, its own folder; only a finished
+        # pretraining becomes --teacher, so a run killed half-way starts it again instead of reusing a weak teacher
         print(f"no teacher at {cfg['teacher']}: pretraining the toy teacher first")
-        built = train({**cfg, **TOY_TEACHER, "out_dir": str(Path(cfg["teacher"]).parent), "resume": False})
-        if built != Path(cfg["teacher"]):
+        built = train({**cfg, **TOY_TEACHER, "out_dir": str(Path(cfg["teacher"]).parent / "pretrain"), "resume": False})
+        if int(os.environ.get("RANK", 0)) == 0:
             os.replace(built, cfg["teacher"])
+        if dist.is_initialized():
+            dist.barrier()
     best = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0 and cfg["train_data"] == "toy":
         report([("teacher", cfg["teacher"])] * (cfg["kd"] != "none") + [(f"student ({cfg['kd']})", best)], cfg)
