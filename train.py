@@ -86,7 +86,9 @@ def parse_args(argv, base=KEYS):
     cfg, given = dict(base), set()
     for arg in argv:
         if arg in ("-h", "--help"):
-            print(__doc__ + "\n" + "\n".join(f"  --{k}={v!r}" for k, v in base.items()))
+            print(__doc__ + "\n" + "\n".join(f"  --{k}={v!r}" for k, v in base.items()) +
+                  f"\nwith --train_data=toy, keys not given take TOY = {TOY}\nand the toy teacher's pretraining "
+                  f"takes TOY_TEACHER = {TOY_TEACHER}")
             sys.exit(0)
         key, sep, value = arg.removeprefix("--").partition("=")
         if not arg.startswith("--") or not sep or key not in base:
@@ -284,8 +286,8 @@ def train(cfg):
     steps_per_epoch = micro_batches_per_epoch(pairs, cfg, world) // cfg["grad_accum"]
     total_steps = steps_per_epoch * cfg["epochs"]
     if total_steps == 0:
-        raise ValueError(f"no optimizer step fits: {len(pairs)} pairs, batch {cfg['batch_size']} x {world} ranks x "
-                         f"{cfg['grad_accum']} micro-batches")
+        raise ValueError(f"no optimizer step fits in an epoch: fewer pairs than batch {cfg['batch_size']} x {world} "
+                         f"ranks x {cfg['grad_accum']} micro-batches")
     if cfg["val_data"]:  # a wrong path fails now, not after the first epoch
         data.read_fetal_planes(cfg["val_data"])
     optimizer = make_optimizer(student, cfg)
