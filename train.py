@@ -314,6 +314,9 @@ def train(cfg):
                          rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)),
                     path)
 
+    def last_good():  # a non-finite step stops the run before anything is written
+        return f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
+
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
     n_params = sum(p.numel() for p in student.parameters())
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
@@ -344,16 +347,14 @@ def train(cfg):
                                             t_scale, mode=cfg["kd"], weight=weight, tau=cfg["tau"], rows=rows)
                     if not torch.isfinite(losses["total"]):
                         terms = {k: round(v.item(), 4) for k, v in losses.items()}
-                        raise FloatingPointError(f"loss is {losses['total'].item()} at step {step} ({terms}); stopping."
-                                                 f" The last good checkpoint is "
-                                                 f"{ckpt_path if ckpt_path.exists() else 'none yet'}")
+                        raise FloatingPointError(f"loss is {losses['total'].item()} at step {step} ({terms}); "
+                                                 + last_good())
                     scaler.scale(losses["total"] / cfg["grad_accum"]).backward()
                 seen += len(ids) * world
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg["grad_clip"])
             if not scaler.is_enabled() and not torch.isfinite(grad_norm):  # fp16's scaler skips such steps itself
-                raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step}; stopping. The last "
-                                         f"good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}")
+                raise FloatingPointError(f"gradient norm is {grad_norm.item()} at step {step}; " + last_good())
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
@@ -362,13 +363,14 @@ def train(cfg):
             step += 1
 
             if step % cfg["log_every"] == 0 or step == total_steps:
-                terms = torch.stack([losses[k].detach() for k in ("total", "clip", "diag", "off")])
+                names = ("total", "clip", "diag", "off")
+                terms = torch.stack([losses[k].detach() for k in names])
                 if ddp:  # each rank holds its rows' mean; the mean over ranks is the global batch's loss
                     dist.all_reduce(terms)
                     terms /= world
                 rate, t0, seen = seen / (time.time() - t0), time.time(), 0  # over the last log interval
-                row = dict(step=step, epoch=epoch, lr=lr, kd_weight=weight, **dict(zip(("total", "clip", "diag", "off"),
-                           terms.tolist())), grad_norm=grad_norm.item(), scale=scale.item(),
+                row = dict(step=step, epoch=epoch, lr=lr, kd_weight=weight, **dict(zip(names, terms.tolist())),
+                           grad_norm=grad_norm.item(), scale=scale.item(),
                            t_scale=t_scale.item() if t_scale is not None else None, samples_per_s=round(rate, 1),
                            cuda_gb=round(torch.cuda.max_memory_allocated(dev) / 2**30, 2) if cuda else None)
                 eta = (total_steps - step) * cfg["batch_size"] * cfg["grad_accum"] * world / max(rate, 1e-9)
