@@ -18,9 +18,11 @@ The real formats: caption CSV/TSV, webdataset tar shards, FETAL_PLANES_DB, HC18;
 """
 import csv
 import gzip
+import hashlib
 import html
 import io
 import itertools
+import json
 import math
 import os
 import random
@@ -310,7 +312,7 @@ class ToyWorld(torch.utils.data.Dataset):
         pixel_mm = p['fov'] / self.size
         caption = _caption(p, pixel_mm, np.random.default_rng([self.seed, g, 1]))  # own stream: words can change
         item = dict(image=Image.fromarray(_render(p, self.size, rng)), caption=caption, plane=p['plane'],
-                    brain_plane=p['brain_plane'], ga_weeks=p['days'] / 7, hc_mm=p['hc'], pixel_mm=pixel_mm)
+                    brain_plane=p['brain_plane'], ga_weeks=p['days'] / 7, hc_mm=p['hc'], pixel_mm=pixel_mm, index=i)
         if self.cache is not None:
             self.cache[i] = item
         return dict(item)
@@ -585,7 +587,7 @@ class ImageRows(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         row = self.rows[i]
-        return dict(row, image=load_image(row['image_path'], row['where']))
+        return dict(row, image=load_image(row['image_path'], row['where']), index=i)
 
 
 def expand_braces(pattern):
@@ -634,16 +636,17 @@ class TarShards(torch.utils.data.IterableDataset):
                         folder, name = os.path.split(member.name)
                         stem, _, ext = name.partition('.')  # webdataset: the key ends at the first dot
                         if os.path.join(folder, stem) != key:
-                            yield from self._sample(f"{shard}: {key}", group)
+                            yield from self._sample(shard, key, group)
                             key, group = os.path.join(folder, stem), {}
                         group[ext.lower()] = tar.extractfile(member).read()
-                    yield from self._sample(f"{shard}: {key}", group)
+                    yield from self._sample(shard, key, group)
             except (tarfile.TarError, OSError) as e:
                 self._bad(shard, f"unreadable shard ({e})")
 
-    def _sample(self, where, group):
+    def _sample(self, shard, key, group):
         if not group:
             return
+        where = f"{shard}: {key}"
         try:
             ext = next((e for e in ('png', 'jpg', 'jpeg') if e in group), None)
             if ext is None or 'txt' not in group:
@@ -656,7 +659,21 @@ class TarShards(torch.utils.data.IterableDataset):
         except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError, a corrupt image an OSError
             self._bad(where, e)
             return
-        yield dict(image=image, caption=caption, where=where)
+        yield dict(image=image, caption=caption, where=where, key=f"{os.path.basename(shard)}/{key}")
+
+    def keys(self):
+        """The key ('shard file name/sample key') of every sample with a caption and an image, from the tar headers
+        alone, in shard order."""
+        keys = []
+        for shard in self.shards:
+            exts = {}
+            with tarfile.open(shard) as tar:
+                for member in (m for m in tar if m.isfile()):
+                    folder, name = os.path.split(member.name)
+                    stem, _, ext = name.partition('.')
+                    exts.setdefault(os.path.join(folder, stem), set()).add(ext.lower())
+            keys += [f"{os.path.basename(shard)}/{k}" for k, e in exts.items() if 'txt' in e and e & {'png', 'jpg', 'jpeg'}]
+        return keys
 
     def _bad(self, where, why):
         if not self.skip_bad:
@@ -694,37 +711,64 @@ class Preprocess:
         return (x - self.mean) / self.std
 
 
-class DistillTransform:
-    """PIL image -> (teacher view, student view) from ONE random draw (rotation up to 7 degrees, translation up to
-    5%, brightness and contrast x [0.85, 1.15]) applied once to the padded square, so both models see the same
-    picture, each at its own size and normalisation. teacher/student = (size, mean, std). The draw uses torch's
-    generator, which DataLoader seeds per worker."""
+AUGMENT = dict(rotate_degrees=7, translate=0.05, brightness=0.15, contrast=0.15)  # DistillTransform's ranges
 
-    def __init__(self, teacher, student, augment=True):
-        self.views = (Preprocess(*teacher), Preprocess(*student))
+
+def augment_draw(seed, pair, view):
+    """Augmentation `view` of pair `pair` (pair_id) as DistillTransform's five numbers in [-1, 1): a pure function of
+    its arguments, so the view that a stored teacher embedding came from is rebuilt exactly for the student."""
+    return (2 * np.random.default_rng([seed, pair, view]).random(5) - 1).tolist()
+
+
+def pair_id(item):
+    """What a pair's augmentations are keyed by: its 'index' in map-style data, or a 64-bit hash of its shard 'key'
+    (tar shards have no index, and their order changes from epoch to epoch)."""
+    if 'index' in item:
+        return item['index']
+    return int.from_bytes(hashlib.blake2b(item['key'].encode(), digest_size=8).digest(), 'little')
+
+
+class DistillTransform:
+    """PIL image -> (teacher view, student view) from ONE draw (rotation, translation, brightness and contrast within
+    AUGMENT's ranges) applied once to the padded square, so both models see the same picture, each at its own size
+    and normalisation. Views are (size, mean, std), any number of them: the student's alone when the teacher's
+    embeddings are stored. The draw is augment_draw's five numbers when given, else one from torch's generator
+    (which DataLoader seeds per worker)."""
+
+    def __init__(self, *views, augment=True):
+        self.views = tuple(Preprocess(*view) for view in views)
         self.augment = augment
 
-    def __call__(self, image):
+    def __call__(self, image, draw=None):
         square = pad_square(image)
         if self.augment:
-            angle, dx, dy, bright, contrast = (2 * torch.rand(5) - 1).tolist()
-            shift = 0.05 * square.size[0]
-            square = square.rotate(7 * angle, Image.BICUBIC, translate=(shift * dx, shift * dy))
-            square = ImageEnhance.Brightness(square).enhance(1 + 0.15 * bright)  # what torchvision's ColorJitter does
-            square = ImageEnhance.Contrast(square).enhance(1 + 0.15 * contrast)
+            angle, dx, dy, bright, contrast = draw if draw is not None else (2 * torch.rand(5) - 1).tolist()
+            shift = AUGMENT['translate'] * square.size[0]
+            square = square.rotate(AUGMENT['rotate_degrees'] * angle, Image.BICUBIC, translate=(shift * dx, shift * dy))
+            # what torchvision's ColorJitter does
+            square = ImageEnhance.Brightness(square).enhance(1 + AUGMENT['brightness'] * bright)
+            square = ImageEnhance.Contrast(square).enhance(1 + AUGMENT['contrast'] * contrast)
         return tuple(view.finish(square) for view in self.views)
 
 
 class Collate:
     """DataLoader collate_fn: list of item dicts -> batch dict. 'image' goes through transform and is stacked (a
-    DistillTransform gives a (teacher, student) pair of stacks); with a tokenizer, captions become 'ids'; other
-    numbers become tensors, and strings and paths lists."""
+    DistillTransform gives a tuple of stacks, one per view); with a tokenizer, captions become 'ids'; other
+    numbers become tensors, and strings and paths lists. replay=(seed, epoch, K) replays stored views instead of
+    drawing new ones: pair p takes view (epoch + pair_id(p)) % K (batch 'view'), augmented by augment_draw; with
+    epoch None, every pair comes K times in a row, as views 0..K-1 (the caching pass)."""
 
-    def __init__(self, transform, tokenizer=None):
-        self.transform, self.tokenizer = transform, tokenizer
+    def __init__(self, transform, tokenizer=None, replay=None):
+        self.transform, self.tokenizer, self.replay = transform, tokenizer, replay
 
     def __call__(self, items):
-        views = [self.transform(item['image']) for item in items]
+        if self.replay:
+            seed, epoch, k = self.replay
+            items = [dict(item, view=v) for item in items
+                     for v in (range(k) if epoch is None else [(epoch + pair_id(item)) % k])]
+            views = [self.transform(item['image'], augment_draw(seed, pair_id(item), item['view'])) for item in items]
+        else:
+            views = [self.transform(item['image']) for item in items]
         batch = {'image': tuple(map(torch.stack, zip(*views))) if isinstance(views[0], tuple) else torch.stack(views)}
         for key in items[0].keys() - {'image'}:
             values = [item[key] for item in items]
@@ -732,6 +776,96 @@ class Collate:
         if self.tokenizer is not None:
             batch['ids'] = self.tokenizer([item['caption'] for item in items])
         return batch
+
+
+# --- stored teacher embeddings (train.py --teacher_cache) ---
+class TeacherCache:
+    """A frozen teacher's embeddings of every training pair, stored once and memory-mapped, so that training reads
+    them instead of running the teacher (MobileCLIP's dataset reinforcement). Files in root:
+      header.json    what the numbers depend on (train.cache_header: teacher hash, preprocessing, tokenizer, ...)
+      image.f16      float16 [N, K, D]: the L2-normalised image embedding of view k of pair i
+      text.f16       float16 [N, D]: the L2-normalised embedding of pair i's caption
+      done.u8        uint8 [N]: 1 once pair i is stored, flushed after its batch, so a killed pass resumes
+      keys.npy       tar shards only: every sample's key, sorted: row i holds keys[i], whatever the shard order
+      complete.json  the teacher's logit scale, written once every pair is stored
+    View k of pair p is augmented by augment_draw(seed, pair_id(p), k). Only the rows asked for are read."""
+
+    def __init__(self, root, header=None):
+        """Open the cache in root. header: what this run would store; a field stored differently raises ValueError
+        naming it. A missing root/header.json raises FileNotFoundError (TeacherCache.create makes one)."""
+        self.root = Path(root)
+        self.header = json.loads((self.root / 'header.json').read_text())
+        for key, value in json.loads(json.dumps(header or {})).items():  # through JSON: tuples compare as lists
+            if self.header.get(key) != value:
+                raise ValueError(f"--teacher_cache {self.root}: its embeddings were made for {key} = "
+                                 f"{self.header.get(key)!r}, this run has {key} = {value!r}. Use another folder, "
+                                 "or delete this one to build it again")
+        n, k, d = self.header['pairs'], self.header['cache_views'], self.header['embed_dim']
+        self.image = np.memmap(self.root / 'image.f16', np.float16, 'r+', shape=(n, k, d))
+        self.text = np.memmap(self.root / 'text.f16', np.float16, 'r+', shape=(n, d))
+        self.done = np.memmap(self.root / 'done.u8', np.uint8, 'r+', shape=(n,))
+        self.keys = np.load(self.root / 'keys.npy', mmap_mode='r') if (self.root / 'keys.npy').exists() else None
+
+    @staticmethod
+    def create(root, header, keys=None):
+        """Zero-filled (sparse) files for header's 'pairs' x 'cache_views' x 'embed_dim'; keys: tar sample keys, one
+        per pair. The header is written last, so a folder without one is an unfinished creation."""
+        root = Path(root)
+        root.mkdir(parents=True, exist_ok=True)
+        n, k, d = header['pairs'], header['cache_views'], header['embed_dim']
+        for name, size in (('image.f16', 2 * n * k * d), ('text.f16', 2 * n * d), ('done.u8', n)):
+            with open(root / name, 'wb') as f:
+                f.truncate(size)
+        if keys is not None:
+            np.save(root / 'keys.npy', np.array(sorted(k.encode() for k in keys), dtype=bytes))  # utf-8 keeps the order
+        _write_json(root / 'header.json', header)
+
+    def rows(self, batch):
+        """Rows of a batch's pairs: their 'index', or their shard 'key' found in keys.npy. -> int64 array [B]"""
+        if self.keys is None:
+            return np.asarray(batch['index'], dtype=np.int64)
+        want = np.array([k.encode() for k in batch['key']], dtype=bytes)
+        rows = np.minimum(np.searchsorted(self.keys, want), len(self.keys) - 1)
+        missing = [key for key, found in zip(batch['key'], self.keys[rows] == want) if not found]
+        if missing:
+            raise KeyError(f"--teacher_cache {self.root} has no sample {missing[0]!r} (and {len(missing) - 1} more of "
+                           "this batch): the shards changed since it was built")
+        return rows
+
+    def write(self, rows, image, text):
+        """Store pairs `rows` (int [n]): image float [n, K, D], text float [n, D]; embeddings reach the disk first."""
+        self.image[rows], self.text[rows] = image, text  # numpy rounds to float16 to nearest, as torch's .half()
+        self.image.flush()
+        self.text.flush()
+        self.done[rows] = 1
+        self.done.flush()
+
+    def read(self, rows, views):
+        """-> (image [B, D], text [B, D], logit scale []) float32 tensors for view views[b] of pair rows[b]."""
+        views = np.asarray(views, dtype=np.int64)
+        if not self.done[rows].all():
+            raise ValueError(f"--teacher_cache {self.root}: rows {np.asarray(rows)[self.done[rows] == 0][:5]} were "
+                             "never stored (unreadable samples when it was built?)")
+        return (torch.from_numpy(self.image[rows, views].astype(np.float32)),
+                torch.from_numpy(self.text[rows].astype(np.float32)), torch.tensor(self.logit_scale))
+
+    @property
+    def complete(self):
+        return (self.root / 'complete.json').exists()
+
+    @property
+    def logit_scale(self):
+        return json.loads((self.root / 'complete.json').read_text())['logit_scale']
+
+    def finish(self, logit_scale):
+        _write_json(self.root / 'complete.json', dict(logit_scale=logit_scale, stored=int((self.done == 1).sum()),
+                                                      pairs=len(self.done)))
+
+
+def _write_json(path, obj):
+    tmp = Path(f"{path}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1) + '\n')
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
 if __name__ == '__main__':

@@ -673,10 +673,13 @@ def test_a_few_steps_lower_the_loss(tmp_path):
     assert ckpt["step"] == 16 and ckpt["tokenizer"] == "toy" and ckpt["model_config"] == models.get_config("toy-student")
 
 
-def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
-    whole = _cfg(tmp_path, out_dir=str(tmp_path / "whole"))
+@pytest.mark.parametrize("cache", ["", "cache"])
+def test_resume_matches_uninterrupted(tmp_path, monkeypatch, cache):
+    """Also from a --teacher_cache: the stored views replay the same way after a resume."""
+    cache = cache and str(tmp_path / cache)
+    whole = _cfg(tmp_path, out_dir=str(tmp_path / "whole"), teacher_cache=cache, cache_views=3)
     train.train(whole)
-    killed = _cfg(tmp_path, out_dir=str(tmp_path / "killed"), ckpt_every=5)
+    killed = _cfg(tmp_path, out_dir=str(tmp_path / "killed"), ckpt_every=5, teacher_cache=cache, cache_views=3)
     real_save = train.save_atomic
 
     def save_then_die(obj, path):
@@ -748,8 +751,10 @@ def _ddp_worker(rank, world, port, cfg):
     torch.distributed.destroy_process_group()
 
 
-def test_two_process_gloo_equals_one_process(tmp_path):
-    """Same global batch of 8: one process, or two ranks of 4 with gathered columns and DDP-averaged gradients."""
+@pytest.mark.parametrize("cache", ["", "cache"])
+def test_two_process_gloo_equals_one_process(tmp_path, cache):
+    """Same global batch of 8: one process, or two ranks of 4 with gathered columns and DDP-averaged gradients; with a
+    --teacher_cache, the two ranks fill one cache between them, then read their rows from it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -759,9 +764,10 @@ def test_two_process_gloo_equals_one_process(tmp_path):
                text_cfg=dict(context_length=models.TOY_CONTEXT, vocab_size=models.TOY_VOCAB_SIZE, width=32, heads=2,
                              layers=1))
     (tmp_path / "vit.json").write_text(json.dumps(vit))
-    common = dict(epochs=1, augment=False, toy_train_size=16, student=str(tmp_path / "vit.json"))
-    one = _cfg(tmp_path, out_dir=str(tmp_path / "one"), **common)
-    two = _cfg(tmp_path, out_dir=str(tmp_path / "two"), batch_size=4, **common)
+    common = dict(epochs=1, augment=bool(cache), toy_train_size=16, student=str(tmp_path / "vit.json"), cache_views=2)
+    one = _cfg(tmp_path, out_dir=str(tmp_path / "one"), teacher_cache=cache and str(tmp_path / "c1"), **common)
+    two = _cfg(tmp_path, out_dir=str(tmp_path / "two"), teacher_cache=cache and str(tmp_path / "c2"), batch_size=4,
+               **common)
     train.train(one)
     mp.spawn(_ddp_worker, args=(2, port, two), nprocs=2, join=True)
     a, b = _log(one), _log(two)
@@ -772,6 +778,124 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     sa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
     sb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
+
+
+# ==================== train.py --teacher_cache: stored teacher embeddings ====================
+
+def _cached(tmp_path, **over):
+    return _cfg(tmp_path, **{"teacher_cache": str(tmp_path / "cache"), "cache_views": 2, "epochs": 1, **over})
+
+
+CACHE_FILES = ("header.json", "image.f16", "text.f16", "done.u8", "complete.json")
+
+
+def test_cached_step_equals_online_step_rounded_to_fp16(tmp_path):
+    """Same views: a step from the cache gives the loss terms of an online step whose teacher embeddings are rounded
+    to float16; the rounding itself moves each KD term by no more than its bound, 2 (s_T / tau) max|dcos| max|log Q|
+    (a softmax moves by at most twice the largest change of its logits, in L1)."""
+    cfg = _cached(tmp_path, toy_train_size=16)
+    train.train(cfg)                                            # the caching pass, then an epoch from the cache
+    cache = data.TeacherCache(cfg["teacher_cache"])
+    teacher, tokenizer = evaluation.load_model_from_checkpoint(cfg["teacher"])
+    torch.manual_seed(1)
+    student = models.build_model("toy-student")  # training mode, as in the loop: eval-mode BatchNorm of a random
+    #                                               tower maps every image to nearly one embedding
+    views = [(m.image_size, m.image_mean, m.image_std) for m in (teacher, student)]
+    items = [data.ToyWorld("train", 64, length=16)[i] for i in range(4, 12)]
+    for epoch in (0, 1):                                        # every pair's view 0 and view 1
+        batch = data.Collate(data.DistillTransform(*views), tokenizer, replay=(0, epoch, 2))(items)
+        t_view, s_view = batch["image"]
+        with torch.no_grad():
+            img, txt, scale = student(s_view, batch["ids"])
+            online = teacher(t_view, batch["ids"])
+        stored = cache.read(cache.rows(batch), batch["view"])
+        rounded = (online[0].half().float(), online[1].half().float(), online[2])
+        assert torch.equal(stored[2], online[2])
+        assert min((x[0] - x[1:]).abs().max() for x in (img, *online[:2])) > 1e-2   # inputs that matter
+        loss = lambda t: dark.dark_loss(img, txt, scale, *t, mode="dark", weight=1.5, tau=5.0)
+        full, exact, cached = loss(online), loss(rounded), loss(stored)
+        for key in ("total", "clip", "diag", "off"):
+            assert abs(cached[key] - exact[key]) <= 1e-6 * abs(exact[key]), (key, cached[key], exact[key])
+        dcos = (online[0] @ online[1].T - rounded[0] @ rounded[1].T).abs().max()
+        log_q = torch.cat([F.log_softmax(scale * img @ txt.T, 1), F.log_softmax(scale * txt @ img.T, 1)])
+        bound = 2 * online[2] / 5.0 * dcos * log_q.abs().max()
+        effect = [abs(full[key] - exact[key]) for key in ("diag", "off")]
+        assert 0 < max(effect) and all(e <= bound for e in effect), (effect, bound)
+        assert max(effect) < 1e-3 * abs(full["off"])             # about 1e-5 here
+
+
+def test_mismatching_cache_is_refused_naming_the_field(tmp_path):
+    cfg = _cached(tmp_path, toy_train_size=8)
+    train.train(cfg)
+    before = {name: (tmp_path / "cache" / name).read_bytes() for name in CACHE_FILES}
+    torch.manual_seed(1)
+    other = models.build_model("toy-teacher")
+    torch.save(dict(model=other.state_dict(), model_config=other.config, tokenizer="toy"), tmp_path / "other.pt")
+    for over, field in ((dict(teacher=str(tmp_path / "other.pt")), "teacher_sha256"), (dict(augment=False), "augment"),
+                        (dict(cache_views=3), "cache_views"), (dict(seed=1), "seed"), (dict(toy_train_size=16), "data")):
+        with pytest.raises(ValueError, match=rf"cache .* made for {field} = .*, this run has {field} = "):
+            train.train({**cfg, **over})
+    assert before == {name: (tmp_path / "cache" / name).read_bytes() for name in CACHE_FILES}  # nothing touched
+
+
+def test_killed_caching_pass_resumes_to_the_same_files(tmp_path, monkeypatch):
+    whole, killed = (_cached(tmp_path, teacher_cache=str(tmp_path / name), out_dir=str(tmp_path / name / "run"))
+                     for name in ("whole", "killed"))
+    train.train(whole)                                          # 32 pairs, 4 a batch (8 images of 2 views): 8 batches
+    real_write, writes = data.TeacherCache.write, []
+
+    def write_then_die(self, rows, image, text):
+        real_write(self, rows, image, text)
+        writes.append(list(rows))
+        if len(writes) == 3:
+            raise KeyboardInterrupt("killed after the third batch")
+    monkeypatch.setattr(data.TeacherCache, "write", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(killed)
+    assert not data.TeacherCache(killed["teacher_cache"]).complete
+    train.train(killed)                                         # resumes: the five batches not stored
+    assert len(writes) == 8 and sorted(r for rows in writes for r in rows) == list(range(32))
+    for name in CACHE_FILES:
+        assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
+
+
+def test_tar_shards_and_two_ranks_read_the_right_rows(tmp_path):
+    """Rows are found by shard name and sample key whatever the shard order; two gloo ranks, each caching its own
+    shards into the same files, store what one process stores."""
+    world = data.ToyWorld("train", 64, length=6)
+    for k in (1, 2):
+        samples = []
+        for i in range(3 * k - 3, 3 * k):
+            png = io.BytesIO()
+            world[i]["image"].save(png, "PNG")
+            samples += [(f"p{i}.png", png.getvalue()), (f"p{i}.txt", world[i]["caption"].encode())]
+        _write_shard(tmp_path / f"shard_{k:02d}.tar", samples)
+    common = dict(kd="static", train_data=str(tmp_path / "shard_{01..02}.tar"), epochs=1, samples_per_epoch=8,
+                  workers=0)
+    one = _cached(tmp_path, batch_size=4, **common)
+    two = _cached(tmp_path, batch_size=2, teacher_cache=str(tmp_path / "two"), out_dir=str(tmp_path / "run2"), **common)
+    train.train(one)
+    cache = data.TeacherCache(one["teacher_cache"])
+    teacher, tokenizer = evaluation.load_model_from_checkpoint(one["teacher"])
+    transform = data.DistillTransform((teacher.image_size, teacher.image_mean, teacher.image_std))
+    rows = []
+    for item in data.TarShards(str(tmp_path / "shard_{02,01}.tar")):  # the other shard order
+        row = int(cache.rows(dict(key=[item["key"]]))[0])
+        views = [transform(item["image"], data.augment_draw(0, data.pair_id(item), v))[0] for v in range(2)]
+        with torch.no_grad():
+            image, text, _ = teacher(torch.stack(views), tokenizer([item["caption"]]))
+        assert np.abs(cache.image[row] - image.numpy()).max() < 1e-3 and np.abs(cache.text[row] - text[0].numpy()).max() < 1e-3
+        rows.append(row)
+    assert sorted(rows) == list(range(6))
+    assert min(np.abs(cache.image[a] - cache.image[b]).max() for a in range(6) for b in range(a)) > 1e-2  # all differ
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_worker, args=(2, port, two), nprocs=2, join=True)
+    for name in ("image.f16", "text.f16"):
+        a, b = (np.fromfile(Path(c["teacher_cache"]) / name, np.float16) for c in (one, two))
+        assert np.abs(a.astype(np.float32) - b).max() < 1e-3, name
+    assert np.array_equal(np.load(tmp_path / "cache" / "keys.npy"), np.load(tmp_path / "two" / "keys.npy"))
 
 
 # ==================== eval.py: metrics and protocols ====================

@@ -9,11 +9,11 @@
 Every default below can be overridden with --key=value; `python train.py --help` lists them. The defaults are the
 paper's recipe; with train_data='toy' the TOY overrides (below them) apply to every key not given on the command line.
 """
+import hashlib
 import json
 import math
 import os
 import sys
-import tarfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -46,6 +46,9 @@ val_every = 1               # epochs between validations
 val_size = 500              # toy: validation images (the report uses the whole test split)
 workers = 4                 # DataLoader worker processes for files (the toy world is made in the main process)
 augment = True              # one random affine + brightness/contrast draw per pair, shared by both views
+teacher_cache = ""          # folder of stored teacher embeddings: filled once (K teacher forwards per pair), then read
+cache_views = 5             # K views stored per pair: over the paper's 20 epochs each is replayed 4 times, and the
+                            # teacher costs a quarter of its online cost; the augmentation is mild enough for 5 to cover
 # --- models ---
 teacher = "out/teacher/best.pt"  # a train.py checkpoint or raw open_clip weights; toy: pretrained here when missing
 teacher_config = ""         # for raw weights: preset name (fetalclip) or open_clip JSON (FetalCLIP_config.json)
@@ -191,18 +194,13 @@ def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
         mine = order[:n * bs * world].view(n, world, bs)[start:, rank]  # [micro-batches, B]: rank's rows of each
         batches = torch.utils.data.DataLoader(pairs, batch_sampler=mine.tolist(), num_workers=cfg["workers"],
                                               collate_fn=collate, generator=g)
-    for batch in batches:
-        yield (*batch["image"], batch["ids"])
+    yield from batches
 
 
 def micro_batches_per_epoch(pairs, cfg, world):
-    """Tar shards have no length: --samples_per_epoch, or one pass that counts the captions."""
-    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or count_shard_pairs(pairs)
+    """Tar shards have no length: --samples_per_epoch, or one pass over the shards' headers that counts the pairs."""
+    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or len(pairs.keys())
     return n // (cfg["batch_size"] * world)
-
-
-def count_shard_pairs(shards):
-    return sum(name.endswith(".txt") for shard in shards.shards for name in tarfile.open(shard).getnames())
 
 
 # --- models ---
@@ -212,6 +210,17 @@ def load_teacher(cfg, device):
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval()
+
+
+def teacher_spec(cfg):
+    """The teacher built on the meta device from its config alone, so no weight is read: its preprocessing, tokenizer
+    and embedding size, for the checks and views of a run that may never load it (a complete --teacher_cache)."""
+    ckpt = torch.load(cfg["teacher"], map_location="cpu", weights_only=True, mmap=True)
+    config = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or cfg["teacher_config"] or None
+    if config is None:
+        raise ValueError(f"{cfg['teacher']} has no 'model_config': raw open_clip weights need --teacher_config")
+    with torch.device("meta"):
+        return models.build_model(config)
 
 
 def build_student(cfg):
@@ -233,6 +242,85 @@ def make_optimizer(model, cfg):
     fused = next(model.parameters()).is_cuda
     return torch.optim.AdamW(groups, lr=cfg["lr"], betas=(cfg["adam_beta1"], cfg["adam_beta2"]), eps=cfg["adam_eps"],
                              fused=fused or None)
+
+
+# --- stored teacher embeddings (--teacher_cache) ---
+def sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cache_header(cfg, spec, pairs, size):
+    """What stored teacher embeddings depend on: a cache made for another value of any field is refused, naming it."""
+    if isinstance(pairs, data.TarShards):  # names and sizes: hashing every image would cost a pass over the data
+        names = "\n".join(sorted(f"{Path(s).name} {os.path.getsize(s)}" for s in pairs.shards))
+        source = f"tar shards, names and sizes sha256 {hashlib.sha256(names.encode()).hexdigest()}"
+    elif cfg["train_data"] == "toy":
+        source = f"toy world, {cfg['toy_train_size']} pairs at {size} px"
+    else:  # the CSV's bytes and where its images are; the image files themselves are not hashed
+        source = f"caption CSV sha256 {sha256(cfg['train_data'])}, images under {cfg['image_root'] or 'its folder'}"
+    return dict(format=1, teacher_sha256=sha256(cfg["teacher"]), teacher_config=cfg["teacher_config"],
+                teacher_image_size=spec.image_size, teacher_mean=spec.image_mean, teacher_std=spec.image_std,
+                embed_dim=spec.config["embed_dim"], tokenizer=tokenizer_kind(spec), context_length=spec.context_length,
+                augment=data.AUGMENT if cfg["augment"] else "off", cache_views=cfg["cache_views"] if cfg["augment"]
+                else 1, seed=cfg["seed"], data=source, **({} if isinstance(pairs, data.TarShards) else
+                                                         dict(pairs=len(pairs))))
+
+
+def fill_cache(cfg, header, view, tokenizer, pairs, rank, world, dev, autocast):
+    """Open --teacher_cache and store what it lacks: the frozen teacher over every pair, K views each, batch_size
+    images a forward. A killed pass resumes: the batches flagged done are skipped. Ranks share the pass: rank r
+    stores every world-th batch of pairs (of tar shards, every world-th shard) into the same memory-mapped files
+    (on a filesystem every rank sees), then all meet at a barrier. The teacher is loaded only if something is missing."""
+    root, ddp = Path(cfg["teacher_cache"]), dist.is_initialized()
+    if rank == 0 and not (root / "header.json").exists():
+        keys = pairs.keys() if isinstance(pairs, data.TarShards) else None
+        if keys is not None and len(set(keys)) < len(keys):
+            raise ValueError(f"{cfg['train_data']}: a sample key appears twice (shard name/key must be unique)")
+        data.TeacherCache.create(root, {**header, "pairs": len(keys) if keys else header["pairs"]}, keys)
+    if ddp:
+        dist.barrier()
+    cache = data.TeacherCache(root, header)
+    if cache.complete:
+        print0(f"teacher cache {root}: {len(cache.done)} pairs x {cache.header['cache_views']} views; the teacher "
+               "is not loaded", rank=rank)
+        return cache
+    teacher, k, n = load_teacher(cfg, dev), cache.header["cache_views"], len(cache.done)
+    per_batch = max(1, cfg["batch_size"] // k)  # pairs per teacher forward of about batch_size images
+    collate = data.Collate(data.DistillTransform(view, augment=cfg["augment"]), tokenizer, (cfg["seed"], None, k))
+    if isinstance(pairs, data.TarShards):  # unshuffled: a resumed pass sees the same batches
+        loader = data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"]).shard_by(rank, world)
+        loader = torch.utils.data.DataLoader(loader, per_batch, num_workers=cfg["workers"], collate_fn=collate)
+    else:
+        chunks = [range(i, min(i + per_batch, n)) for i in range(rank * per_batch, n, world * per_batch)]
+        loader = torch.utils.data.DataLoader(pairs, batch_sampler=[c for c in chunks if not cache.done[c].all()],
+                                             num_workers=cfg["workers"], collate_fn=collate)
+    t0, start, shown = time.time(), int(cache.done.sum()), 0
+    print0(f"teacher cache {root}: {start}/{n} pairs stored, storing the rest ({k} views each)", rank=rank)
+    for batch in loader:  # every pair k times in a row, as views 0..k-1
+        rows = cache.rows(batch)[::k]
+        if cache.done[rows].all():  # stored by a pass that was killed: tar shards stream past them again
+            continue
+        with torch.no_grad(), autocast:
+            image = teacher.encode_image(batch["image"][0].to(dev), normalize=True)
+            text = teacher.encode_text(batch["ids"][::k].to(dev), normalize=True)
+        cache.write(rows, image.float().view(len(rows), k, -1).cpu().numpy(), text.float().cpu().numpy())
+        if rank == 0 and time.time() - shown > 10:
+            done, shown = int(cache.done.sum()), time.time()  # every rank's pairs
+            rate = (done - start) / (shown - t0)
+            print(f"teacher cache: {done}/{n} pairs, {rate:.1f} pairs/s, {(n - done) / max(rate, 1e-9) / 60:.1f} min "
+                  "left", flush=True)
+    if ddp:
+        dist.barrier()
+    if rank == 0:
+        cache.finish(teacher.logit_scale.exp().item())
+        print(f"teacher cache: {int(cache.done.sum())}/{n} pairs stored in {(time.time() - t0) / 60:.1f} min")
+    if ddp:
+        dist.barrier()
+    return cache
 
 
 def save_atomic(obj, path):
@@ -273,16 +361,21 @@ def train(cfg):
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and ptdtype == torch.float16)
 
     student = build_student(cfg).to(dev)
-    teacher = load_teacher(cfg, dev) if cfg["kd"] != "none" else None
+    cached = bool(cfg["teacher_cache"]) and cfg["kd"] != "none"  # then the teacher runs in the caching pass, if at all
+    teacher = load_teacher(cfg, dev) if cfg["kd"] != "none" and not cached else None
+    spec = teacher_spec(cfg) if cached else teacher or student  # the teacher's shapes
     tokenizer = data.get_tokenizer(tokenizer_kind(student), student.context_length, cfg["bpe"] or None)
-    if teacher is not None and (tokenizer_kind(teacher), teacher.context_length) != (tokenizer_kind(student),
-                                                                                     student.context_length):
+    if (tokenizer_kind(spec), spec.context_length) != (tokenizer_kind(student), student.context_length):
         raise ValueError("teacher and student must share the tokenizer and context length (the same token ids "
-                         f"feed both): teacher {tokenizer_kind(teacher)}/{teacher.context_length}, "
+                         f"feed both): teacher {tokenizer_kind(spec)}/{spec.context_length}, "
                          f"student {tokenizer_kind(student)}/{student.context_length}")
-    views = [(m.image_size, m.image_mean, m.image_std) for m in (teacher or student, student)]  # each its own
-    collate = data.Collate(data.DistillTransform(*views, augment=cfg["augment"]), tokenizer)
-    pairs = make_pairs(cfg, max(student.image_size, (teacher or student).image_size), rank, world)
+    views = [(m.image_size, m.image_mean, m.image_std) for m in (spec, student)]  # each its own
+    size = max(student.image_size, spec.image_size)
+    pairs = make_pairs(cfg, size, rank, world)
+    cache = fill_cache(cfg, cache_header(cfg, spec, pairs, size), views[0], tokenizer, pairs, rank, world, dev,
+                       autocast) if cached else None
+    transform = data.DistillTransform(*views[cached:], augment=cfg["augment"])  # cached: the student's view only
+    replay = lambda epoch: (cfg["seed"], epoch, cache.header["cache_views"]) if cached else None
     steps_per_epoch = micro_batches_per_epoch(pairs, cfg, world) // cfg["grad_accum"]
     total_steps = steps_per_epoch * cfg["epochs"]
     if total_steps == 0:
@@ -325,13 +418,15 @@ def train(cfg):
     model.train()
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
-        batches = epoch_batches(pairs, collate, cfg, epoch, rank, world, start=first * cfg["grad_accum"])
+        batches = epoch_batches(pairs, data.Collate(transform, tokenizer, replay(epoch)), cfg, epoch, rank, world,
+                                start=first * cfg["grad_accum"])
         for _ in range(first, steps_per_epoch):
             lr, weight = lr_at(step, total_steps, cfg["lr"], cfg["warmup_steps"]), kd_weight(cfg, step, total_steps)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             for micro in range(cfg["grad_accum"]):
-                t_view, s_view, ids = (x.to(dev, non_blocking=True) for x in next(batches))
+                batch = next(batches)
+                s_view, ids = batch["image"][-1].to(dev, non_blocking=True), batch["ids"].to(dev, non_blocking=True)
                 sync = nullcontext() if not ddp or micro == cfg["grad_accum"] - 1 else model.no_sync()
                 with sync:
                     with autocast:
@@ -339,8 +434,10 @@ def train(cfg):
                         t_img = t_txt = t_scale = None
                         if teacher is not None:
                             with torch.no_grad():
-                                t_img, t_txt, t_scale = teacher(t_view, ids)
-                    if teacher is not None:  # the teacher's columns are targets: gathered without a graph
+                                t_img, t_txt, t_scale = teacher(batch["image"][0].to(dev, non_blocking=True), ids)
+                    if cached:  # the stored view's embeddings, the pair's caption's, the teacher's scale
+                        t_img, t_txt, t_scale = (x.to(dev) for x in cache.read(cache.rows(batch), batch["view"]))
+                    if t_img is not None:  # the teacher's columns are targets: gathered without a graph
                         t_img, t_txt = gather(t_img, ddp, False), gather(t_txt, ddp, False)
                     rows = slice(rank * len(ids), (rank + 1) * len(ids))  # this rank's rows of the global batch
                     losses = dark.dark_loss(gather(img, ddp, True), gather(txt, ddp, True), scale, t_img, t_txt,
