@@ -1125,6 +1125,11 @@ def test_table1_rows_seeds_files_and_cache(root, capsys, monkeypatch):
             x, y = cached[a]["metrics"][k], cached[b]["metrics"][k]
             assert rows[label][k] == pytest.approx((x + y) / 2)
             assert rows[label][f"{k}_std"] == pytest.approx(abs(x - y) / math.sqrt(2))  # sample std of two values
+    diff = result["paired"]["DARK - No KD"]["composite"]  # seeds 0 and 1 of each row, paired by seed
+    d = [cached[f"dark-s{s}"]["metrics"]["composite"] - cached[f"none-s{s}"]["metrics"]["composite"] for s in (0, 1)]
+    assert diff["seeds"] == 2 and diff["mean"] == pytest.approx(np.mean(d))
+    assert diff["hi"] - diff["mean"] == pytest.approx(12.7062 * abs(d[0] - d[1]) / 2, rel=1e-4)  # t(0.975, 1 df)
+    assert list(result["paired"]) == ["DARK - No KD"]  # no Static KD run here
     one = rows["DARK beta0=4 (-> -0.8)"]
     assert one["composite"] == pytest.approx(cached["dark-b4-s0"]["metrics"]["composite"])
     assert one["composite_std"] is None  # one seed: no sample std
@@ -1170,6 +1175,18 @@ def test_rows_are_named_as_the_paper_and_ordered():
         "DARK beta0=1 (-> -0.8)", "DARK beta0=8 (-> -0.8)"]
     assert evaluation.table1_row(cfg) == evaluation.table1_row(dict(cfg, lambda0=0.5))  # No KD ignores every KD weight
     assert evaluation.table1_row(dict(cfg, kd="static", lambda0=0.5))[1] == "Static logit KD (lambda 0.5)"
+
+
+def test_paired_difference_and_t_quantile():
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):  # a printed two-sided 95% t table
+        assert evaluation.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    a, b = {0: 0.5, 1: 0.7, 2: 0.6, 3: 0.9}, {0: 0.4, 1: 0.5, 2: 0.6}  # seed 3 has no partner: left out
+    d = evaluation.paired_difference(a, b)
+    assert d["seeds"] == 3 and d["mean"] == pytest.approx(0.1)
+    assert d["hi"] - d["mean"] == pytest.approx(d["mean"] - d["lo"]) == pytest.approx(4.3027 * 0.1 / math.sqrt(3),
+                                                                                        rel=1e-4)
+    assert evaluation.paired_difference({0: 0.5}, {0: 0.4}) == dict(seeds=1, mean=pytest.approx(0.1), lo=None,
+                                                                       hi=None)
 
 
 def test_mean_and_sample_std():
