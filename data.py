@@ -1,7 +1,7 @@
 """
 Everything that turns files, or nothing at all, into images, captions and tensors:
 
-    python data.py [toy_samples.png]     # save a grid of toy samples, print captions and the images/s
+    python data.py --out=toy_samples.png     # save a grid of toy samples, print captions and the images/s
 
 The toy world, in a few lines. Item i of a split is a B-mode-like fetal ultrasound image rendered from
 (seed, split, i) alone: a fan-shaped field of view on black with speckle, depth attenuation, bright bone echoes
@@ -16,7 +16,9 @@ structures seen, age in weeks and days, pixel spacing.
 
 The real formats: caption CSV/TSV, webdataset tar shards, FETAL_PLANES_DB, HC18; then FetalCLIP's preprocessing.
 """
+import collections
 import csv
+import difflib
 import gzip
 import hashlib
 import html
@@ -29,6 +31,7 @@ import random
 import re
 import sys
 import tarfile
+import time
 import unicodedata
 from pathlib import Path
 
@@ -485,40 +488,92 @@ def load_image(path, where=''):
         raise ValueError(f"{where + ': ' if where else ''}cannot read image {path}: {e}") from e
 
 
-def _read_table(path, columns, sep):
-    """Rows of a delimited text file as dicts with 'where' = 'file, line N'. Stray whitespace around headers and
-    values is dropped (published files have it: FETAL_PLANES_DB's header says 'Train '); nothing else is forgiven."""
-    path = Path(path)
-    with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a spreadsheet's byte-order mark is no header
-        reader = csv.reader(f, delimiter=sep, skipinitialspace=True)
-        header = [h.strip() for h in next(reader, [])]
-        while header and not header[-1]:  # a trailing separator
-            header.pop()
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; the header has {header}")
-        rows = []
-        for values in reader:
-            values = [v.strip() for v in values]
-            while len(values) > len(header) and not values[-1]:
-                values.pop()
-            if not any(values):
-                continue
-            where = f"{path}, line {reader.line_num}"
-            if len(values) != len(header):
-                raise ValueError(f"{where}: {len(values)} fields where the header has {len(header)}")
-            rows.append(dict(zip(header, values), where=where))
+_BOMS = ((b'\xef\xbb\xbf', 'utf-8-sig'), (b'\xff\xfe\x00\x00', 'utf-32'), (b'\x00\x00\xfe\xff', 'utf-32'),
+         (b'\xff\xfe', 'utf-16'), (b'\xfe\xff', 'utf-16'))  # utf-32's mark starts like utf-16's: test it first
+_SEPARATORS = {',': 'comma', ';': 'semicolon', '\t': 'tab', '|': 'pipe'}
+
+
+def _line_of(text):
+    """1-based number of the line that text's end sits on, counting \\n, \\r\\n and a lone \\r as csv does."""
+    return text.count('\n') + text.count('\r') - text.count('\r\n') + 1
+
+
+def read_table(path, columns, sep=None):
+    """Rows of a delimited text file (CSV, TSV, FETAL_PLANES_DB's ';' file) -> [dict(header -> value, where)], where
+    'where' is 'PATH, line N' with N the line each row starts on (a quoted caption may span lines). sep: one
+    character, or '\\t' for a tab; None: tab for .tsv/.tab, else ','. Every name in columns must be in the header.
+
+    Encodings: UTF-8, and UTF-8, UTF-16 or UTF-32 with a byte-order mark (Excel's 'CSV UTF-8' and 'Unicode text').
+    Anything else (Windows-1252 'ANSI', Latin-1, UTF-16 without a mark) raises ValueError naming the file and line:
+    such bytes decode as *some* text in almost any single-byte encoding, so a guess would silently change captions.
+    Stray whitespace and byte-order marks around headers and values are dropped (published files have them:
+    FETAL_PLANES_DB's header says 'Train '), as are trailing separators and blank lines; nothing else is forgiven:
+    a wrong field count, a quote never closed, a missing or doubled column raise ValueError naming file and line.
+    Quoting is csv's (Excel's): '"a" ,' reads as a; a quote inside an unquoted field (5" probe) is a character."""
+    path, raw = Path(path), Path(path).read_bytes()
+    sep = {None: '\t' if path.suffix.lower() in ('.tsv', '.tab') else ',', '\\t': '\t'}.get(sep, sep)
+    if len(sep) != 1:
+        raise ValueError(f"separator must be one character (or '\\t'), got {sep!r}")
+    encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), 'utf-8')
+    if encoding == 'utf-8' and b'\0' in raw:  # UTF-8 text has no NUL; UTF-16/32 text of Latin letters is half NULs
+        raise ValueError(f"{path}, line {_line_of(raw[:raw.index(0)].decode('latin-1'))}: a NUL byte (UTF-16 without "
+                         "a byte-order mark?); save it as UTF-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = _line_of(raw[:e.start].decode(encoding, 'replace'))
+        raise ValueError(f"{path}, line {line}: not {encoding.removesuffix('-sig')} (bytes {raw[e.start:e.start + 4]!r})."
+                         " Save it as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f cp1252 -t utf-8): other encodings are "
+                         "not guessed") from None
+    lines = io.StringIO(text, newline='').readlines()  # split as csv splits: at \\n, \\r\\n and a lone \\r
+    reader = csv.reader(lines, delimiter=sep, skipinitialspace=True)  # not strict: '"a" ,' is a, as spreadsheets read it
+    header, rows = None, []
+    while True:
+        start = reader.line_num + 1  # the line this record starts on
+        where = f"{path}, line {start}"
+        try:
+            values = [v.replace('\ufeff', '').strip() for v in next(reader)]
+        except StopIteration:
+            break
+        except csv.Error as e:  # NUL is caught above; what is left is csv.field_size_limit
+            raise ValueError(f"{where}: {e} (a quote opened here and never closed?)") from None
+        while values and not values[-1] and (header is None or len(values) > len(header)):
+            values.pop()  # a trailing separator
+        if not any(values):
+            continue
+        quote = f" (a quote opened on line {start} and closed on line {reader.line_num}?)" * (reader.line_num > start)
+        if reader.line_num == len(lines) > start:  # the last record spans lines: was its quote ever closed?
+            try:
+                list(csv.reader(lines[start - 1:], delimiter=sep, skipinitialspace=True, strict=True))
+            except csv.Error as e:
+                if 'end of data' in str(e):
+                    raise ValueError(f"{where}: a quote opened here is never closed") from None
+        if header is None:
+            header, missing = values, [c for c in columns if c not in values]
+            if missing:
+                guess = next((f"; it looks {name}-separated: pass sep={s!r} (train.py --csv_separator)"
+                              for s, name in _SEPARATORS.items() if s != sep and s in ''.join(values)), '')
+                raise ValueError(f"{where}: missing column(s) {missing}; the header has {values}, split at {sep!r}{guess}")
+            if any(values.count(c) > 1 for c in columns):
+                raise ValueError(f"{where}: a column of {list(columns)} appears twice in the header {values}")
+            continue
+        if len(values) != len(header):
+            raise ValueError(f"{where}: {len(values)} fields where the header has {len(header)} (split at "
+                             f"{sep!r}){quote}")
+        rows.append(dict(zip(header, values), where=where))
+    if header is None:
+        raise ValueError(f"{path}: empty file; expected a header with {list(columns)}")
     return rows
 
 
 def read_captions(path, image_col='filepath', caption_col='title', sep=None, root=None):
-    """Image-caption pairs from a CSV (',') or TSV ('\\t', by extension) with open_clip's column names by default.
-    Relative image paths are taken from root, else from the file's own folder. -> [dict(image_path, caption, where)]"""
+    """Image-caption pairs from a CSV or TSV (read_table) with open_clip's column names by default (open_clip's
+    --csv-img-key, --csv-caption-key). Relative image paths are taken from root, else from the file's own folder.
+    -> [dict(image_path, caption, where)]; an empty caption raises ValueError naming file and line."""
     path = Path(path)
-    sep = sep or ('\t' if path.suffix.lower() in ('.tsv', '.tab') else ',')
     root = Path(root) if root else path.parent
     rows = []
-    for r in _read_table(path, (image_col, caption_col), sep):
+    for r in read_table(path, (image_col, caption_col), sep):
         if not r[caption_col]:
             raise ValueError(f"{r['where']}: empty caption")
         rows.append(dict(image_path=root / r[image_col], caption=r[caption_col], where=r['where']))
@@ -540,7 +595,7 @@ def read_fetal_planes(root):
     root = Path(root)
     columns = ('Image_name', 'Patient_num', 'Plane', 'Brain_plane', 'Operator', 'US_Machine', 'Train')
     rows = []
-    for r in _read_table(root / 'FETAL_PLANES_DB_data.csv', columns, ';'):
+    for r in read_table(root / 'FETAL_PLANES_DB_data.csv', columns, ';'):
         plane = _label(r, 'Plane', PLANES + ('Other',))
         brain = _label(r, 'Brain_plane', BRAIN_PLANES + ('Other', 'Not A Brain'))
         if brain in BRAIN_PLANES and plane != 'Fetal brain':
@@ -559,7 +614,7 @@ def read_hc18(root):
     file fails early; the pixel spacing of a model's input is max(width, height) / input_size * pixel_mm."""
     root = Path(root)
     rows = []
-    for r in _read_table(root / 'training_set_pixel_size_and_HC.csv',
+    for r in read_table(root / 'training_set_pixel_size_and_HC.csv',
                          ('filename', 'pixel size(mm)', 'head circumference (mm)'), ','):
         try:
             pixel_mm, hc_mm = float(r['pixel size(mm)']), float(r['head circumference (mm)'])
@@ -599,6 +654,9 @@ def expand_braces(pattern):
     span = re.fullmatch(r'(\d+)\.\.(\d+)', m[1])
     items = [str(i).zfill(len(span[1])) for i in range(int(span[1]), int(span[2]) + 1)] if span else m[1].split(',')
     return [p for item in items for p in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+
+
+IMAGE_EXTS = ('png', 'jpg', 'jpeg')  # the image members of a shard sample, the first one present is read
 
 
 class TarShards(torch.utils.data.IterableDataset):
@@ -648,7 +706,7 @@ class TarShards(torch.utils.data.IterableDataset):
             return
         where = f"{shard}: {key}"
         try:
-            ext = next((e for e in ('png', 'jpg', 'jpeg') if e in group), None)
+            ext = next((e for e in IMAGE_EXTS if e in group), None)
             if ext is None or 'txt' not in group:
                 raise ValueError(f"needs an image (.png/.jpg/.jpeg) and a .txt, has {sorted(group)}")
             caption = group['txt'].decode('utf-8').strip()
@@ -672,7 +730,7 @@ class TarShards(torch.utils.data.IterableDataset):
                     folder, name = os.path.split(member.name)
                     stem, _, ext = name.partition('.')
                     exts.setdefault(os.path.join(folder, stem), set()).add(ext.lower())
-            keys += [f"{os.path.basename(shard)}/{k}" for k, e in exts.items() if 'txt' in e and e & {'png', 'jpg', 'jpeg'}]
+            keys += [f"{os.path.basename(shard)}/{k}" for k, e in exts.items() if 'txt' in e and not e.isdisjoint(IMAGE_EXTS)]
         return keys
 
     def _bad(self, where, why):
@@ -801,16 +859,22 @@ class TeacherCache:
                                  f"{self.header.get(key)!r}, this run has {key} = {value!r}. Use another folder, "
                                  "or delete this one to build it again")
         n, k, d = self.header['pairs'], self.header['cache_views'], self.header['embed_dim']
-        self.image = np.memmap(self.root / 'image.f16', np.float16, 'r+', shape=(n, k, d))
-        self.text = np.memmap(self.root / 'text.f16', np.float16, 'r+', shape=(n, d))
-        self.done = np.memmap(self.root / 'done.u8', np.uint8, 'r+', shape=(n,))
+        mode = 'r' if self.complete else 'r+'  # a finished cache is only read, by any number of runs at once
+        self.image = np.memmap(self.root / 'image.f16', np.float16, mode, shape=(n, k, d))
+        self.text = np.memmap(self.root / 'text.f16', np.float16, mode, shape=(n, d))
+        self.done = np.memmap(self.root / 'done.u8', np.uint8, mode, shape=(n,))
         self.keys = np.load(self.root / 'keys.npy', mmap_mode='r') if (self.root / 'keys.npy').exists() else None
 
     @staticmethod
     def create(root, header, keys=None):
-        """Zero-filled (sparse) files for header's 'pairs' x 'cache_views' x 'embed_dim'; keys: tar sample keys, one
-        per pair. The header is written last, so a folder without one is an unfinished creation."""
+        """Zero-filled (sparse) files for header's 'pairs' x 'cache_views' x 'embed_dim', or with keys (tar sample
+        keys, which must be unique) one row per key. The header is written last: a folder without one is unfinished."""
         root = Path(root)
+        if keys is not None:
+            header = dict(header, pairs=len(keys))
+            if len(set(keys)) < len(keys):
+                twice = next(key for key, n in collections.Counter(keys).items() if n > 1)
+                raise ValueError(f"sample {twice!r} appears twice: tar samples are stored by shard file name and key")
         root.mkdir(parents=True, exist_ok=True)
         n, k, d = header['pairs'], header['cache_views'], header['embed_dim']
         for name, size in (('image.f16', 2 * n * k * d), ('text.f16', 2 * n * d), ('done.u8', n)):
@@ -840,9 +904,30 @@ class TeacherCache:
         self.done[rows] = 1
         self.done.flush()
 
-    def read(self, rows, views):
-        """-> (image [B, D], text [B, D], logit scale []) float32 tensors for view views[b] of pair rows[b]."""
-        views = np.asarray(views, dtype=np.int64)
+    def fill(self, loader, encode, rank=0):
+        """Store the pairs of loader's batches (Collate with replay=(seed, None, K): each pair K times in a row) that
+        are not stored yet. encode(images [n K, 3, S, S], ids [n, L]) -> float tensors ([n K, D], [n, D]). Rank 0
+        prints every 10 s the pairs stored by every rank, out of all, this rank's rate and the time left."""
+        k, n = self.header['cache_views'], len(self.done)
+        t0, start, shown = time.time(), int(self.done.sum()), 0
+        for batch in loader:
+            rows = self.rows(batch)[::k]
+            if self.done[rows].all():  # stored by a pass that was killed: tar shards stream past them again
+                continue
+            image, text = encode(batch['image'][0], batch['ids'][::k])
+            self.write(rows, image.view(len(rows), k, -1).numpy(), text.numpy())
+            if rank == 0 and time.time() - shown > 10:
+                done, shown = int(self.done.sum()), time.time()
+                rate = (done - start) / (shown - t0)
+                print(f"teacher cache {self.root}: {done}/{n} pairs, {rate:.1f} pairs/s ({k} views each), "
+                      f"{(n - done) / max(rate, 1e-9) / 60:.1f} min left", flush=True)
+        if rank == 0:
+            print(f"teacher cache {self.root}: this pass took {(time.time() - t0) / 60:.1f} min", flush=True)
+
+    def read(self, batch):
+        """The teacher's targets for a batch from Collate(replay=...): its pairs' stored views.
+        -> (image [B, D], text [B, D], logit scale []) float32 tensors."""
+        rows, views = self.rows(batch), np.asarray(batch['view'], dtype=np.int64)
         if not self.done[rows].all():
             raise ValueError(f"--teacher_cache {self.root}: rows {np.asarray(rows)[self.done[rows] == 0][:5]} were "
                              "never stored (unreadable samples when it was built?)")
@@ -868,10 +953,108 @@ def _write_json(path, obj):
     os.replace(tmp, path)  # atomic: a reader never sees half a file
 
 
+# --- the command line: one grammar for train.py, eval.py, export_ios.py and this file ---
+def parse_flags(argv, defaults, accepts=None, doc='', source=None, notes=None):
+    """Command-line flags over `defaults` {key: default}, the default's type being the flag's type.
+    -> (config dict, set of keys given). The grammar of every script: --key=value, or --key value for all but
+    booleans; a bare --flag sets a boolean (--flag=true|false also). -h/--help prints `doc`, then each option with
+    the comment beside its default in the file `source` and its note in `notes` {key: text}. `accepts` {key: rule}
+    is checked here, before any work: a tuple is the closed set of values, a string such as '[1, inf)' or '(0, 1)'
+    an interval, a function a check that raises ValueError saying what it accepts.
+    Raises SystemExit with a message naming the flag: unknown key (listing the valid keys), wrong type, bad value."""
+    prog, cfg, given, args, accepts = Path(source or sys.argv[0]).name, dict(defaults), set(), list(argv), accepts or {}
+    while args:
+        arg = args.pop(0)
+        if arg in ('-h', '--help'):
+            print(flags_help(defaults, accepts, doc, source, notes or {}))
+            sys.exit(0)
+        key, has_value, value = arg[2:].partition('=')
+        if not arg.startswith('--') or key not in defaults:
+            near = difflib.get_close_matches(key, defaults, 1)
+            sys.exit(f"{prog}: unknown argument {arg!r}" + (f" (did you mean --{near[0]}?)" if near else '') +
+                     f"; the options are --{', --'.join(defaults)} (given as --key=value; --help explains each)")
+        kind = type(defaults[key])
+        if not has_value and kind is not bool:
+            if not args or args[0].startswith('--'):
+                sys.exit(f"{prog}: --{key} needs a value: --{key}=VALUE")
+            value = args.pop(0)
+        try:
+            cfg[key] = flag_value(value if has_value or kind is not bool else 'true', kind)
+            check_flag(cfg[key], accepts.get(key))
+        except ValueError as e:
+            sys.exit(f"{prog}: --{key}={value}: {e}")
+        given.add(key)
+    return cfg, given
+
+
+def flag_value(text, kind):
+    """'--key=text' -> a value of the default's type. Raises ValueError saying what the flag takes."""
+    if kind is bool:
+        if text.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
+            raise ValueError('takes true or false (or a bare --flag for true)')
+        return text.lower() in ('true', '1', 'yes')
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"takes {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError('takes a finite number')
+    return value
+
+
+def check_flag(value, rule):
+    """Raises ValueError unless value meets its rule (see parse_flags)."""
+    if isinstance(rule, tuple) and value not in rule:
+        raise ValueError(f"takes {show_rule(rule)}")
+    if isinstance(rule, str):  # an interval: [ or ] includes the bound, ( or ) excludes it
+        lo, hi = (float(b) for b in rule[1:-1].split(','))
+        if not ((lo < value or rule[0] == '[' and lo == value) and (value < hi or rule[-1] == ']' and value == hi)):
+            raise ValueError(f"takes a value {show_rule(rule)}")
+    if callable(rule):
+        rule(value)
+
+
+def show_rule(rule):
+    """A closed set as 'a | b', an interval as written, a check function by its docstring."""
+    return ' | '.join(str(v) or "''" for v in rule) if isinstance(rule, tuple) else f"in {rule}" if isinstance(
+        rule, str) else rule.__doc__
+
+
+def check_device(name):
+    """auto | cpu | cuda | cuda:N present here"""  # --help shows the docstring as the rule
+    if name == 'auto':
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError('takes auto | cpu | cuda | cuda:N') from None
+    if device.type not in ('cpu', 'cuda'):
+        raise ValueError('takes auto | cpu | cuda | cuda:N')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA devices (torch {torch.__version__}); "
+                         "--device=cpu runs anywhere")
+
+
+def flags_help(defaults, accepts, doc, source, notes):
+    """doc, then one line per option: --key=default, its rule, the comment beside it in `source`, its note."""
+    comments = {}
+    for line in Path(source).read_text().splitlines() if source else ():
+        code, _, comment = line.partition('  # ')
+        names = [n.strip() for n in code.split('=')[0].split(',')]
+        if comment and '=' in code and all(n in defaults for n in names):  # `key = 1  # why` or `key=1,  # why`
+            comments.update(dict.fromkeys(names, comment.strip()))
+    shown = {k: f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in defaults.items()}
+    width = min(max(map(len, shown.values())), 30)  # a longer default pushes only its own line
+    return doc.strip() + '\n\noptions (--key=value, or --key value; a bare --flag sets a boolean):\n' + '\n'.join(
+        (f"  {shown[k]:<{width}}  " + '; '.join(filter(None, (k in accepts and show_rule(accepts[k]), comments.get(k))))
+         + (f" ({notes[k]})" if k in notes else '')).rstrip() for k in defaults)
+
+
 if __name__ == '__main__':
-    import time
+    opt, _ = parse_flags(sys.argv[1:], dict(out='toy_samples.png'), doc=__doc__, notes=dict(out='a PNG grid of 16 '
+                         'toy training images; then captions and the images/s of the toy world are printed'))
     torch.set_num_threads(1)
-    out = sys.argv[1] if len(sys.argv) > 1 else 'toy_samples.png'
+    out = opt['out']
     save_grid(out)
     print(f"saved {out}")
     for i in range(6):

@@ -470,18 +470,21 @@ def speed(model, runs=10):
 
 
 # --- checkpoints, results files, command line ---
-def load_model_from_checkpoint(path, model_config=None, bpe_path=None):
+def load_model_from_checkpoint(path, model_config=None, bpe_path=None, weights=True):
     """-> (model in eval mode, tokenizer). A train.py checkpoint carries its config: {'model': state_dict,
     'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too). Raw open_clip weights
-    (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict. weights=False reads no
+    weight and builds the model on the meta device: its sizes and preprocessing only."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=not weights)  # mmap: tensors stay on disk
     cfg = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or model_config
     if cfg is None:
         raise ValueError(f"{path} has no 'model_config': raw open_clip weights need their config, a preset "
                          "(fetalclip | mobileclip2-s0) or an open_clip JSON: --model_config= for eval.py and "
                          "export_ios.py, --teacher_config= for train.py's teacher")
-    model = models.build_model(cfg)
-    models.load_checkpoint(model, ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
+    with torch.device("cpu" if weights else "meta"):
+        model = models.build_model(cfg)
+    if weights:
+        models.load_checkpoint(model, ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
     kind = ckpt.get("tokenizer") or ("bpe" if model.config["text_cfg"].get("vocab_size", 49408) == 49408 else "toy")
     return model.eval(), data.get_tokenizer(kind, model.context_length, bpe_path)
 
@@ -534,6 +537,30 @@ def mean_std(values):
     return finite(v.mean()), finite(v.std(ddof=1)) if len(v) > 1 else None
 
 
+def t_quantile(p, df):
+    """Student's t quantile for p in (0.5, 1) with df degrees of freedom: bisection on the CDF, whose density is
+    integrated numerically (numpy only, no scipy). t_quantile(0.975, 4) = 2.776, as printed t tables give."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    def cdf(t):
+        x = np.linspace(0.0, t, 4001)
+        return 0.5 + np.trapezoid(np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df)), x)
+    lo, hi = 0.0, 1e3
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def paired_difference(a, b, level=0.95):
+    """{seed: metric} of two rows -> the difference a - b over the seeds both rows have: dict(seeds, mean, lo, hi),
+    lo/hi the two-sided t interval of the mean difference (None with fewer than two seeds, or an undefined metric).
+    Pairing by seed removes what the rows share (the same data order and initial weights for one seed)."""
+    d = np.array([a[s] - b[s] for s in sorted(set(a) & set(b)) if a[s] is not None and b[s] is not None], float)
+    if len(d) < 2:
+        return dict(seeds=len(d), mean=float(d.mean()) if len(d) else None, lo=None, hi=None)
+    half = t_quantile(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return dict(seeds=len(d), mean=float(d.mean()), lo=float(d.mean() - half), hi=float(d.mean() + half))
+
+
 def cached(path, sources, meta, compute):
     """compute() -> metrics, saved to path; reused while path is newer than every source file and was written with
     the same meta and protocol, so rerunning the table evaluates only what was retrained."""
@@ -579,7 +606,8 @@ def plot_dynamics(path, curves):
 def table1(root, out=None, n=None, device="cpu"):
     """root/<run>/{best.pt, log.jsonl}, one folder per train.py run -> Table 1 on the toy test split (mean and sample
     std over seeds, beside the teacher) in out/table1.md and table1.json (out defaults to root), Figure 2 in
-    dynamics.png, and the teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON.
+    dynamics.png, the differences DARK - Static KD and DARK - No KD paired by seed with 95% t intervals, and the
+    teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON.
     Each checkpoint's metrics are cached beside it (test_metrics.json, analysis.json): a rerun is cheap."""
     root, out = Path(root), Path(out or root)
 
@@ -610,11 +638,13 @@ def table1(root, out=None, n=None, device="cpu"):
     for run in sorted(runs, key=lambda run: run["cfg"]["seed"]):  # lowest seed first: the one analysed
         groups.setdefault(table1_row(run["cfg"]), []).append(run)
     result = dict(teacher=dict(path=str(teacher), **{k: test(teacher)[k] for k in TABLE1_METRICS}), rows=[],
-                  analysis={})
+                  paired={}, analysis={})
+    by_seed = {}  # label -> {seed: test metrics}, for the paired differences
     for (_, label), members in sorted(groups.items()):
         row = dict(row=label, seeds=len(members), runs=[m["name"] for m in members])
+        by_seed[label] = {m["cfg"]["seed"]: test(m["dir"] / "best.pt") for m in members}
         for k in TABLE1_METRICS:
-            row[k], row[f"{k}_std"] = mean_std([test(m["dir"] / "best.pt")[k] for m in members])
+            row[k], row[f"{k}_std"] = mean_std([metrics[k] for metrics in by_seed[label].values()])
         result["rows"].append(row)
         if label in TABLE1_ROWS:
             curves[label] = dynamics_curves([m["dir"] for m in members])
@@ -624,12 +654,23 @@ def table1(root, out=None, n=None, device="cpu"):
                         lambda: analysis(load(teacher), load(ckpt), "toy", "test", n, out_dir=first["dir"],
                                          device=device))
             result["analysis"][label] = dict(run=first["name"], **ts)
+    dark_row = TABLE1_ROWS[-1]
+    for other in (r for r in TABLE1_ROWS[:2] if r in by_seed and dark_row in by_seed):
+        result["paired"][f"DARK - {other}"] = {k: paired_difference(
+            {s: m[k] for s, m in by_seed[dark_row].items()}, {s: m[k] for s, m in by_seed[other].items()})
+            for k in TABLE1_METRICS}
     fmt = lambda x, digits: "-" if x is None else f"{x:.{digits}f}"
+    interval = lambda d, digits: (f"{fmt(d['mean'], digits)} [{fmt(d['lo'], digits)}, {fmt(d['hi'], digits)}]"
+                                  f" (n={d['seeds']})")
     lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in TABLE1_METRICS.items()})]
     lines += [dict(row=r["row"], seeds=r["seeds"], **{k: f"{fmt(r[k], d)} +/- {fmt(r[k + '_std'], d)}"
                                                       for k, d in TABLE1_METRICS.items()}) for r in result["rows"]]
     md = (f"Zero-shot on the toy test split: mean +/- sample std over seeds ({PROTOCOL})\n\n"
-          + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS]) + "\n\nTeacher-student analysis, 5 planes, "
+          + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS])
+          + "\n\nPaired by seed: mean difference [95% t interval over seeds] (seeds paired)\n\n"
+          + markdown_table([dict(difference=name, **{k: interval(d[k], TABLE1_METRICS[k]) for k in TABLE1_METRICS})
+                            for name, d in result["paired"].items()], ["difference", *TABLE1_METRICS])
+          + "\n\nTeacher-student analysis, 5 planes, "
           "lowest seed\n\n" + markdown_table([dict(row=label, **a) for label, a in result["analysis"].items()],
                                                ["row", "run", *TS_PLANES]) + "\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -640,32 +681,32 @@ def table1(root, out=None, n=None, device="cpu"):
     return result
 
 
-OPTIONS = dict(checkpoint="", model_config="", task="toy", data="", split="", n=0, batch_size=64, device="cpu",
-               prompts="", out="runs/eval", probe=False, analysis=False, teacher="", teacher_config="", speed=False,
-               runs=10,  # timed runs per tower for --speed, after 3 warm-up runs
-               table="")  # a folder of train.py runs (one per row and seed) -> Table 1, Figure 2, the analysis
-
-
-def parse_options(argv):
-    """--key=value over OPTIONS (a bare --flag sets a boolean); a bad key or value exits listing the valid ones."""
-    opt, usage = dict(OPTIONS), "options: " + " ".join(f"--{k}={v}" for k, v in OPTIONS.items())
-    for arg in argv:
-        key, has_value, value = arg.removeprefix("--").partition("=")
-        if key in ("h", "help"):
-            print(__doc__ + "\n" + usage)
-            sys.exit(0)
-        if key not in opt:
-            sys.exit(f"unknown option {arg!r}; {usage}")
-        kind = type(OPTIONS[key])
-        try:
-            opt[key] = (not has_value or value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-        except ValueError:
-            sys.exit(f"--{key} takes a {kind.__name__}, not {value!r}; {usage}")
-    return opt
+# --- the command line: python eval.py --key=value (data.parse_flags: the grammar, --help, the checks) ---
+OPTIONS = dict(
+    checkpoint="",          # a train.py checkpoint, or raw open_clip weights with --model_config
+    model_config="",        # for raw weights: a preset name (fetalclip, mobileclip2-s0) or an open_clip JSON
+    task="toy",             # planes, brain: --data=FETAL_PLANES_DB; hc18: --data=HC18; paper: --data=FPDB,HC18
+    data="",                # the dataset folder(s) of --task
+    split="",               # empty: test for toy, all for FETAL_PLANES_DB (as the zero-shot papers); no val there
+    n=0,                    # at most n images per source (0 = all)
+    batch_size=64,
+    device="cpu",
+    prompts="",             # a {class: [prompts]} JSON replacing the prompts of --task planes | brain | hc18
+    out="runs/eval",        # folder for the results JSON (and the analysis figure)
+    probe=False,            # also fit a linear probe on the image embeddings
+    analysis=False,         # also compare with --teacher: per-image agreement, correlations, a figure
+    teacher="",             # the teacher checkpoint for --analysis (and --speed)
+    teacher_config="",      # for raw teacher weights: a preset name or an open_clip JSON
+    speed=False,            # params, GMACs, CPU ms of --teacher and --checkpoint (default: the paper's two models)
+    runs=10,                # timed runs per tower for --speed, after 3 warm-up runs
+    table="",               # a folder of train.py runs (one per row and seed) -> Table 1, Figure 2, the analysis
+)
+ACCEPTS = dict(task=("toy", "planes", "brain", "hc18", "paper"), split=("", "train", "val", "test", "all"),
+               n="[0, inf)", batch_size="[1, inf)", device=data.check_device, runs="[1, inf)")
 
 
 def main(argv):
-    opt = parse_options(argv)
+    opt, _ = data.parse_flags(argv, OPTIONS, ACCEPTS, __doc__, __file__)
     stamp, out = time.strftime("%Y%m%d_%H%M%S"), Path(opt["out"])
     if opt["table"]:
         return table1(opt["table"], n=opt["n"] or None, device=opt["device"])

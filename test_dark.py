@@ -473,8 +473,46 @@ def test_caption_csv_and_tsv(tmp_path):
     with pytest.raises(ValueError, match=r'empty\.csv, line 3: empty caption'):
         data.read_captions(tmp_path / 'empty.csv')
     (tmp_path / 'nocap.csv').write_text('filepath,text\nimg/a.png,ok\n')
-    with pytest.raises(ValueError, match=r"nocap\.csv: missing column\(s\) \['title'\]"):
+    with pytest.raises(ValueError, match=r"nocap\.csv, line 1: missing column\(s\) \['title'\]"):
         data.read_captions(tmp_path / 'nocap.csv')
+
+
+def test_caption_files_from_other_tools_decode_or_name_file_and_line(tmp_path):
+    # one table as spreadsheets and editors save it; a quoted two-line caption starts on line 3
+    text = 'filepath,title\r\na.png,fetal brain\r\nb.png,"caf\u00e9 line one\r\nline two"\r\nc.png,\u2019s femur\r\n'
+    want = [('a.png', 'fetal brain', 2), ('b.png', 'caf\u00e9 line one\r\nline two', 3), ('c.png', '\u2019s femur', 5)]
+    saved = {'utf8': text.encode(), 'utf8_bom': text.encode('utf-8-sig'), 'utf16_le': text.encode('utf-16'),
+             'utf16_be': b'\xfe\xff' + text.encode('utf-16-be'), 'utf32': text.encode('utf-32'),
+             'mac_cr': text.replace('\r\n', '\r').encode(), 'unix_lf': text.replace('\r\n', '\n').encode()}
+    for name, raw in saved.items():
+        (tmp_path / f'{name}.csv').write_bytes(raw)
+        rows = data.read_captions(tmp_path / f'{name}.csv')
+        got = [(r['image_path'].name, r['caption'], int(r['where'].rsplit(' ', 1)[1])) for r in rows]
+        eol = {'mac_cr': '\r', 'unix_lf': '\n'}.get(name, '\r\n')
+        assert got == [(p, c.replace('\r\n', eol), line) for p, c, line in want], name
+    # the same file through train.py's flags: ';'-separated, other column names
+    (tmp_path / 'semi.csv').write_text('img;text\na.png;fetal brain\n')
+    cfg, _ = train.parse_args(['--train_data=' + str(tmp_path / 'semi.csv'), '--csv_separator=;', '--csv_img_key=img',
+                               '--csv_caption_key=text'])
+    assert train.make_pairs(cfg, 32, 0, 1).rows[0]['caption'] == 'fetal brain'
+    (tmp_path / 'tab.txt').write_text('filepath\ttitle\na.png\tx\n')
+    assert data.read_captions(tmp_path / 'tab.txt', sep='\\t')[0]['caption'] == 'x'
+    # what is refused, each naming the file and the line
+    refused = {'ansi': (text.encode('cp1252'), r'ansi\.csv, line 3: not utf-8 .*UTF-8'),
+               'utf16_no_bom': (text.encode('utf-16-le'), r'utf16_no_bom\.csv, line 1: a NUL byte'),
+               'open_quote': (b'filepath,title\na.png,ok\nb.png,"never closed\nc.png,x\n', r'open_quote\.csv, line 3: .*quote'),
+               'swallowed': (b'filepath,title\na.png,"never closed\nb.png,"x, y"\n', r'swallowed\.csv, line 2: 3 '
+                             r'fields where the header has 2 .*quote opened on line 2 and closed on line 3'),
+               'fields': (b'filepath,title\n\na.png,"one,\ntwo",three\n', r'fields\.csv, line 3: 3 fields where the header has 2'),
+               'semicolons': (b'filepath;title\na.png;x\n', r"semicolons\.csv, line 1: missing .*semicolon-separated: pass sep=';'"),
+               'doubled': (b'filepath,title,title\na.png,x,y\n', r"doubled\.csv, line 1: a column of .* appears twice"),
+               'empty': (b'\n\n', r'empty\.csv: empty file')}
+    for name, (raw, message) in refused.items():
+        (tmp_path / f'{name}.csv').write_bytes(raw)
+        with pytest.raises(ValueError, match=message):
+            data.read_captions(tmp_path / f'{name}.csv')
+    with pytest.raises(ValueError, match='separator must be one character'):
+        data.read_captions(tmp_path / 'unix_lf.csv', sep=';;')
 
 
 def test_missing_and_corrupt_images_name_file_and_row(tmp_path):
@@ -548,7 +586,7 @@ def test_fetal_planes_reader_tolerates_whitespace_not_unknown_labels(tmp_path):
         with pytest.raises(ValueError, match=re.escape(message)):
             data.read_fetal_planes(tmp_path)
     (tmp_path / 'FETAL_PLANES_DB_data.csv').write_text(header.replace('Brain_plane;', '') + 'P;1;Other;Op;M;1\n')
-    with pytest.raises(ValueError, match=r"FETAL_PLANES_DB_data\.csv: missing column\(s\) \['Brain_plane'\]"):
+    with pytest.raises(ValueError, match=r"FETAL_PLANES_DB_data\.csv, line 1: missing column\(s\) \['Brain_plane'\]"):
         data.read_fetal_planes(tmp_path)
 
 
@@ -636,20 +674,61 @@ def _log(cfg):
         return [json.loads(line) for line in f]
 
 
-def test_bad_key_lists_the_keys(capsys):
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--bta0=3"])
-    assert "bad argument '--bta0=3'" in str(e.value) and "beta0" in str(e.value) and "kd" in str(e.value)
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--epochs=two"])
-    assert "--epochs takes a int" in str(e.value)
-    cfg, given = train.parse_args(["--kd=static", "--resume=true", "--lr=3e-4"])
-    assert (cfg["kd"], cfg["resume"], cfg["lr"], given) == ("static", True, 3e-4, {"kd", "resume", "lr"})
+def test_one_grammar_for_every_script(capsys):
+    """data.parse_flags, as train.py, eval.py and export_ios.py call it: the same rules in each."""
+    cfg, given = train.parse_args(["--kd=static", "--resume", "--lr=3e-4", "--out_dir", "x y", "--augment=false"])
+    assert (cfg["kd"], cfg["resume"], cfg["lr"], cfg["out_dir"], cfg["augment"]) == ("static", True, 3e-4, "x y", False)
+    assert given == {"kd", "resume", "lr", "out_dir", "augment"}
     assert cfg["batch_size"] == train.TOY["batch_size"]             # toy recipe under what is not given
     assert train.parse_args(["--train_data=x.csv"])[0]["batch_size"] == 512  # the paper's recipe otherwise
+    opt, _ = data.parse_flags(["--analysis", "--probe=true", "--n", "7"], evaluation.OPTIONS, evaluation.ACCEPTS)
+    assert (opt["analysis"], opt["probe"], opt["n"]) == (True, True, 7)
+    opt, _ = data.parse_flags(["--text=true", "--checkpoint", "c.pt"], export_ios.OPTIONS, export_ios.ACCEPTS)
+    assert (opt["text"], opt["checkpoint"]) == (True, "c.pt")
+    for argv, message in ((["--bta0=3"], "unknown argument '--bta0=3' (did you mean --beta0?)"),
+                          (["beta0=3"], "unknown argument 'beta0=3'"),
+                          (["--epochs=two"], "--epochs=two: takes an integer"),
+                          (["--lr=nan"], "--lr=nan: takes a finite number"), (["--resume=maybe"], "true or false"),
+                          (["--out_dir"], "--out_dir needs a value"), (["--out_dir", "--kd=none"], "needs a value"),
+                          (["--kd=bogus"], "--kd=bogus: takes none | static | coupled | dark"),
+                          (["--batch_size=0"], "--batch_size=0: takes a value in [1, inf)"),
+                          (["--adam_beta2=1"], "in [0, 1)"), (["--tau=0"], "in (0, inf)"),
+                          (["--device=gpu"], "--device=gpu: takes auto | cpu | cuda | cuda:N"),
+                          (["--dtype=fp8"], "bf16 | fp16 | fp32")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        assert message in str(e.value)
+    assert "--kd, --beta0, --beta_r" in str(pytest.raises(SystemExit, train.parse_args, ["--x=1"]).value)
+    if not torch.cuda.is_available():
+        assert "0 CUDA devices" in str(pytest.raises(SystemExit, train.parse_args, ["--device=cuda"]).value)
+    for argv, message in ((["--task=bogus"], "toy | planes"), (["--runs=0"], "--runs=0"), (["--tsak=toy"], "--task?")):
+        assert message in str(pytest.raises(SystemExit, data.parse_flags, argv, evaluation.OPTIONS,
+                                            evaluation.ACCEPTS).value)
+    for argv, message in ((["--quantize=int4"], "none | int8 | palettize4"), (["--classes=nope.json"], "no file nope"),
+                          (["--target=iOS3"], "iOS17")):
+        assert message in str(pytest.raises(SystemExit, data.parse_flags, argv, export_ios.OPTIONS,
+                                            export_ios.ACCEPTS).value)
+    assert train.ACCEPTS.keys() <= train.KEYS.keys() and evaluation.ACCEPTS.keys() <= evaluation.OPTIONS.keys()
+    for key, value in {**train.KEYS, **train.TOY, **train.TOY_TEACHER}.items():  # every default meets its rule
+        data.check_flag(value, train.ACCEPTS.get(key))
+
+
+def test_help_lists_every_option_with_its_comment(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
-    assert "--beta_r=-0.4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "--beta_r=-0.4" in printed and "crossing zero at 71% of training" in printed
+    assert "--kd=dark" in printed and "none | static | coupled | dark; the four rows" in printed
+    assert "--epochs=20  " in printed and "(toy: 4)" in printed and "TOY_TEACHER" in printed
+    assert all(f"--{k}=" in printed for k in train.KEYS)
+    for module in (evaluation, export_ios):
+        with pytest.raises(SystemExit):
+            data.parse_flags(["-h"], module.OPTIONS, module.ACCEPTS, module.__doc__, module.__file__)
+        printed = capsys.readouterr().out
+        assert all(f"--{k}=" in printed for k in module.OPTIONS)
+    assert "also fit a linear probe" in data.flags_help(evaluation.OPTIONS, {}, "", evaluation.__file__, {})
+    assert "none | int8 | palettize4; weight compression" in data.flags_help(
+        export_ios.OPTIONS, export_ios.ACCEPTS, "", export_ios.__file__, {})
 
 
 def test_schedules():
@@ -808,7 +887,7 @@ def test_cached_step_equals_online_step_rounded_to_fp16(tmp_path):
         with torch.no_grad():
             img, txt, scale = student(s_view, batch["ids"])
             online = teacher(t_view, batch["ids"])
-        stored = cache.read(cache.rows(batch), batch["view"])
+        stored = cache.read(batch)
         rounded = (online[0].half().float(), online[1].half().float(), online[2])
         assert torch.equal(stored[2], online[2])
         assert min((x[0] - x[1:]).abs().max() for x in (img, *online[:2])) > 1e-2   # inputs that matter
@@ -832,7 +911,8 @@ def test_mismatching_cache_is_refused_naming_the_field(tmp_path):
     other = models.build_model("toy-teacher")
     torch.save(dict(model=other.state_dict(), model_config=other.config, tokenizer="toy"), tmp_path / "other.pt")
     for over, field in ((dict(teacher=str(tmp_path / "other.pt")), "teacher_sha256"), (dict(augment=False), "augment"),
-                        (dict(cache_views=3), "cache_views"), (dict(seed=1), "seed"), (dict(toy_train_size=16), "data")):
+                        (dict(cache_views=3), "cache_views"), (dict(seed=1), "seed"),
+                        (dict(toy_train_size=16), "data")):
         with pytest.raises(ValueError, match=rf"cache .* made for {field} = .*, this run has {field} = "):
             train.train({**cfg, **over})
     assert before == {name: (tmp_path / "cache" / name).read_bytes() for name in CACHE_FILES}  # nothing touched
@@ -884,7 +964,8 @@ def test_tar_shards_and_two_ranks_read_the_right_rows(tmp_path):
         views = [transform(item["image"], data.augment_draw(0, data.pair_id(item), v))[0] for v in range(2)]
         with torch.no_grad():
             image, text, _ = teacher(torch.stack(views), tokenizer([item["caption"]]))
-        assert np.abs(cache.image[row] - image.numpy()).max() < 1e-3 and np.abs(cache.text[row] - text[0].numpy()).max() < 1e-3
+        assert np.abs(cache.image[row] - image.numpy()).max() < 1e-3                 # float16: 2^-11 relative
+        assert np.abs(cache.text[row] - text[0].numpy()).max() < 1e-3
         rows.append(row)
     assert sorted(rows) == list(range(6))
     assert min(np.abs(cache.image[a] - cache.image[b]).max() for a in range(6) for b in range(a)) > 1e-2  # all differ
@@ -1211,6 +1292,11 @@ def test_table1_rows_seeds_files_and_cache(root, capsys, monkeypatch):
             x, y = cached[a]["metrics"][k], cached[b]["metrics"][k]
             assert rows[label][k] == pytest.approx((x + y) / 2)
             assert rows[label][f"{k}_std"] == pytest.approx(abs(x - y) / math.sqrt(2))  # sample std of two values
+    diff = result["paired"]["DARK - No KD"]["composite"]  # seeds 0 and 1 of each row, paired by seed
+    d = [cached[f"dark-s{s}"]["metrics"]["composite"] - cached[f"none-s{s}"]["metrics"]["composite"] for s in (0, 1)]
+    assert diff["seeds"] == 2 and diff["mean"] == pytest.approx(np.mean(d))
+    assert diff["hi"] - diff["mean"] == pytest.approx(12.7062 * abs(d[0] - d[1]) / 2, rel=1e-4)  # t(0.975, 1 df)
+    assert list(result["paired"]) == ["DARK - No KD"]  # no Static KD run here
     one = rows["DARK beta0=4 (-> -0.8)"]
     assert one["composite"] == pytest.approx(cached["dark-b4-s0"]["metrics"]["composite"])
     assert one["composite_std"] is None  # one seed: no sample std
@@ -1256,6 +1342,18 @@ def test_rows_are_named_as_the_paper_and_ordered():
         "DARK beta0=1 (-> -0.8)", "DARK beta0=8 (-> -0.8)"]
     assert evaluation.table1_row(cfg) == evaluation.table1_row(dict(cfg, lambda0=0.5))  # No KD ignores every KD weight
     assert evaluation.table1_row(dict(cfg, kd="static", lambda0=0.5))[1] == "Static logit KD (lambda 0.5)"
+
+
+def test_paired_difference_and_t_quantile():
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):  # a printed two-sided 95% t table
+        assert evaluation.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    a, b = {0: 0.5, 1: 0.7, 2: 0.6, 3: 0.9}, {0: 0.4, 1: 0.5, 2: 0.6}  # seed 3 has no partner: left out
+    d = evaluation.paired_difference(a, b)
+    assert d["seeds"] == 3 and d["mean"] == pytest.approx(0.1)
+    assert d["hi"] - d["mean"] == pytest.approx(d["mean"] - d["lo"]) == pytest.approx(4.3027 * 0.1 / math.sqrt(3),
+                                                                                        rel=1e-4)
+    assert evaluation.paired_difference({0: 0.5}, {0: 0.4}) == dict(seeds=1, mean=pytest.approx(0.1), lo=None,
+                                                                       hi=None)
 
 
 def test_mean_and_sample_std():

@@ -38,6 +38,9 @@ seed = 0
 train_data = "toy"          # 'toy' (built-in world) | image-caption .csv/.tsv | tar shards 'dir/shard_{0001..0025}.tar'
 toy_train_size = 6000       # toy world: training pairs (rendered once, then kept in memory)
 image_root = ""             # prefix for relative image paths in a caption CSV
+csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; empty = tab for .tsv, else ','
+csv_img_key = "filepath"    # caption CSV/TSV: the image path column (open_clip's --csv-img-key)
+csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's --csv-caption-key)
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
 skip_bad = False            # tar shards: skip unreadable samples (counted and reported) instead of stopping
 bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
@@ -46,16 +49,15 @@ val_every = 1               # epochs between validations
 val_size = 500              # toy: validation images (the report uses the whole test split)
 workers = 4                 # DataLoader worker processes for files (the toy world is made in the main process)
 augment = True              # one random affine + brightness/contrast draw per pair, shared by both views
-teacher_cache = ""          # folder of stored teacher embeddings: filled once (K teacher forwards per pair), then read
-cache_views = 5             # K views stored per pair: over the paper's 20 epochs each is replayed 4 times, and the
-                            # teacher costs a quarter of its online cost; the augmentation is mild enough for 5 to cover
+teacher_cache = ""          # folder of stored teacher embeddings: filled once (K teacher forwards a pair), then read
+cache_views = 5             # K views stored a pair: each replayed 4 times in the paper's 20 epochs, for 1/4 the cost
 # --- models ---
 teacher = "out/teacher/best.pt"  # a train.py checkpoint or raw open_clip weights; toy: pretrained here when missing
 teacher_config = ""         # for raw weights: preset name (fetalclip) or open_clip JSON (FetalCLIP_config.json)
 student = "toy-student"     # preset name or open_clip JSON of the student
 student_init = ""           # initial student weights (MobileCLIP2-S0 in the paper); empty = random init
 # --- loss: L = L_CLIP + L_diag + beta(t) L_off ---
-kd = "dark"                 # none | static | coupled | dark: the four rows of the paper's Table 1
+kd = "dark"                 # the four rows of the paper's Table 1
 beta0, beta_r = 2.0, -0.4   # dark: beta goes 2 -> -0.8, crossing zero at 71% of training
 lambda0, lambda_r = 1.0, -0.8  # static: constant lambda0; coupled: lambda goes 1 -> -0.8
 tau = 5.0                   # teacher temperature (teacher only): a softer target exposes its non-target structure
@@ -70,8 +72,8 @@ weight_decay = 0.1          # not on parameters with ndim < 2 (norms, biases, lo
 adam_beta1, adam_beta2, adam_eps = 0.9, 0.98, 1e-6
 grad_clip = 1.0
 # --- system ---
-device = "auto"             # auto | cpu | cuda | cuda:N
-dtype = "bf16"              # CUDA autocast: bf16 | fp16 (with a GradScaler) | fp32; the CPU always runs fp32
+device = "auto"             # auto: cuda when there is one
+dtype = "bf16"              # CUDA autocast (fp16 with a GradScaler); the CPU always runs fp32
 threads = 0                 # CPU threads (0 = torch's default)
 
 # The built-in toy world: sized so that `python train.py` finishes in minutes on a laptop CPU.
@@ -81,29 +83,23 @@ TOY = dict(epochs=4, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05,
 TOY_TEACHER = dict(student="toy-teacher", student_init="", kd="none", epochs=6, lr=1e-3)
 
 KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+# what each option accepts, checked before any work (data.parse_flags): a tuple is the closed set, a string the interval
+ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)",
+               toy_train_size="[1, inf)", samples_per_epoch="[0, inf)", val_every="[1, inf)", val_size="[1, inf)",
+               workers="[0, inf)", cache_views="[1, inf)",
+               kd=("none", "static", "coupled", "dark"), tau="(0, inf)", max_logit_scale="[1, inf)",
+               epochs="[1, inf)", batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)",
+               weight_decay="[0, inf)", adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)",
+               grad_clip="(0, inf)",
+               device=data.check_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
 
 
 # --- configuration from the command line ---
-def parse_args(argv, base=KEYS):
-    """--key=value overrides of the defaults above, type-checked. Returns (config, keys given)."""
-    cfg, given = dict(base), set()
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\n" + "\n".join(f"  --{k}={v!r}" for k, v in base.items()) +
-                  f"\nwith --train_data=toy, keys not given take TOY = {TOY}\nand the toy teacher's pretraining "
-                  f"takes TOY_TEACHER = {TOY_TEACHER}")
-            sys.exit(0)
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep or key not in base:
-            sys.exit(f"train.py: bad argument {arg!r}; use --key=value with key one of: {', '.join(base)}")
-        kind = type(base[key])
-        try:
-            cfg[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-            if kind is bool and value.lower() not in ("0", "1", "true", "false", "yes", "no"):
-                raise ValueError(value)
-        except ValueError:
-            sys.exit(f"train.py: --{key} takes a {kind.__name__} (default {base[key]!r}), got {value!r}")
-        given.add(key)
+def parse_args(argv):
+    """--key=value overrides of the defaults above, checked by data.parse_flags (the grammar of every script).
+    -> (config, keys given); with --train_data=toy, TOY fills the keys not given."""
+    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, __doc__ + f"\nThe toy teacher's pretraining takes TOY_TEACHER = "
+                                  f"{TOY_TEACHER}", __file__, notes={k: f"toy: {v}" for k, v in TOY.items()})
     if cfg["train_data"] == "toy":
         cfg.update({k: v for k, v in TOY.items() if k not in given})
     return cfg, given
@@ -153,6 +149,11 @@ def gather(x, ddp, grad):
     return torch.cat(out, dim=0)
 
 
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def print0(*args, rank=0):
     if rank == 0:
         print(*args, flush=True)
@@ -163,8 +164,9 @@ def make_pairs(cfg, size, rank, world):
     """The training image-caption pairs: the toy world or a caption CSV (map-style), or tar shards (streamed)."""
     if cfg["train_data"] == "toy":
         return data.ToyWorld(split="train", size=size, seed=cfg["seed"], length=cfg["toy_train_size"], cache=True)
-    if cfg["train_data"].endswith((".csv", ".tsv")):
-        return data.ImageRows(data.read_captions(cfg["train_data"], root=cfg["image_root"] or None))
+    if cfg["train_data"].lower().endswith((".csv", ".tsv")):
+        return data.ImageRows(data.read_captions(cfg["train_data"], cfg["csv_img_key"], cfg["csv_caption_key"],
+                                                 cfg["csv_separator"] or None, cfg["image_root"] or None))
     shards = data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"], shuffle=True, seed=cfg["seed"])
     if len(shards.shards) < world * max(1, cfg["workers"]):  # a reader without a shard would wait forever
         raise ValueError(f"{len(shards.shards)} shards in {cfg['train_data']!r} for {world} ranks x "
@@ -197,30 +199,15 @@ def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
     yield from batches
 
 
-def micro_batches_per_epoch(pairs, cfg, world):
-    """Tar shards have no length: --samples_per_epoch, or one pass over the shards' headers that counts the pairs."""
-    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or len(pairs.keys())
-    return n // (cfg["batch_size"] * world)
-
-
 # --- models ---
-def load_teacher(cfg, device):
-    """Frozen, eval mode: a train.py checkpoint carries its config; raw weights need --teacher_config."""
-    model, _ = evaluation.load_model_from_checkpoint(cfg["teacher"], cfg["teacher_config"] or None, cfg["bpe"] or None)
+def load_teacher(cfg, device, weights=True):
+    """Frozen, eval mode: a train.py checkpoint carries its config; raw weights need --teacher_config. weights=False:
+    built on the meta device, its sizes and preprocessing only (a complete --teacher_cache never loads the teacher)."""
+    model, _ = evaluation.load_model_from_checkpoint(cfg["teacher"], cfg["teacher_config"] or None, cfg["bpe"] or None,
+                                                     weights)
     for p in model.parameters():
         p.requires_grad_(False)
-    return model.to(device).eval()
-
-
-def teacher_spec(cfg):
-    """The teacher built on the meta device from its config alone, so no weight is read: its preprocessing, tokenizer
-    and embedding size, for the checks and views of a run that may never load it (a complete --teacher_cache)."""
-    ckpt = torch.load(cfg["teacher"], map_location="cpu", weights_only=True, mmap=True)
-    config = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or cfg["teacher_config"] or None
-    if config is None:
-        raise ValueError(f"{cfg['teacher']} has no 'model_config': raw open_clip weights need --teacher_config")
-    with torch.device("meta"):
-        return models.build_model(config)
+    return model.to(device).eval() if weights else model
 
 
 def build_student(cfg):
@@ -245,81 +232,51 @@ def make_optimizer(model, cfg):
 
 
 # --- stored teacher embeddings (--teacher_cache) ---
-def sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def cache_header(cfg, spec, pairs, size):
-    """What stored teacher embeddings depend on: a cache made for another value of any field is refused, naming it."""
-    if isinstance(pairs, data.TarShards):  # names and sizes: hashing every image would cost a pass over the data
-        names = "\n".join(sorted(f"{Path(s).name} {os.path.getsize(s)}" for s in pairs.shards))
-        source = f"tar shards, names and sizes sha256 {hashlib.sha256(names.encode()).hexdigest()}"
-    elif cfg["train_data"] == "toy":
-        source = f"toy world, {cfg['toy_train_size']} pairs at {size} px"
-    else:  # the CSV's bytes and where its images are; the image files themselves are not hashed
-        source = f"caption CSV sha256 {sha256(cfg['train_data'])}, images under {cfg['image_root'] or 'its folder'}"
+def cache_header(cfg, spec, pairs):
+    """What stored teacher embeddings depend on (a cache made for other values is refused, naming the field). Data:
+    the toy world's size, a CSV's bytes, or the shards' names and sizes (hashing every image would cost a pass)."""
+    def sha256(path):
+        with open(path, "rb") as f:
+            return hashlib.file_digest(f, "sha256").hexdigest()
+    tar = isinstance(pairs, data.TarShards)
+    source = (sorted([Path(s).name, os.path.getsize(s)] for s in pairs.shards) if tar else
+              f"toy world, {len(pairs)} pairs at {pairs.size} px" if cfg["train_data"] == "toy" else
+              f"caption CSV sha256 {sha256(cfg['train_data'])}, images under {cfg['image_root'] or 'its folder'}")
     return dict(format=1, teacher_sha256=sha256(cfg["teacher"]), teacher_config=cfg["teacher_config"],
                 teacher_image_size=spec.image_size, teacher_mean=spec.image_mean, teacher_std=spec.image_std,
                 embed_dim=spec.config["embed_dim"], tokenizer=tokenizer_kind(spec), context_length=spec.context_length,
-                augment=data.AUGMENT if cfg["augment"] else "off", cache_views=cfg["cache_views"] if cfg["augment"]
-                else 1, seed=cfg["seed"], data=source, **({} if isinstance(pairs, data.TarShards) else
-                                                         dict(pairs=len(pairs))))
+                augment=data.AUGMENT if cfg["augment"] else "off", seed=cfg["seed"], data=source,
+                cache_views=cfg["cache_views"] if cfg["augment"] else 1,  # unaugmented views are all the same
+                **({} if tar else dict(pairs=len(pairs))))  # tar shards: counted when the cache is made
 
 
 def fill_cache(cfg, header, view, tokenizer, pairs, rank, world, dev, autocast):
-    """Open --teacher_cache and store what it lacks: the frozen teacher over every pair, K views each, batch_size
-    images a forward. A killed pass resumes: the batches flagged done are skipped. Ranks share the pass: rank r
-    stores every world-th batch of pairs (of tar shards, every world-th shard) into the same memory-mapped files
-    (on a filesystem every rank sees), then all meet at a barrier. The teacher is loaded only if something is missing."""
-    root, ddp = Path(cfg["teacher_cache"]), dist.is_initialized()
+    """Open --teacher_cache and store what it lacks, running the teacher (loaded only then) over every pair, K views
+    each, batch_size images a forward; a killed pass resumes where it stopped. Ranks share the pass: rank r stores
+    every world-th batch of pairs (of tar shards, every world-th shard) into the same files, then all meet."""
+    root, tar = Path(cfg["teacher_cache"]), isinstance(pairs, data.TarShards)
     if rank == 0 and not (root / "header.json").exists():
-        keys = pairs.keys() if isinstance(pairs, data.TarShards) else None
-        if keys is not None and len(set(keys)) < len(keys):
-            raise ValueError(f"{cfg['train_data']}: a sample key appears twice (shard name/key must be unique)")
-        data.TeacherCache.create(root, {**header, "pairs": len(keys) if keys else header["pairs"]}, keys)
-    if ddp:
-        dist.barrier()
+        data.TeacherCache.create(root, header, pairs.keys() if tar else None)
+    barrier()
     cache = data.TeacherCache(root, header)
+    k, n = cache.header["cache_views"], len(cache.done)
     if cache.complete:
-        print0(f"teacher cache {root}: {len(cache.done)} pairs x {cache.header['cache_views']} views; the teacher "
-               "is not loaded", rank=rank)
+        print0(f"teacher cache {root}: {n} pairs x {k} views; the teacher is not loaded", rank=rank)
         return cache
-    teacher, k, n = load_teacher(cfg, dev), cache.header["cache_views"], len(cache.done)
-    per_batch = max(1, cfg["batch_size"] // k)  # pairs per teacher forward of about batch_size images
+    teacher, per_batch = load_teacher(cfg, dev), max(1, cfg["batch_size"] // k)  # a forward of ~batch_size images
     collate = data.Collate(data.DistillTransform(view, augment=cfg["augment"]), tokenizer, (cfg["seed"], None, k))
-    if isinstance(pairs, data.TarShards):  # unshuffled: a resumed pass sees the same batches
-        loader = data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"]).shard_by(rank, world)
-        loader = torch.utils.data.DataLoader(loader, per_batch, num_workers=cfg["workers"], collate_fn=collate)
-    else:
-        chunks = [range(i, min(i + per_batch, n)) for i in range(rank * per_batch, n, world * per_batch)]
-        loader = torch.utils.data.DataLoader(pairs, batch_sampler=[c for c in chunks if not cache.done[c].all()],
-                                             num_workers=cfg["workers"], collate_fn=collate)
-    t0, start, shown = time.time(), int(cache.done.sum()), 0
-    print0(f"teacher cache {root}: {start}/{n} pairs stored, storing the rest ({k} views each)", rank=rank)
-    for batch in loader:  # every pair k times in a row, as views 0..k-1
-        rows = cache.rows(batch)[::k]
-        if cache.done[rows].all():  # stored by a pass that was killed: tar shards stream past them again
-            continue
-        with torch.no_grad(), autocast:
-            image = teacher.encode_image(batch["image"][0].to(dev), normalize=True)
-            text = teacher.encode_text(batch["ids"][::k].to(dev), normalize=True)
-        cache.write(rows, image.float().view(len(rows), k, -1).cpu().numpy(), text.float().cpu().numpy())
-        if rank == 0 and time.time() - shown > 10:
-            done, shown = int(cache.done.sum()), time.time()  # every rank's pairs
-            rate = (done - start) / (shown - t0)
-            print(f"teacher cache: {done}/{n} pairs, {rate:.1f} pairs/s, {(n - done) / max(rate, 1e-9) / 60:.1f} min "
-                  "left", flush=True)
-    if ddp:
-        dist.barrier()
+    # this rank's batches in a fixed order (tar shards unshuffled), so that a resumed pass sees the same batches
+    chunks = [range(i, min(i + per_batch, n)) for i in range(rank * per_batch, n, world * per_batch)]
+    batching = dict(batch_size=per_batch) if tar else dict(batch_sampler=[c for c in chunks if not cache.done[c].all()])
+    reader = data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"]).shard_by(rank, world) if tar else pairs
+    loader = torch.utils.data.DataLoader(reader, **batching, num_workers=cfg["workers"], collate_fn=collate)
+    with torch.no_grad(), autocast:  # the teacher's forward as in an online step
+        cache.fill(loader, lambda images, ids: (teacher.encode_image(images.to(dev), normalize=True).float().cpu(),
+                                                teacher.encode_text(ids.to(dev), normalize=True).float().cpu()), rank)
+    barrier()
     if rank == 0:
         cache.finish(teacher.logit_scale.exp().item())
-        print(f"teacher cache: {int(cache.done.sum())}/{n} pairs stored in {(time.time() - t0) / 60:.1f} min")
-    if ddp:
-        dist.barrier()
+    barrier()
     return cache
 
 
@@ -363,20 +320,19 @@ def train(cfg):
     student = build_student(cfg).to(dev)
     cached = bool(cfg["teacher_cache"]) and cfg["kd"] != "none"  # then the teacher runs in the caching pass, if at all
     teacher = load_teacher(cfg, dev) if cfg["kd"] != "none" and not cached else None
-    spec = teacher_spec(cfg) if cached else teacher or student  # the teacher's shapes
+    spec = load_teacher(cfg, dev, weights=False) if cached else teacher or student  # the teacher's shapes
     tokenizer = data.get_tokenizer(tokenizer_kind(student), student.context_length, cfg["bpe"] or None)
     if (tokenizer_kind(spec), spec.context_length) != (tokenizer_kind(student), student.context_length):
-        raise ValueError("teacher and student must share the tokenizer and context length (the same token ids "
-                         f"feed both): teacher {tokenizer_kind(spec)}/{spec.context_length}, "
-                         f"student {tokenizer_kind(student)}/{student.context_length}")
+        raise ValueError(f"teacher ({tokenizer_kind(spec)}, {spec.context_length}) and student ({tokenizer_kind(student)},"
+                         f" {student.context_length}) must share the tokenizer and context length: the same ids feed both")
     views = [(m.image_size, m.image_mean, m.image_std) for m in (spec, student)]  # each its own
-    size = max(student.image_size, spec.image_size)
-    pairs = make_pairs(cfg, size, rank, world)
-    cache = fill_cache(cfg, cache_header(cfg, spec, pairs, size), views[0], tokenizer, pairs, rank, world, dev,
+    pairs = make_pairs(cfg, max(student.image_size, spec.image_size), rank, world)
+    cache = fill_cache(cfg, cache_header(cfg, spec, pairs), views[0], tokenizer, pairs, rank, world, dev,
                        autocast) if cached else None
     transform = data.DistillTransform(*views[cached:], augment=cfg["augment"])  # cached: the student's view only
-    replay = lambda epoch: (cfg["seed"], epoch, cache.header["cache_views"]) if cached else None
-    steps_per_epoch = micro_batches_per_epoch(pairs, cfg, world) // cfg["grad_accum"]
+    # tar shards have no length: --samples_per_epoch, or a pass over the shards' headers that counts the pairs
+    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or len(pairs.keys())
+    steps_per_epoch = n // (cfg["batch_size"] * world * cfg["grad_accum"])
     total_steps = steps_per_epoch * cfg["epochs"]
     if total_steps == 0:
         raise ValueError(f"no optimizer step fits in an epoch: fewer pairs than batch {cfg['batch_size']} x {world} "
@@ -402,8 +358,7 @@ def train(cfg):
 
     def checkpoint(path):
         save_atomic(dict(model=student.state_dict(), model_config=student.config, tokenizer=tokenizer_kind(student),
-                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, best_val=best,
-                         config=cfg,
+                         optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, best_val=best, config=cfg,
                          rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)),
                     path)
 
@@ -418,7 +373,8 @@ def train(cfg):
     model.train()
     while step < total_steps:
         epoch, first = divmod(step, steps_per_epoch)
-        batches = epoch_batches(pairs, data.Collate(transform, tokenizer, replay(epoch)), cfg, epoch, rank, world,
+        replay = (cfg["seed"], epoch, cache.header["cache_views"]) if cached else None  # the stored views
+        batches = epoch_batches(pairs, data.Collate(transform, tokenizer, replay), cfg, epoch, rank, world,
                                 start=first * cfg["grad_accum"])
         for _ in range(first, steps_per_epoch):
             lr, weight = lr_at(step, total_steps, cfg["lr"], cfg["warmup_steps"]), kd_weight(cfg, step, total_steps)
@@ -436,7 +392,7 @@ def train(cfg):
                             with torch.no_grad():
                                 t_img, t_txt, t_scale = teacher(batch["image"][0].to(dev, non_blocking=True), ids)
                     if cached:  # the stored view's embeddings, the pair's caption's, the teacher's scale
-                        t_img, t_txt, t_scale = (x.to(dev) for x in cache.read(cache.rows(batch), batch["view"]))
+                        t_img, t_txt, t_scale = (x.to(dev) for x in cache.read(batch))
                     if t_img is not None:  # the teacher's columns are targets: gathered without a graph
                         t_img, t_txt = gather(t_img, ddp, False), gather(t_txt, ddp, False)
                     rows = slice(rank * len(ids), (rank + 1) * len(ids))  # this rank's rows of the global batch
@@ -499,8 +455,7 @@ def train(cfg):
         checkpoint(out / "best.pt")
     if log:
         log.close()
-    if ddp:
-        dist.barrier()
+    barrier()
     return out / "best.pt"
 
 
@@ -519,7 +474,6 @@ def report(checkpoints, cfg):
     table = evaluation.markdown_table(rows, list(rows[0]))
     print("\nzero-shot on the toy test split (image_ms: CPU, batch 1, reparameterized where foldable)\n" + table)
     Path(cfg["out_dir"], "results.md").write_text(table + "\n")
-    return rows
 
 
 def main(argv):
@@ -532,8 +486,7 @@ def main(argv):
         built = train({**cfg, **TOY_TEACHER, "out_dir": str(Path(cfg["teacher"]).parent / "pretrain"), "resume": False})
         if int(os.environ.get("RANK", 0)) == 0:
             os.replace(built, cfg["teacher"])
-        if dist.is_initialized():
-            dist.barrier()
+        barrier()
     best = train(cfg)
     if int(os.environ.get("RANK", 0)) == 0 and cfg["train_data"] == "toy":
         report([("teacher", cfg["teacher"])] * (cfg["kd"] != "none") + [(f"student ({cfg['kd']})", best)], cfg)
