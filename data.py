@@ -907,7 +907,7 @@ class TeacherCache:
     def fill(self, loader, encode, rank=0):
         """Store the pairs of loader's batches (Collate with replay=(seed, None, K): each pair K times in a row) that
         are not stored yet. encode(images [n K, 3, S, S], ids [n, L]) -> float tensors ([n K, D], [n, D]). Rank 0
-        prints every 10 s the pairs stored by every rank, out of all, this rank's rate and the time left."""
+        prints every 10 s the pairs stored by all ranks out of all pairs, their rate and the time left."""
         k, n = self.header['cache_views'], len(self.done)
         t0, start, shown = time.time(), int(self.done.sum()), 0
         for batch in loader:

@@ -900,7 +900,7 @@ def test_cached_step_equals_online_step_rounded_to_fp16(tmp_path):
         bound = 2 * online[2] / 5.0 * dcos * log_q.abs().max()
         effect = [abs(full[key] - exact[key]) for key in ("diag", "off")]
         assert 0 < max(effect) and all(e <= bound for e in effect), (effect, bound)
-        assert max(effect) < 1e-3 * abs(full["off"])             # about 1e-5 here
+        assert max(effect) < 1e-4 * abs(full["off"])             # measured: under 1e-5 of the term here
 
 
 def test_mismatching_cache_is_refused_naming_the_field(tmp_path):
@@ -939,36 +939,59 @@ def test_killed_caching_pass_resumes_to_the_same_files(tmp_path, monkeypatch):
         assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "killed" / name).read_bytes(), name
 
 
-def test_tar_shards_and_two_ranks_read_the_right_rows(tmp_path):
-    """Rows are found by shard name and sample key whatever the shard order; two gloo ranks, each caching its own
-    shards into the same files, store what one process stores."""
-    world = data.ToyWorld("train", 64, length=6)
-    for k in (1, 2):
-        samples = []
-        for i in range(3 * k - 3, 3 * k):
-            png = io.BytesIO()
-            world[i]["image"].save(png, "PNG")
-            samples += [(f"p{i}.png", png.getvalue()), (f"p{i}.txt", world[i]["caption"].encode())]
-        _write_shard(tmp_path / f"shard_{k:02d}.tar", samples)
-    common = dict(kd="static", train_data=str(tmp_path / "shard_{01..02}.tar"), epochs=1, samples_per_epoch=8,
-                  workers=0)
-    one = _cached(tmp_path, batch_size=4, **common)
-    two = _cached(tmp_path, batch_size=2, teacher_cache=str(tmp_path / "two"), out_dir=str(tmp_path / "run2"), **common)
-    train.train(one)
-    cache = data.TeacherCache(one["teacher_cache"])
-    teacher, tokenizer = evaluation.load_model_from_checkpoint(one["teacher"])
+def _assert_rows_hold_their_pairs(cfg, items):
+    """Every item's row in cfg's cache holds the teacher's embeddings of that item's K views and caption."""
+    cache = data.TeacherCache(cfg["teacher_cache"])
+    teacher, tokenizer = evaluation.load_model_from_checkpoint(cfg["teacher"])
     transform = data.DistillTransform((teacher.image_size, teacher.image_mean, teacher.image_std))
     rows = []
-    for item in data.TarShards(str(tmp_path / "shard_{02,01}.tar")):  # the other shard order
-        row = int(cache.rows(dict(key=[item["key"]]))[0])
-        views = [transform(item["image"], data.augment_draw(0, data.pair_id(item), v))[0] for v in range(2)]
+    for item in items:
+        row = int(cache.rows({k: [v] for k, v in item.items()})[0])
+        views = [transform(item["image"], data.augment_draw(cfg["seed"], data.pair_id(item), v))[0]
+                 for v in range(cfg["cache_views"])]
         with torch.no_grad():
             image, text, _ = teacher(torch.stack(views), tokenizer([item["caption"]]))
         assert np.abs(cache.image[row] - image.numpy()).max() < 1e-3                 # float16: 2^-11 relative
         assert np.abs(cache.text[row] - text[0].numpy()).max() < 1e-3
         rows.append(row)
-    assert sorted(rows) == list(range(6))
-    assert min(np.abs(cache.image[a] - cache.image[b]).max() for a in range(6) for b in range(a)) > 1e-2  # all differ
+    assert sorted(rows) == list(range(len(items)))
+    assert min(np.abs(cache.image[a] - cache.image[b]).max() for a in rows for b in range(a)) > 1e-2  # all differ
+
+
+def _toy_png(i):
+    png = io.BytesIO()
+    data.ToyWorld("train", 64, length=8)[i]["image"].save(png, "PNG")
+    return png.getvalue()
+
+
+def test_caption_csv_cache_rows_and_identity(tmp_path):
+    world = data.ToyWorld("train", 64, length=8)
+    lines = ["filepath,title"]
+    for i in range(4):
+        (tmp_path / f"{i}.png").write_bytes(_toy_png(i))
+        lines.append(f'{i}.png,"{world[i]["caption"]}"')
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    cfg = _cached(tmp_path, kd="static", train_data=str(tmp_path / "pairs.csv"), batch_size=2, workers=0)
+    train.train(cfg)
+    _assert_rows_hold_their_pairs(cfg, list(data.ImageRows(data.read_captions(tmp_path / "pairs.csv"))))
+    (tmp_path / "pairs.csv").write_text("\n".join(lines[:-1]) + "\n")   # one pair fewer: other data
+    with pytest.raises(ValueError, match=r"made for data = 'caption CSV sha256 "):
+        train.train(cfg)
+
+
+def test_tar_shards_and_two_ranks_read_the_right_rows(tmp_path):
+    """Rows are found by shard name and sample key whatever the shard order; two gloo ranks, each caching its own
+    shards into the same files, store what one process stores."""
+    world = data.ToyWorld("train", 64, length=6)
+    for k in (1, 2):
+        _write_shard(tmp_path / f"shard_{k:02d}.tar", [member for i in range(3 * k - 3, 3 * k) for member in (
+            (f"p{i}.png", _toy_png(i)), (f"p{i}.txt", world[i]["caption"].encode()))])
+    common = dict(kd="static", train_data=str(tmp_path / "shard_{01..02}.tar"), epochs=1, samples_per_epoch=8,
+                  workers=0)
+    one = _cached(tmp_path, batch_size=4, **common)
+    two = _cached(tmp_path, batch_size=2, teacher_cache=str(tmp_path / "two"), out_dir=str(tmp_path / "run2"), **common)
+    train.train(one)
+    _assert_rows_hold_their_pairs(one, list(data.TarShards(str(tmp_path / "shard_{02,01}.tar"))))  # other order
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -175,7 +175,7 @@ def make_pairs(cfg, size, rank, world):
 
 
 def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
-    """This rank's micro-batches of one epoch as (teacher view, student view, token ids), from micro-batch `start`
+    """This rank's micro-batches of one epoch as collate's batch dicts, from micro-batch `start`
     on (for --resume). Map-style data is shuffled by a generator seeded with (seed, epoch) and each global batch is
     cut into per-rank slices, so a resumed run, and a run on any number of ranks, sees the same global batches."""
     bs, g = cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
