@@ -78,7 +78,8 @@ def load_student(path, model_config=None):
 
 
 def class_prompts(classes, tokenizer):
-    """'planes' | 'brain' | 'none' | a {class: [prompts]} JSON path -> prompts (None for no head). The defaults are
+    """'planes' | 'brain' | 'none' | a prompts JSON (data.load_prompts: {class: [prompts]} or {"templates": [...],
+    "classes": [...]}) -> {class: [prompts]} (None for no head). The defaults are
     eval.py's: the toy world's wording for a toy-tokenizer model, the clinical prompts otherwise."""
     if classes == "none":
         return None
@@ -86,10 +87,7 @@ def class_prompts(classes, tokenizer):
         toy = isinstance(tokenizer, data.ToyTokenizer)
         return {"planes": data.TOY_PLANE_PROMPTS if toy else evaluation.PLANE_PROMPTS,
                 "brain": data.TOY_BRAIN_PROMPTS if toy else evaluation.BRAIN_PROMPTS}[classes]
-    prompts = json.loads(Path(classes).read_text())
-    if not isinstance(prompts, dict) or not all(isinstance(v, list) and v for v in prompts.values()):
-        raise ValueError(f"{classes}: expected a JSON object {{class name: [prompt, ...]}}")
-    return prompts
+    return data.load_prompts(classes)  # the same file, and the same reading of it, as eval.py --prompts
 
 
 class ImageEncoder(nn.Module):
@@ -340,7 +338,8 @@ def main(argv=None):
     p.add_argument("--model_config", default=None, help="for raw weights only: a preset name or an open_clip JSON")
     p.add_argument("--out", default="out/ios", help="folder for the .mlpackage files")
     p.add_argument("--name", default="MobileFetalCLIP", help="package prefix; Xcode names the Swift class after it")
-    p.add_argument("--classes", default="planes", help="planes | brain | none | a {class: [prompts]} JSON file")
+    p.add_argument("--classes", default="planes", help="planes | brain | none | a prompts JSON file: {class: [prompts]} "
+                   "or {templates: [...], classes: [...]}")
     p.add_argument("--text", action="store_true", help="also export the text encoder")
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE), help="weight compression")
     p.add_argument("--target", default="iOS17", help="minimum deployment target, a coremltools ct.target name")
