@@ -484,40 +484,92 @@ def load_image(path, where=''):
         raise ValueError(f"{where + ': ' if where else ''}cannot read image {path}: {e}") from e
 
 
-def _read_table(path, columns, sep):
-    """Rows of a delimited text file as dicts with 'where' = 'file, line N'. Stray whitespace around headers and
-    values is dropped (published files have it: FETAL_PLANES_DB's header says 'Train '); nothing else is forgiven."""
-    path = Path(path)
-    with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a spreadsheet's byte-order mark is no header
-        reader = csv.reader(f, delimiter=sep, skipinitialspace=True)
-        header = [h.strip() for h in next(reader, [])]
-        while header and not header[-1]:  # a trailing separator
-            header.pop()
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; the header has {header}")
-        rows = []
-        for values in reader:
-            values = [v.strip() for v in values]
-            while len(values) > len(header) and not values[-1]:
-                values.pop()
-            if not any(values):
-                continue
-            where = f"{path}, line {reader.line_num}"
-            if len(values) != len(header):
-                raise ValueError(f"{where}: {len(values)} fields where the header has {len(header)}")
-            rows.append(dict(zip(header, values), where=where))
+_BOMS = ((b'\xef\xbb\xbf', 'utf-8-sig'), (b'\xff\xfe\x00\x00', 'utf-32'), (b'\x00\x00\xfe\xff', 'utf-32'),
+         (b'\xff\xfe', 'utf-16'), (b'\xfe\xff', 'utf-16'))  # utf-32's mark starts like utf-16's: test it first
+_SEPARATORS = {',': 'comma', ';': 'semicolon', '\t': 'tab', '|': 'pipe'}
+
+
+def _line_of(text):
+    """1-based number of the line that text's end sits on, counting \\n, \\r\\n and a lone \\r as csv does."""
+    return text.count('\n') + text.count('\r') - text.count('\r\n') + 1
+
+
+def read_table(path, columns, sep=None):
+    """Rows of a delimited text file (CSV, TSV, FETAL_PLANES_DB's ';' file) -> [dict(header -> value, where)], where
+    'where' is 'PATH, line N' with N the line each row starts on (a quoted caption may span lines). sep: one
+    character, or '\\t' for a tab; None: tab for .tsv/.tab, else ','. Every name in columns must be in the header.
+
+    Encodings: UTF-8, and UTF-8, UTF-16 or UTF-32 with a byte-order mark (Excel's 'CSV UTF-8' and 'Unicode text').
+    Anything else (Windows-1252 'ANSI', Latin-1, UTF-16 without a mark) raises ValueError naming the file and line:
+    such bytes decode as *some* text in almost any single-byte encoding, so a guess would silently change captions.
+    Stray whitespace and byte-order marks around headers and values are dropped (published files have them:
+    FETAL_PLANES_DB's header says 'Train '), as are trailing separators and blank lines; nothing else is forgiven:
+    a wrong field count, a quote never closed, a missing or doubled column raise ValueError naming file and line.
+    Quoting is csv's (Excel's): '"a" ,' reads as a; a quote inside an unquoted field (5" probe) is a character."""
+    path, raw = Path(path), Path(path).read_bytes()
+    sep = {None: '\t' if path.suffix.lower() in ('.tsv', '.tab') else ',', '\\t': '\t'}.get(sep, sep)
+    if len(sep) != 1:
+        raise ValueError(f"separator must be one character (or '\\t'), got {sep!r}")
+    encoding = next((name for bom, name in _BOMS if raw.startswith(bom)), 'utf-8')
+    if encoding == 'utf-8' and b'\0' in raw:  # UTF-8 text has no NUL; UTF-16/32 text of Latin letters is half NULs
+        raise ValueError(f"{path}, line {_line_of(raw[:raw.index(0)].decode('latin-1'))}: a NUL byte (UTF-16 without "
+                         "a byte-order mark?); save it as UTF-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = _line_of(raw[:e.start].decode(encoding, 'replace'))
+        raise ValueError(f"{path}, line {line}: not {encoding.removesuffix('-sig')} (bytes {raw[e.start:e.start + 4]!r})."
+                         " Save it as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f cp1252 -t utf-8): other encodings are "
+                         "not guessed") from None
+    lines = io.StringIO(text, newline='').readlines()  # split as csv splits: at \\n, \\r\\n and a lone \\r
+    reader = csv.reader(lines, delimiter=sep, skipinitialspace=True)  # not strict: '"a" ,' is a, as spreadsheets read it
+    header, rows = None, []
+    while True:
+        start = reader.line_num + 1  # the line this record starts on
+        where = f"{path}, line {start}"
+        try:
+            values = [v.replace('\ufeff', '').strip() for v in next(reader)]
+        except StopIteration:
+            break
+        except csv.Error as e:  # NUL is caught above; what is left is csv.field_size_limit
+            raise ValueError(f"{where}: {e} (a quote opened here and never closed?)") from None
+        while values and not values[-1] and (header is None or len(values) > len(header)):
+            values.pop()  # a trailing separator
+        if not any(values):
+            continue
+        quote = f" (a quote opened on line {start} and closed on line {reader.line_num}?)" * (reader.line_num > start)
+        if reader.line_num == len(lines) > start:  # the last record spans lines: was its quote ever closed?
+            try:
+                list(csv.reader(lines[start - 1:], delimiter=sep, skipinitialspace=True, strict=True))
+            except csv.Error as e:
+                if 'end of data' in str(e):
+                    raise ValueError(f"{where}: a quote opened here is never closed") from None
+        if header is None:
+            header, missing = values, [c for c in columns if c not in values]
+            if missing:
+                guess = next((f"; it looks {name}-separated: pass sep={s!r} (train.py --csv_separator)"
+                              for s, name in _SEPARATORS.items() if s != sep and s in ''.join(values)), '')
+                raise ValueError(f"{where}: missing column(s) {missing}; the header has {values}, split at {sep!r}{guess}")
+            if any(values.count(c) > 1 for c in columns):
+                raise ValueError(f"{where}: a column of {list(columns)} appears twice in the header {values}")
+            continue
+        if len(values) != len(header):
+            raise ValueError(f"{where}: {len(values)} fields where the header has {len(header)} (split at "
+                             f"{sep!r}){quote}")
+        rows.append(dict(zip(header, values), where=where))
+    if header is None:
+        raise ValueError(f"{path}: empty file; expected a header with {list(columns)}")
     return rows
 
 
 def read_captions(path, image_col='filepath', caption_col='title', sep=None, root=None):
-    """Image-caption pairs from a CSV (',') or TSV ('\\t', by extension) with open_clip's column names by default.
-    Relative image paths are taken from root, else from the file's own folder. -> [dict(image_path, caption, where)]"""
+    """Image-caption pairs from a CSV or TSV (read_table) with open_clip's column names by default (open_clip's
+    --csv-img-key, --csv-caption-key). Relative image paths are taken from root, else from the file's own folder.
+    -> [dict(image_path, caption, where)]; an empty caption raises ValueError naming file and line."""
     path = Path(path)
-    sep = sep or ('\t' if path.suffix.lower() in ('.tsv', '.tab') else ',')
     root = Path(root) if root else path.parent
     rows = []
-    for r in _read_table(path, (image_col, caption_col), sep):
+    for r in read_table(path, (image_col, caption_col), sep):
         if not r[caption_col]:
             raise ValueError(f"{r['where']}: empty caption")
         rows.append(dict(image_path=root / r[image_col], caption=r[caption_col], where=r['where']))
@@ -572,7 +624,7 @@ def read_fetal_planes(root):
     root = Path(root)
     columns = ('Image_name', 'Patient_num', 'Plane', 'Brain_plane', 'Operator', 'US_Machine', 'Train')
     rows = []
-    for r in _read_table(root / 'FETAL_PLANES_DB_data.csv', columns, ';'):
+    for r in read_table(root / 'FETAL_PLANES_DB_data.csv', columns, ';'):
         plane = _label(r, 'Plane', PLANES + ('Other',))
         brain = _label(r, 'Brain_plane', BRAIN_PLANES + ('Other', 'Not A Brain'))
         if brain in BRAIN_PLANES and plane != 'Fetal brain':
@@ -591,7 +643,7 @@ def read_hc18(root):
     file fails early; the pixel spacing of a model's input is max(width, height) / input_size * pixel_mm."""
     root = Path(root)
     rows = []
-    for r in _read_table(root / 'training_set_pixel_size_and_HC.csv',
+    for r in read_table(root / 'training_set_pixel_size_and_HC.csv',
                          ('filename', 'pixel size(mm)', 'head circumference (mm)'), ','):
         try:
             pixel_mm, hc_mm = float(r['pixel size(mm)']), float(r['head circumference (mm)'])

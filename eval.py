@@ -647,6 +647,30 @@ def mean_std(values):
     return finite(v.mean()), finite(v.std(ddof=1)) if len(v) > 1 else None
 
 
+def t_quantile(p, df):
+    """Student's t quantile for p in (0.5, 1) with df degrees of freedom: bisection on the CDF, whose density is
+    integrated numerically (numpy only, no scipy). t_quantile(0.975, 4) = 2.776, as printed t tables give."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    def cdf(t):
+        x = np.linspace(0.0, t, 4001)
+        return 0.5 + np.trapezoid(np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df)), x)
+    lo, hi = 0.0, 1e3
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def paired_difference(a, b, level=0.95):
+    """{seed: metric} of two rows -> the difference a - b over the seeds both rows have: dict(seeds, mean, lo, hi),
+    lo/hi the two-sided t interval of the mean difference (None with fewer than two seeds, or an undefined metric).
+    Pairing by seed removes what the rows share (the same data order and initial weights for one seed)."""
+    d = np.array([a[s] - b[s] for s in sorted(set(a) & set(b)) if a[s] is not None and b[s] is not None], float)
+    if len(d) < 2:
+        return dict(seeds=len(d), mean=float(d.mean()) if len(d) else None, lo=None, hi=None)
+    half = t_quantile(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return dict(seeds=len(d), mean=float(d.mean()), lo=float(d.mean() - half), hi=float(d.mean() + half))
+
+
 def cached(path, sources, meta, compute):
     """compute() -> metrics, saved to path; reused while path is newer than every source file and was written with
     the same meta and protocol, so rerunning the table evaluates only what was retrained."""
@@ -692,7 +716,8 @@ def plot_dynamics(path, curves):
 def table1(root, out=None, n=None, device="cpu"):
     """root/<run>/{best.pt, log.jsonl}, one folder per train.py run -> Table 1 on the toy test split (mean and sample
     std over seeds, beside the teacher) in out/table1.md and table1.json (out defaults to root), Figure 2 in
-    dynamics.png, and the teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON.
+    dynamics.png, the differences DARK - Static KD and DARK - No KD paired by seed with 95% t intervals, and the
+    teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON.
     Each checkpoint's metrics are cached beside it (test_metrics.json, analysis.json): a rerun is cheap."""
     root, out = Path(root), Path(out or root)
 
@@ -723,11 +748,13 @@ def table1(root, out=None, n=None, device="cpu"):
     for run in sorted(runs, key=lambda run: run["cfg"]["seed"]):  # lowest seed first: the one analysed
         groups.setdefault(table1_row(run["cfg"]), []).append(run)
     result = dict(teacher=dict(path=str(teacher), **{k: test(teacher)[k] for k in TABLE1_METRICS}), rows=[],
-                  analysis={})
+                  paired={}, analysis={})
+    by_seed = {}  # label -> {seed: test metrics}, for the paired differences
     for (_, label), members in sorted(groups.items()):
         row = dict(row=label, seeds=len(members), runs=[m["name"] for m in members])
+        by_seed[label] = {m["cfg"]["seed"]: test(m["dir"] / "best.pt") for m in members}
         for k in TABLE1_METRICS:
-            row[k], row[f"{k}_std"] = mean_std([test(m["dir"] / "best.pt")[k] for m in members])
+            row[k], row[f"{k}_std"] = mean_std([metrics[k] for metrics in by_seed[label].values()])
         result["rows"].append(row)
         if label in TABLE1_ROWS:
             curves[label] = dynamics_curves([m["dir"] for m in members])
@@ -737,12 +764,23 @@ def table1(root, out=None, n=None, device="cpu"):
                         lambda: analysis(load(teacher), load(ckpt), "toy", "test", n, out_dir=first["dir"],
                                          device=device))
             result["analysis"][label] = dict(run=first["name"], **ts)
+    dark_row = TABLE1_ROWS[-1]
+    for other in (r for r in TABLE1_ROWS[:2] if r in by_seed and dark_row in by_seed):
+        result["paired"][f"DARK - {other}"] = {k: paired_difference(
+            {s: m[k] for s, m in by_seed[dark_row].items()}, {s: m[k] for s, m in by_seed[other].items()})
+            for k in TABLE1_METRICS}
     fmt = lambda x, digits: "-" if x is None else f"{x:.{digits}f}"
+    interval = lambda d, digits: (f"{fmt(d['mean'], digits)} [{fmt(d['lo'], digits)}, {fmt(d['hi'], digits)}]"
+                                  f" (n={d['seeds']})")
     lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in TABLE1_METRICS.items()})]
     lines += [dict(row=r["row"], seeds=r["seeds"], **{k: f"{fmt(r[k], d)} +/- {fmt(r[k + '_std'], d)}"
                                                       for k, d in TABLE1_METRICS.items()}) for r in result["rows"]]
     md = (f"Zero-shot on the toy test split: mean +/- sample std over seeds ({PROTOCOL})\n\n"
-          + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS]) + "\n\nTeacher-student analysis, 5 planes, "
+          + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS])
+          + "\n\nPaired by seed: mean difference [95% t interval over seeds] (seeds paired)\n\n"
+          + markdown_table([dict(difference=name, **{k: interval(d[k], TABLE1_METRICS[k]) for k in TABLE1_METRICS})
+                            for name, d in result["paired"].items()], ["difference", *TABLE1_METRICS])
+          + "\n\nTeacher-student analysis, 5 planes, "
           "lowest seed\n\n" + markdown_table([dict(row=label, **a) for label, a in result["analysis"].items()],
                                                ["row", "run", *TS_PLANES]) + "\n")
     out.mkdir(parents=True, exist_ok=True)

@@ -473,8 +473,46 @@ def test_caption_csv_and_tsv(tmp_path):
     with pytest.raises(ValueError, match=r'empty\.csv, line 3: empty caption'):
         data.read_captions(tmp_path / 'empty.csv')
     (tmp_path / 'nocap.csv').write_text('filepath,text\nimg/a.png,ok\n')
-    with pytest.raises(ValueError, match=r"nocap\.csv: missing column\(s\) \['title'\]"):
+    with pytest.raises(ValueError, match=r"nocap\.csv, line 1: missing column\(s\) \['title'\]"):
         data.read_captions(tmp_path / 'nocap.csv')
+
+
+def test_caption_files_from_other_tools_decode_or_name_file_and_line(tmp_path):
+    # one table as spreadsheets and editors save it; a quoted two-line caption starts on line 3
+    text = 'filepath,title\r\na.png,fetal brain\r\nb.png,"caf\u00e9 line one\r\nline two"\r\nc.png,\u2019s femur\r\n'
+    want = [('a.png', 'fetal brain', 2), ('b.png', 'caf\u00e9 line one\r\nline two', 3), ('c.png', '\u2019s femur', 5)]
+    saved = {'utf8': text.encode(), 'utf8_bom': text.encode('utf-8-sig'), 'utf16_le': text.encode('utf-16'),
+             'utf16_be': b'\xfe\xff' + text.encode('utf-16-be'), 'utf32': text.encode('utf-32'),
+             'mac_cr': text.replace('\r\n', '\r').encode(), 'unix_lf': text.replace('\r\n', '\n').encode()}
+    for name, raw in saved.items():
+        (tmp_path / f'{name}.csv').write_bytes(raw)
+        rows = data.read_captions(tmp_path / f'{name}.csv')
+        got = [(r['image_path'].name, r['caption'], int(r['where'].rsplit(' ', 1)[1])) for r in rows]
+        eol = {'mac_cr': '\r', 'unix_lf': '\n'}.get(name, '\r\n')
+        assert got == [(p, c.replace('\r\n', eol), line) for p, c, line in want], name
+    # the same file through train.py's flags: ';'-separated, other column names
+    (tmp_path / 'semi.csv').write_text('img;text\na.png;fetal brain\n')
+    cfg, _ = train.parse_args(['--train_data=' + str(tmp_path / 'semi.csv'), '--csv_separator=;', '--csv_img_key=img',
+                               '--csv_caption_key=text'])
+    assert train.make_pairs(cfg, 32, 0, 1).rows[0]['caption'] == 'fetal brain'
+    (tmp_path / 'tab.txt').write_text('filepath\ttitle\na.png\tx\n')
+    assert data.read_captions(tmp_path / 'tab.txt', sep='\\t')[0]['caption'] == 'x'
+    # what is refused, each naming the file and the line
+    refused = {'ansi': (text.encode('cp1252'), r'ansi\.csv, line 3: not utf-8 .*UTF-8'),
+               'utf16_no_bom': (text.encode('utf-16-le'), r'utf16_no_bom\.csv, line 1: a NUL byte'),
+               'open_quote': (b'filepath,title\na.png,ok\nb.png,"never closed\nc.png,x\n', r'open_quote\.csv, line 3: .*quote'),
+               'swallowed': (b'filepath,title\na.png,"never closed\nb.png,"x, y"\n', r'swallowed\.csv, line 2: 3 '
+                             r'fields where the header has 2 .*quote opened on line 2 and closed on line 3'),
+               'fields': (b'filepath,title\n\na.png,"one,\ntwo",three\n', r'fields\.csv, line 3: 3 fields where the header has 2'),
+               'semicolons': (b'filepath;title\na.png;x\n', r"semicolons\.csv, line 1: missing .*semicolon-separated: pass sep=';'"),
+               'doubled': (b'filepath,title,title\na.png,x,y\n', r"doubled\.csv, line 1: a column of .* appears twice"),
+               'empty': (b'\n\n', r'empty\.csv: empty file')}
+    for name, (raw, message) in refused.items():
+        (tmp_path / f'{name}.csv').write_bytes(raw)
+        with pytest.raises(ValueError, match=message):
+            data.read_captions(tmp_path / f'{name}.csv')
+    with pytest.raises(ValueError, match='separator must be one character'):
+        data.read_captions(tmp_path / 'unix_lf.csv', sep=';;')
 
 
 def test_missing_and_corrupt_images_name_file_and_row(tmp_path):
@@ -548,7 +586,7 @@ def test_fetal_planes_reader_tolerates_whitespace_not_unknown_labels(tmp_path):
         with pytest.raises(ValueError, match=re.escape(message)):
             data.read_fetal_planes(tmp_path)
     (tmp_path / 'FETAL_PLANES_DB_data.csv').write_text(header.replace('Brain_plane;', '') + 'P;1;Other;Op;M;1\n')
-    with pytest.raises(ValueError, match=r"FETAL_PLANES_DB_data\.csv: missing column\(s\) \['Brain_plane'\]"):
+    with pytest.raises(ValueError, match=r"FETAL_PLANES_DB_data\.csv, line 1: missing column\(s\) \['Brain_plane'\]"):
         data.read_fetal_planes(tmp_path)
 
 
@@ -1087,6 +1125,11 @@ def test_table1_rows_seeds_files_and_cache(root, capsys, monkeypatch):
             x, y = cached[a]["metrics"][k], cached[b]["metrics"][k]
             assert rows[label][k] == pytest.approx((x + y) / 2)
             assert rows[label][f"{k}_std"] == pytest.approx(abs(x - y) / math.sqrt(2))  # sample std of two values
+    diff = result["paired"]["DARK - No KD"]["composite"]  # seeds 0 and 1 of each row, paired by seed
+    d = [cached[f"dark-s{s}"]["metrics"]["composite"] - cached[f"none-s{s}"]["metrics"]["composite"] for s in (0, 1)]
+    assert diff["seeds"] == 2 and diff["mean"] == pytest.approx(np.mean(d))
+    assert diff["hi"] - diff["mean"] == pytest.approx(12.7062 * abs(d[0] - d[1]) / 2, rel=1e-4)  # t(0.975, 1 df)
+    assert list(result["paired"]) == ["DARK - No KD"]  # no Static KD run here
     one = rows["DARK beta0=4 (-> -0.8)"]
     assert one["composite"] == pytest.approx(cached["dark-b4-s0"]["metrics"]["composite"])
     assert one["composite_std"] is None  # one seed: no sample std
@@ -1132,6 +1175,18 @@ def test_rows_are_named_as_the_paper_and_ordered():
         "DARK beta0=1 (-> -0.8)", "DARK beta0=8 (-> -0.8)"]
     assert evaluation.table1_row(cfg) == evaluation.table1_row(dict(cfg, lambda0=0.5))  # No KD ignores every KD weight
     assert evaluation.table1_row(dict(cfg, kd="static", lambda0=0.5))[1] == "Static logit KD (lambda 0.5)"
+
+
+def test_paired_difference_and_t_quantile():
+    for df, t in ((1, 12.706), (2, 4.303), (4, 2.776), (9, 2.262), (30, 2.042)):  # a printed two-sided 95% t table
+        assert evaluation.t_quantile(0.975, df) == pytest.approx(t, abs=1e-3)
+    a, b = {0: 0.5, 1: 0.7, 2: 0.6, 3: 0.9}, {0: 0.4, 1: 0.5, 2: 0.6}  # seed 3 has no partner: left out
+    d = evaluation.paired_difference(a, b)
+    assert d["seeds"] == 3 and d["mean"] == pytest.approx(0.1)
+    assert d["hi"] - d["mean"] == pytest.approx(d["mean"] - d["lo"]) == pytest.approx(4.3027 * 0.1 / math.sqrt(3),
+                                                                                        rel=1e-4)
+    assert evaluation.paired_difference({0: 0.5}, {0: 0.4}) == dict(seeds=1, mean=pytest.approx(0.1), lo=None,
+                                                                       hi=None)
 
 
 def test_mean_and_sample_std():

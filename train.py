@@ -38,6 +38,9 @@ seed = 0
 train_data = "toy"          # 'toy' (built-in world) | image-caption .csv/.tsv | tar shards 'dir/shard_{0001..0025}.tar'
 toy_train_size = 6000       # toy world: training pairs (rendered once, then kept in memory)
 image_root = ""             # prefix for relative image paths in a caption CSV
+csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; empty = tab for .tsv, else ','
+csv_img_key = "filepath"    # caption CSV/TSV: the image path column (open_clip's --csv-img-key)
+csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's --csv-caption-key)
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
 skip_bad = False            # tar shards: skip unreadable samples (counted and reported) instead of stopping
 bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
@@ -160,8 +163,9 @@ def make_pairs(cfg, size, rank, world):
     """The training image-caption pairs: the toy world or a caption CSV (map-style), or tar shards (streamed)."""
     if cfg["train_data"] == "toy":
         return data.ToyWorld(split="train", size=size, seed=cfg["seed"], length=cfg["toy_train_size"], cache=True)
-    if cfg["train_data"].endswith((".csv", ".tsv")):
-        return data.ImageRows(data.read_captions(cfg["train_data"], root=cfg["image_root"] or None))
+    if cfg["train_data"].lower().endswith((".csv", ".tsv")):
+        return data.ImageRows(data.read_captions(cfg["train_data"], cfg["csv_img_key"], cfg["csv_caption_key"],
+                                                 cfg["csv_separator"] or None, cfg["image_root"] or None))
     shards = data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"], shuffle=True, seed=cfg["seed"])
     if len(shards.shards) < world * max(1, cfg["workers"]):  # a reader without a shard would wait forever
         raise ValueError(f"{len(shards.shards)} shards in {cfg['train_data']!r} for {world} ranks x "
