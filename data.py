@@ -497,7 +497,9 @@ def _line_of(text):
 def read_table(path, columns, sep=None):
     """Rows of a delimited text file (CSV, TSV, FETAL_PLANES_DB's ';' file) -> [dict(header -> value, where)], where
     'where' is 'PATH, line N' with N the line each row starts on (a quoted caption may span lines). sep: one
-    character, or '\\t' for a tab; None: tab for .tsv/.tab, else ','. Every name in columns must be in the header.
+    character, or '\\t' for a tab; None: tab for .tsv/.tab, else ',', unless the header holds every name in columns
+    only when split at one other of , ; tab | (detected: a spreadsheet saves ';' where ',' is the decimal mark).
+    Every name in columns must be in the header.
 
     Encodings: UTF-8, and UTF-8, UTF-16 or UTF-32 with a byte-order mark (Excel's 'CSV UTF-8' and 'Unicode text').
     Anything else (Windows-1252 'ANSI', Latin-1, UTF-16 without a mark) raises ValueError naming the file and line:
@@ -506,7 +508,7 @@ def read_table(path, columns, sep=None):
     FETAL_PLANES_DB's header says 'Train '), as are trailing separators and blank lines; nothing else is forgiven:
     a wrong field count, a quote never closed, a missing or doubled column raise ValueError naming file and line.
     Quoting is csv's (Excel's): '"a" ,' reads as a; a quote inside an unquoted field (5" probe) is a character."""
-    path, raw = Path(path), Path(path).read_bytes()
+    path, raw, detect = Path(path), Path(path).read_bytes(), sep is None
     sep = {None: '\t' if path.suffix.lower() in ('.tsv', '.tab') else ',', '\\t': '\t'}.get(sep, sep)
     if len(sep) != 1:
         raise ValueError(f"separator must be one character (or '\\t'), got {sep!r}")
@@ -546,6 +548,9 @@ def read_table(path, columns, sep=None):
                     raise ValueError(f"{where}: a quote opened here is never closed") from None
         if header is None:
             header, missing = values, [c for c in columns if c not in values]
+            fits = [s for s in _SEPARATORS if s != sep and set(columns) <= {v.strip() for v in sep.join(values).split(s)}]
+            if missing and detect and len(fits) == 1:
+                return read_table(path, columns, fits[0])
             if missing:
                 guess = next((f"; it looks {name}-separated: pass sep={s!r} (train.py --csv_separator)"
                               for s, name in _SEPARATORS.items() if s != sep and s in ''.join(values)), '')

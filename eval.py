@@ -278,6 +278,19 @@ def ga_predict(model, tokenizer, feats, spacings, prompt_fn, device="cpu"):
     return pred
 
 
+def check_labels(task, records, prompts):
+    """-> the class names of prompts; a record's label (under task's CLASS_TASKS key) with no prompts raises
+    ValueError naming each such label and the first row it is on."""
+    key, names, unknown = CLASS_TASKS[task][0], list(prompts), {}
+    for i, r in enumerate(records):
+        if r.get(key) and r[key] not in names:
+            unknown.setdefault(r[key], r.get("where", f"image {i}"))
+    if unknown:
+        raise ValueError(f"{task}: no prompts for label(s) " + ", ".join(f"{k!r} ({w})" for k, w in unknown.items())
+                         + f"; the prompts name {names}")
+    return names
+
+
 def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
     """records: dicts of image, a class name (or None) under each CLASS_TASKS key (plane, brain, label), hc_mm (None:
     no age task), pixel_mm, where (optional, named in errors). suite: {'planes' | 'brain' | 'classify': {class:
@@ -288,11 +301,7 @@ def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
         rows = [i for i, r in enumerate(records) if r.get(key)]
         if not rows:
             continue
-        names = list(suite[task])
-        if unknown := {records[i][key]: records[i].get("where", f"image {i}") for i in reversed(rows)
-                       if records[i][key] not in names}:  # reversed: each label's first row wins
-            raise ValueError(f"{task}: no prompts for label(s) " + ", ".join(f"{k!r} ({w})" for k, w in
-                             reversed(unknown.items())) + f"; the prompts name {names}")
+        names = check_labels(task, [records[i] for i in rows], suite[task])
         targets = np.array([names.index(records[i][key]) for i in rows])
         classes = text_classifier(model, tokenizer, suite[task], device)  # once per call, for every image
         probs = (100 * feats[rows] @ classes.T).softmax(-1).numpy()  # 100: CLIP's fixed zero-shot scale

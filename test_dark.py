@@ -497,6 +497,12 @@ def test_caption_files_from_other_tools_decode_or_name_file_and_line(tmp_path):
     assert train.make_pairs(cfg, 32, 0, 1).rows[0]['caption'] == 'fetal brain'
     (tmp_path / 'tab.txt').write_text('filepath\ttitle\na.png\tx\n')
     assert data.read_captions(tmp_path / 'tab.txt', sep='\\t')[0]['caption'] == 'x'
+    # no separator given: the one at which the header has both columns (a ';' file keeps its commas)
+    for sep in ';\t|':
+        (tmp_path / 'detect.csv').write_text(f'filepath{sep}title\na.png{sep}x, y\n')
+        assert data.read_captions(tmp_path / 'detect.csv')[0]['caption'] == 'x, y'
+    with pytest.raises(ValueError, match=r"missing .*semicolon-separated: pass sep=';'"):
+        data.read_captions(tmp_path / 'semi.csv', 'img', 'text', sep=',')  # given, not detected
     # what is refused, each naming the file and the line
     refused = {'ansi': (text.encode('cp1252'), r'ansi\.csv, line 3: not utf-8 .*UTF-8'),
                'utf16_no_bom': (text.encode('utf-16-le'), r'utf16_no_bom\.csv, line 1: a NUL byte'),
@@ -504,7 +510,7 @@ def test_caption_files_from_other_tools_decode_or_name_file_and_line(tmp_path):
                'swallowed': (b'filepath,title\na.png,"never closed\nb.png,"x, y"\n', r'swallowed\.csv, line 2: 3 '
                              r'fields where the header has 2 .*quote opened on line 2 and closed on line 3'),
                'fields': (b'filepath,title\n\na.png,"one,\ntwo",three\n', r'fields\.csv, line 3: 3 fields where the header has 2'),
-               'semicolons': (b'filepath;title\na.png;x\n', r"semicolons\.csv, line 1: missing .*semicolon-separated: pass sep=';'"),
+               'semicolons': (b'filepath;caption\na.png;x\n', r"semicolons\.csv, line 1: missing .*semicolon-separated: pass sep=';'"),
                'doubled': (b'filepath,title,title\na.png,x,y\n', r"doubled\.csv, line 1: a column of .* appears twice"),
                'empty': (b'\n\n', r'empty\.csv: empty file')}
     for name, (raw, message) in refused.items():

@@ -38,13 +38,16 @@ seed = 0
 train_data = "toy"          # 'toy' (built-in world) | image-caption .csv/.tsv | tar shards 'dir/shard_{0001..0025}.tar'
 toy_train_size = 6000       # toy world: training pairs (rendered once, then kept in memory)
 image_root = ""             # prefix for relative image paths in a caption CSV
-csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; empty = tab for .tsv, else ','
+csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; empty = detected (, ; tab |)
 csv_img_key = "filepath"    # caption CSV/TSV: the image path column (open_clip's --csv-img-key)
 csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's --csv-caption-key)
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
 skip_bad = False            # tar shards: skip unreadable samples (counted and reported) instead of stopping
 bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
-val_data = ""               # model selection: toy -> toy val split; else a FETAL_PLANES_DB folder (Train=1 rows only)
+val_data = ""               # model selection (toy: its val split): a FETAL_PLANES_DB folder (Train=1 rows; class F1),
+#                             a labelled CSV with val_prompts (macro F1), a caption CSV or shards (mean retrieval recall)
+val_prompts = ""            # a labelled val_data CSV: the classes' prompts JSON (eval.py --prompts' formats)
+csv_label_key = "label"     # a labelled val_data CSV: the class-name column (its image column is csv_img_key)
 val_every = 1               # epochs between validations
 val_size = 500              # toy: validation images (the report uses the whole test split)
 workers = 4                 # DataLoader worker processes for files (the toy world is made in the main process)
@@ -247,18 +250,43 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def val_task(cfg):
+    """-> (eval.py task, the metric that picks best.pt) for --val_data; (None, None): no validation."""
+    if not cfg["val_data"]:
+        return ("toy", "composite") if cfg["train_data"] == "toy" else (None, None)
+    if Path(cfg["val_data"]).is_dir():  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
+        return "fetal_planes", "class_f1"
+    return ("classify", "classify_f1") if cfg["val_prompts"] else ("retrieval", "retrieval_mean_recall")
+
+
 def validate(model, tokenizer, cfg, device):
     """Zero-shot metrics for model selection, on data never reported as a test result."""
-    if cfg["train_data"] == "toy" and not cfg["val_data"]:
+    task, _ = val_task(cfg)
+    if task == "toy":
         return evaluation.evaluate(model, tokenizer, task="toy", split="val", n=cfg["val_size"], device=device)
-    if cfg["val_data"]:  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
+    if task == "fetal_planes":
         planes, brain = (evaluation.evaluate(model, tokenizer, task=task, split="train", root=cfg["val_data"],
                                              device=device) for task in ("planes", "brain"))
         return {**planes, **brain, "class_f1": evaluation.class_f1(planes["planes_f1"], brain["brain_f1"])}
+    if task:
+        prompts = {"classify": data.load_prompts(cfg["val_prompts"])} if task == "classify" else None
+        return evaluation.evaluate(model, tokenizer, task=task, root=cfg["val_data"], prompts=prompts, device=device,
+                                   csv={k: v for k, v in cfg.items() if k.startswith("csv_")})
     return {}
 
 
-SELECT_ON = ("composite", "class_f1")  # the first one validation reports picks best.pt
+def check_val_data(cfg):
+    """Read --val_data now, so a wrong path, column or label (one without prompts) fails before any training."""
+    task, _ = val_task(cfg)
+    if cfg["val_prompts"] and task != "classify":
+        raise ValueError(f"--val_prompts is for a labelled CSV --val_data, not {cfg['val_data'] or 'none'!r}")
+    if task == "fetal_planes":
+        data.read_fetal_planes(cfg["val_data"])
+    elif task in ("classify", "retrieval"):
+        csv = {k: v for k, v in cfg.items() if k.startswith("csv_")}
+        records, _ = evaluation.task_records(task, root=cfg["val_data"], csv=csv)
+        if task == "classify":
+            evaluation.check_labels("classify", records, data.load_prompts(cfg["val_prompts"]))
 
 
 # --- the loop ---
@@ -292,8 +320,7 @@ def train(cfg):
     if total_steps == 0:
         raise ValueError(f"no optimizer step fits in an epoch: fewer pairs than batch {cfg['batch_size']} x {world} "
                          f"ranks x {cfg['grad_accum']} micro-batches")
-    if cfg["val_data"]:  # a wrong path fails now, not after the first epoch
-        data.read_fetal_planes(cfg["val_data"])
+    check_val_data(cfg)
     optimizer = make_optimizer(student, cfg)
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if cuda else None) if ddp else student
 
@@ -323,8 +350,10 @@ def train(cfg):
 
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
     n_params = sum(p.numel() for p in student.parameters())
+    select_on = val_task(cfg)[1]
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
-           f"({cfg['epochs']} epochs x {steps_per_epoch}) on {world} x {dev}", rank=rank)
+           f"({cfg['epochs']} epochs x {steps_per_epoch}) on {world} x {dev}; best.pt: "
+           + (f"best validation {select_on}" if select_on else "the last step (no --val_data)"), rank=rank)
     t0, seen = time.time(), 0
     model.train()
     while step < total_steps:
@@ -389,12 +418,14 @@ def train(cfg):
             if rank == 0 and end_of_epoch and (step // steps_per_epoch) % cfg["val_every"] == 0:
                 metrics = validate(student, tokenizer, cfg, dev)
                 if metrics:
-                    shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite")
-                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
-                    log.write(json.dumps(dict(step=step, epoch=epoch + 1, **{f"val_{k}": v for k, v in metrics.items()
-                                                                               if isinstance(v, (int, float))})) + "\n")
+                    shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite", "classify_acc",
+                             "classify_f1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_mean_recall")
+                    score = metrics[select_on]
+                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics) +
+                           f"; best.pt on {select_on} (best so far {max(best, score):.4f})")
+                    log.write(json.dumps(dict(step=step, epoch=epoch + 1, select_on=select_on, **{
+                        f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})) + "\n")
                     log.flush()
-                    score = next(metrics[k] for k in SELECT_ON if k in metrics)
                     if score > best:
                         best = score
                         checkpoint(out / "best.pt")
