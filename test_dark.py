@@ -356,6 +356,60 @@ def test_config_from_json_quick_gelu_and_unknown_keys(tmp_path):
         models.get_config('vit-huge')
 
 
+def _open_clip_cfg(embed, vision, text, **top):
+    """An open_clip model_configs/*.json as a dict (written out here from the files of open_clip_torch 3.3.0)."""
+    text = dict(context_length=77, vocab_size=49408, **text)
+    return dict(embed_dim=embed, vision_cfg=vision, text_cfg=text, **top)
+
+
+_VIT = lambda embed, layers, width, patch, text_width, heads, **top: _open_clip_cfg(
+    embed, dict(image_size=224, layers=layers, width=width, patch_size=patch),
+    dict(width=text_width, heads=heads, layers=12), **top)
+_MCI = lambda arch: _open_clip_cfg(512, dict(timm_model_name=arch, timm_model_pretrained=False, timm_pool='avg',
+                                             timm_proj=None, timm_drop=0.0, timm_drop_path=0.0, image_size=256),
+                                   dict(width=512, heads=8, layers=12, no_causal_mask=True), custom_text=True)
+OPEN_CLIP_CONFIGS = {  # name: (config, [number of keys, sha256[:16] of 'key<TAB>shape' lines, params, image params])
+    # the reference numbers are open_clip 3.3.0's own: create_model(name, device='meta').state_dict() and parameters()
+    'ViT-B-32': (_VIT(512, 12, 768, 32, 512, 8), [302, '40749c1fae8bac70', 151277313, 87849216]),
+    'ViT-B-16': (_VIT(512, 12, 768, 16, 512, 8), [302, '5532ef4ddc6188cc', 149620737, 86192640]),
+    'ViT-L-14': (_VIT(768, 24, 1024, 14, 768, 12), [446, '4c33c21558106dac', 427616513, 303966208]),
+    'MobileCLIP-S1': (_MCI('fastvit_mci1'), [1586, '9aa815dc598fe6e4', 84969729, 21541632]),
+    'MobileCLIP2-S2': (_MCI('fastvit_mci2'), [1722, '14a3e4bee2761b75', 99243329, 35815232]),  # = MobileCLIP-S2
+}
+
+
+@pytest.mark.parametrize('name', list(OPEN_CLIP_CONFIGS))
+def test_open_clip_configs_build_with_open_clips_keys_and_load_strictly(name, tmp_path):
+    cfg, (n_keys, digest, total, visual) = OPEN_CLIP_CONFIGS[name]
+    variants = [cfg] + ([{**cfg, 'quick_gelu': True}] if name.startswith('ViT') else [])  # ViT-*-quickgelu.json
+    for cfg in variants:
+        path = tmp_path / f'{name}.json'
+        path.write_text(json.dumps(cfg))  # through the JSON file, as a user passes it
+        with torch.device('meta'):  # no memory, no init time; shapes and names are all there is to compare
+            model, fresh = models.build_model(str(path)), models.build_model(str(path))
+        listing = '\n'.join(f"{k}\t{tuple(v.shape)}" for k, v in model.state_dict().items())
+        assert len(model.state_dict()) == n_keys and hashlib.sha256(listing.encode()).hexdigest()[:16] == digest
+        assert (models.count_params(model), models.count_params(model.visual)) == (total, visual)
+        models.load_checkpoint(fresh, {'state_dict': {'module.' + k: v for k, v in model.state_dict().items()}})
+        acts = {type(m).__name__ for m in model.modules() if isinstance(m, (torch.nn.GELU, models.QuickGELU))}
+        assert acts == {'QuickGELU' if cfg.get('quick_gelu') else 'GELU'}
+
+
+@pytest.mark.parametrize('name, cfg, key', [
+    ('RN50', _open_clip_cfg(1024, dict(image_size=224, layers=[3, 4, 6, 3], width=64, patch_size=None),
+                            dict(width=512, heads=8, layers=12)), r'vision_cfg\.layers \(a ResNet image tower'),
+    ('roberta-ViT-B-32', dict(embed_dim=512, quick_gelu=True, vision_cfg=dict(image_size=224, layers=12, width=768,
+     patch_size=32), text_cfg=dict(hf_model_name='roberta-base', hf_tokenizer_name='roberta-base',
+     hf_pooler_type='mean_pooler')), r'text_cfg\.hf_model_name \(a Hugging Face text tower\)'),
+    ('ViT-B-16-SigLIP', dict(_VIT(768, 12, 768, 16, 768, 12), init_logit_bias=-10), r"init_logit_bias \(SigLIP's"),
+    ('MobileCLIP2-S3', _MCI('fastvit_mci3'), r"vision_cfg\.timm_model_name='fastvit_mci3'"),
+    ('ViT-M-16-alt', dict(_VIT(384, 12, 512, 16, 384, 6), vision_cfg=dict(image_size=224, layers=12, width=512,
+     patch_size=16, ls_init_value=1e-4)), r'vision_cfg\.ls_init_value')])
+def test_unsupported_open_clip_configs_are_refused_by_key(name, cfg, key):
+    with pytest.raises(ValueError, match=r'model config keys not supported .*' + key):
+        models.build_model(cfg)
+
+
 # ==================== data.py: toy world, tokenizers, readers, preprocessing ====================
 
 def test_toy_world_is_deterministic_and_splits_are_disjoint():
