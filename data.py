@@ -1,7 +1,7 @@
 """
 Everything that turns files, or nothing at all, into images, captions and tensors:
 
-    python data.py [toy_samples.png]     # save a grid of toy samples, print captions and the images/s
+    python data.py --out=toy_samples.png     # save a grid of toy samples, print captions and the images/s
 
 The toy world, in a few lines. Item i of a split is a B-mode-like fetal ultrasound image rendered from
 (seed, split, i) alone: a fan-shaped field of view on black with speckle, depth attenuation, bright bone echoes
@@ -17,6 +17,7 @@ structures seen, age in weeks and days, pixel spacing.
 The real formats: caption CSV/TSV, webdataset tar shards, FETAL_PLANES_DB, HC18; then FetalCLIP's preprocessing.
 """
 import csv
+import difflib
 import gzip
 import html
 import io
@@ -825,10 +826,109 @@ class Collate:
         return batch
 
 
+# --- the command line: one grammar for train.py, eval.py, export_ios.py and this file ---
+def parse_flags(argv, defaults, accepts=None, doc='', source=None, notes=None):
+    """Command-line flags over `defaults` {key: default}, the default's type being the flag's type.
+    -> (config dict, set of keys given). The grammar of every script: --key=value, or --key value for all but
+    booleans; a bare --flag sets a boolean (--flag=true|false also). -h/--help prints `doc`, then each option with
+    the comment beside its default in the file `source` and its note in `notes` {key: text}. `accepts` {key: rule}
+    is checked here, before any work: a tuple is the closed set of values, a string such as '[1, inf)' or '(0, 1)'
+    an interval, a function a check that raises ValueError saying what it accepts.
+    Raises SystemExit with a message naming the flag: unknown key (listing the valid keys), wrong type, bad value."""
+    prog, cfg, given, args, accepts = Path(source or sys.argv[0]).name, dict(defaults), set(), list(argv), accepts or {}
+    while args:
+        arg = args.pop(0)
+        if arg in ('-h', '--help'):
+            print(flags_help(defaults, accepts, doc, source, notes or {}))
+            sys.exit(0)
+        key, has_value, value = arg[2:].partition('=')
+        if not arg.startswith('--') or key not in defaults:
+            near = difflib.get_close_matches(key, defaults, 1)
+            sys.exit(f"{prog}: unknown argument {arg!r}" + (f" (did you mean --{near[0]}?)" if near else '') +
+                     f"; the options are --{', --'.join(defaults)} (given as --key=value; --help explains each)")
+        kind = type(defaults[key])
+        if not has_value and kind is not bool:
+            if not args or args[0].startswith('--'):
+                sys.exit(f"{prog}: --{key} needs a value: --{key}=VALUE")
+            value = args.pop(0)
+        try:
+            cfg[key] = flag_value(value if has_value or kind is not bool else 'true', kind)
+            check_flag(cfg[key], accepts.get(key))
+        except ValueError as e:
+            sys.exit(f"{prog}: --{key}={value}: {e}")
+        given.add(key)
+    return cfg, given
+
+
+def flag_value(text, kind):
+    """'--key=text' -> a value of the default's type. Raises ValueError saying what the flag takes."""
+    if kind is bool:
+        if text.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
+            raise ValueError('takes true or false (or a bare --flag for true)')
+        return text.lower() in ('true', '1', 'yes')
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"takes {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError('takes a finite number')
+    return value
+
+
+def check_flag(value, rule):
+    """Raises ValueError unless value meets its rule (see parse_flags)."""
+    if isinstance(rule, tuple) and value not in rule:
+        raise ValueError(f"takes {show_rule(rule)}")
+    if isinstance(rule, str):  # an interval: [ or ] includes the bound, ( or ) excludes it
+        lo, hi = (float(b) for b in rule[1:-1].split(','))
+        if not ((lo < value or rule[0] == '[' and lo == value) and (value < hi or rule[-1] == ']' and value == hi)):
+            raise ValueError(f"takes a value {show_rule(rule)}")
+    if callable(rule):
+        rule(value)
+
+
+def show_rule(rule):
+    """A closed set as 'a | b', an interval as written, a check function by its docstring."""
+    return ' | '.join(str(v) or "''" for v in rule) if isinstance(rule, tuple) else f"in {rule}" if isinstance(
+        rule, str) else rule.__doc__
+
+
+def check_device(name):
+    """auto | cpu | cuda | cuda:N present here"""  # --help shows the docstring as the rule
+    if name == 'auto':
+        return
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError('takes auto | cpu | cuda | cuda:N') from None
+    if device.type not in ('cpu', 'cuda'):
+        raise ValueError('takes auto | cpu | cuda | cuda:N')
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA devices (torch {torch.__version__}); "
+                         "--device=cpu runs anywhere")
+
+
+def flags_help(defaults, accepts, doc, source, notes):
+    """doc, then one line per option: --key=default, its rule, the comment beside it in `source`, its note."""
+    comments = {}
+    for line in Path(source).read_text().splitlines() if source else ():
+        code, _, comment = line.partition('  # ')
+        names = [n.strip() for n in code.split('=')[0].split(',')]
+        if comment and '=' in code and all(n in defaults for n in names):  # `key = 1  # why` or `key=1,  # why`
+            comments.update(dict.fromkeys(names, comment.strip()))
+    shown = {k: f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in defaults.items()}
+    width = min(max(map(len, shown.values())), 30)  # a longer default pushes only its own line
+    return doc.strip() + '\n\noptions (--key=value, or --key value; a bare --flag sets a boolean):\n' + '\n'.join(
+        (f"  {shown[k]:<{width}}  " + '; '.join(filter(None, (k in accepts and show_rule(accepts[k]), comments.get(k))))
+         + (f" ({notes[k]})" if k in notes else '')).rstrip() for k in defaults)
+
+
 if __name__ == '__main__':
     import time
+    opt, _ = parse_flags(sys.argv[1:], dict(out='toy_samples.png'), doc=__doc__, notes=dict(out='a PNG grid of 16 '
+                         'toy training images; then captions and the images/s of the toy world are printed'))
     torch.set_num_threads(1)
-    out = sys.argv[1] if len(sys.argv) > 1 else 'toy_samples.png'
+    out = opt['out']
     save_grid(out)
     print(f"saved {out}")
     for i in range(6):

@@ -800,36 +800,38 @@ def table1(root, out=None, n=None, device="cpu"):
     return result
 
 
-OPTIONS = dict(checkpoint="", model_config="", task="toy", data="", split="", n=0, batch_size=64, device="cpu",
-               prompts="", out="runs/eval", probe=False, analysis=False, teacher="", teacher_config="", speed=False,
-               runs=10,  # timed runs per tower for --speed, after 3 warm-up runs
-               table="",  # a folder of train.py runs (one per row and seed) -> Table 1, Figure 2, the analysis
-               csv_img_key="filepath", csv_caption_key="title", csv_label_key="label",  # classify/retrieval columns
-               csv_separator="",  # of a classify/retrieval CSV: empty = detected
-               quiet=False)  # no progress lines on stderr
-
-
-def parse_options(argv):
-    """--key=value over OPTIONS (a bare --flag sets a boolean); a bad key or value exits listing the valid ones."""
-    opt, usage = dict(OPTIONS), "options: " + " ".join(f"--{k}={v}" for k, v in OPTIONS.items())
-    for arg in argv:
-        key, has_value, value = arg.removeprefix("--").partition("=")
-        if key in ("h", "help"):
-            print(__doc__ + "\n" + usage)
-            sys.exit(0)
-        if key not in opt:
-            sys.exit(f"unknown option {arg!r}; {usage}")
-        kind = type(OPTIONS[key])
-        try:
-            opt[key] = (not has_value or value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-        except ValueError:
-            sys.exit(f"--{key} takes a {kind.__name__}, not {value!r}; {usage}")
-    return opt
+# --- the command line: python eval.py --key=value (data.parse_flags: the grammar, --help, the checks) ---
+OPTIONS = dict(
+    checkpoint="",          # a train.py checkpoint, or raw open_clip weights with --model_config
+    model_config="",        # for raw weights: a preset name (fetalclip, mobileclip2-s0) or an open_clip JSON
+    task="toy",             # --data: planes, brain FETAL_PLANES_DB; hc18 HC18; paper FPDB,HC18; classify, retrieval CSV
+    data="",                # the dataset folder(s) of --task, a CSV (classify, retrieval) or tar shards (retrieval)
+    split="",               # empty: test for toy, all for FETAL_PLANES_DB (as the zero-shot papers); no val there
+    n=0,                    # at most n images per source (0 = all)
+    batch_size=64,
+    device="cpu",
+    prompts="",             # a prompts JSON (data.load_prompts): classify's classes, or replacing planes/brain/hc18's
+    out="runs/eval",        # folder for the results JSON (and the analysis figure)
+    probe=False,            # also fit a linear probe on the image embeddings
+    analysis=False,         # also compare with --teacher: per-image agreement, correlations, a figure
+    teacher="",             # the teacher checkpoint for --analysis (and --speed)
+    teacher_config="",      # for raw teacher weights: a preset name or an open_clip JSON
+    speed=False,            # params, GMACs, CPU ms of --teacher and --checkpoint (default: the paper's two models)
+    runs=10,                # timed runs per tower for --speed, after 3 warm-up runs
+    table="",               # a folder of train.py runs (one per row and seed) -> Table 1, Figure 2, the analysis
+    csv_img_key="filepath",  # classify, retrieval: the CSV's image-path column (relative to the CSV's folder)
+    csv_label_key="label",  # classify: the CSV's class-name column
+    csv_caption_key="title",  # retrieval: the CSV's caption column
+    csv_separator="",       # one character, or \t; empty = detected (, ; tab |)
+    quiet=False,            # no progress lines on stderr
+)
+ACCEPTS = dict(task=("toy", "planes", "brain", "hc18", "paper", "classify", "retrieval"), split=("", "train", "val", "test", "all"),
+               n="[0, inf)", batch_size="[1, inf)", device=data.check_device, runs="[1, inf)")
 
 
 def main(argv):
     global QUIET
-    opt = parse_options(argv)
+    opt, _ = data.parse_flags(argv, OPTIONS, ACCEPTS, __doc__, __file__)
     QUIET = opt["quiet"]
     stamp, out = time.strftime("%Y%m%d_%H%M%S"), Path(opt["out"])
     if opt["table"]:

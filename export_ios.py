@@ -21,13 +21,13 @@ works with any numpy. Checked on every run: the exported program equals the eage
 reloads; inputs, outputs and shapes are as documented; weights are stored as fp16 (about 2 bytes per parameter) or as
 int8 / 4-bit with --quantize; every op is in ALLOWED_OPS. On macOS also MLModel.predict against PyTorch.
 """
-import argparse
 import collections
 import copy
 import hashlib
 import json
 import math
 import platform
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -332,20 +332,42 @@ def pixels(image):
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
 
 
+# --- the command line: python export_ios.py --key=value (data.parse_flags: the grammar, --help, the checks) ---
+OPTIONS = dict(
+    checkpoint="",          # a checkpoint written by train.py (or raw open_clip weights with --model_config)
+    model_config="",        # for raw weights only: a preset name or an open_clip JSON
+    out="out/ios",          # folder for the .mlpackage files
+    name="MobileFetalCLIP",  # package prefix; Xcode names the Swift class after it
+    classes="planes",       # the zero-shot head: planes | brain (eval.py's prompts) | none | a prompts JSON, as eval.py's
+    text=False,             # also export the text encoder
+    quantize="none",        # weight compression
+    target="iOS17",         # minimum deployment target
+    author="DARK export_ios.py",
+    license="the licence of the checkpoint",
+)
+
+
+def check_classes(classes):
+    """planes | brain | none | an existing JSON file"""  # --help shows the docstring as the rule
+    if classes not in ("planes", "brain", "none") and not Path(classes).is_file():
+        raise ValueError(f"takes {check_classes.__doc__}; there is no file {classes}")
+
+
+def check_target(target):
+    """a coremltools ct.target name: iOS16 | iOS17 | iOS18 | macOS14 | ..."""
+    import coremltools as ct
+    if not hasattr(ct.target, target):
+        raise ValueError(f"takes one of {', '.join(t for t in vars(ct.target) if not t.startswith('_'))}")
+
+
+ACCEPTS = dict(classes=check_classes, quantize=tuple(QUANTIZE), target=check_target)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (or raw open_clip weights)")
-    p.add_argument("--model_config", default=None, help="for raw weights only: a preset name or an open_clip JSON")
-    p.add_argument("--out", default="out/ios", help="folder for the .mlpackage files")
-    p.add_argument("--name", default="MobileFetalCLIP", help="package prefix; Xcode names the Swift class after it")
-    p.add_argument("--classes", default="planes", help="planes | brain | none | a prompts JSON file: {class: [prompts]} "
-                   "or {templates: [...], classes: [...]}")
-    p.add_argument("--text", action="store_true", help="also export the text encoder")
-    p.add_argument("--quantize", default="none", choices=list(QUANTIZE), help="weight compression")
-    p.add_argument("--target", default="iOS17", help="minimum deployment target, a coremltools ct.target name")
-    p.add_argument("--author", default="DARK export_ios.py")
-    p.add_argument("--license", default="the licence of the checkpoint")
-    return export(**vars(p.parse_args(argv)))
+    opt, _ = data.parse_flags(sys.argv[1:] if argv is None else argv, OPTIONS, ACCEPTS, __doc__, __file__)
+    if not opt["checkpoint"]:
+        sys.exit("export_ios.py: --checkpoint=PATH is required (--help lists the options)")
+    return export(**{**opt, "model_config": opt["model_config"] or None})
 
 
 if __name__ == "__main__":

@@ -734,20 +734,61 @@ def _log(cfg):
         return [json.loads(line) for line in f]
 
 
-def test_bad_key_lists_the_keys(capsys):
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--bta0=3"])
-    assert "bad argument '--bta0=3'" in str(e.value) and "beta0" in str(e.value) and "kd" in str(e.value)
-    with pytest.raises(SystemExit) as e:
-        train.parse_args(["--epochs=two"])
-    assert "--epochs takes a int" in str(e.value)
-    cfg, given = train.parse_args(["--kd=static", "--resume=true", "--lr=3e-4"])
-    assert (cfg["kd"], cfg["resume"], cfg["lr"], given) == ("static", True, 3e-4, {"kd", "resume", "lr"})
+def test_one_grammar_for_every_script(capsys):
+    """data.parse_flags, as train.py, eval.py and export_ios.py call it: the same rules in each."""
+    cfg, given = train.parse_args(["--kd=static", "--resume", "--lr=3e-4", "--out_dir", "x y", "--augment=false"])
+    assert (cfg["kd"], cfg["resume"], cfg["lr"], cfg["out_dir"], cfg["augment"]) == ("static", True, 3e-4, "x y", False)
+    assert given == {"kd", "resume", "lr", "out_dir", "augment"}
     assert cfg["batch_size"] == train.TOY["batch_size"]             # toy recipe under what is not given
     assert train.parse_args(["--train_data=x.csv"])[0]["batch_size"] == 512  # the paper's recipe otherwise
+    opt, _ = data.parse_flags(["--analysis", "--probe=true", "--n", "7"], evaluation.OPTIONS, evaluation.ACCEPTS)
+    assert (opt["analysis"], opt["probe"], opt["n"]) == (True, True, 7)
+    opt, _ = data.parse_flags(["--text=true", "--checkpoint", "c.pt"], export_ios.OPTIONS, export_ios.ACCEPTS)
+    assert (opt["text"], opt["checkpoint"]) == (True, "c.pt")
+    for argv, message in ((["--bta0=3"], "unknown argument '--bta0=3' (did you mean --beta0?)"),
+                          (["beta0=3"], "unknown argument 'beta0=3'"),
+                          (["--epochs=two"], "--epochs=two: takes an integer"),
+                          (["--lr=nan"], "--lr=nan: takes a finite number"), (["--resume=maybe"], "true or false"),
+                          (["--out_dir"], "--out_dir needs a value"), (["--out_dir", "--kd=none"], "needs a value"),
+                          (["--kd=bogus"], "--kd=bogus: takes none | static | coupled | dark"),
+                          (["--batch_size=0"], "--batch_size=0: takes a value in [1, inf)"),
+                          (["--adam_beta2=1"], "in [0, 1)"), (["--tau=0"], "in (0, inf)"),
+                          (["--device=gpu"], "--device=gpu: takes auto | cpu | cuda | cuda:N"),
+                          (["--dtype=fp8"], "bf16 | fp16 | fp32")):
+        with pytest.raises(SystemExit) as e:
+            train.parse_args(argv)
+        assert message in str(e.value)
+    assert "--kd, --beta0, --beta_r" in str(pytest.raises(SystemExit, train.parse_args, ["--x=1"]).value)
+    if not torch.cuda.is_available():
+        assert "0 CUDA devices" in str(pytest.raises(SystemExit, train.parse_args, ["--device=cuda"]).value)
+    for argv, message in ((["--task=bogus"], "toy | planes"), (["--runs=0"], "--runs=0"), (["--tsak=toy"], "--task?")):
+        assert message in str(pytest.raises(SystemExit, data.parse_flags, argv, evaluation.OPTIONS,
+                                            evaluation.ACCEPTS).value)
+    for argv, message in ((["--quantize=int4"], "none | int8 | palettize4"), (["--classes=nope.json"], "no file nope"),
+                          (["--target=iOS3"], "iOS17")):
+        assert message in str(pytest.raises(SystemExit, data.parse_flags, argv, export_ios.OPTIONS,
+                                            export_ios.ACCEPTS).value)
+    assert train.ACCEPTS.keys() <= train.KEYS.keys() and evaluation.ACCEPTS.keys() <= evaluation.OPTIONS.keys()
+    for key, value in {**train.KEYS, **train.TOY, **train.TOY_TEACHER}.items():  # every default meets its rule
+        data.check_flag(value, train.ACCEPTS.get(key))
+
+
+def test_help_lists_every_option_with_its_comment(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
-    assert "--beta_r=-0.4" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "--beta_r=-0.4" in printed and "crossing zero at 71% of training" in printed
+    assert "--kd=dark" in printed and "none | static | coupled | dark; the four rows" in printed
+    assert "--epochs=20  " in printed and "(toy: 4)" in printed and "TOY_TEACHER" in printed
+    assert all(f"--{k}=" in printed for k in train.KEYS)
+    for module in (evaluation, export_ios):
+        with pytest.raises(SystemExit):
+            data.parse_flags(["-h"], module.OPTIONS, module.ACCEPTS, module.__doc__, module.__file__)
+        printed = capsys.readouterr().out
+        assert all(f"--{k}=" in printed for k in module.OPTIONS)
+    assert "also fit a linear probe" in data.flags_help(evaluation.OPTIONS, {}, "", evaluation.__file__, {})
+    assert "none | int8 | palettize4; weight compression" in data.flags_help(
+        export_ios.OPTIONS, export_ios.ACCEPTS, "", export_ios.__file__, {})
 
 
 def test_schedules():

@@ -44,8 +44,8 @@ csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's -
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
 skip_bad = False            # tar shards: skip unreadable samples (counted and reported) instead of stopping
 bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
-val_data = ""               # model selection (toy: its val split): a FETAL_PLANES_DB folder (Train=1 rows; class F1),
-#                             a labelled CSV with val_prompts (macro F1), a caption CSV or shards (mean retrieval recall)
+val_data = ""               # selection: FETAL_PLANES_DB, labelled CSV + val_prompts, or caption CSV/shards (toy: val split)
+#                             on class F1 (Train=1 rows only), macro F1, mean retrieval recall; always printed and logged
 val_prompts = ""            # a labelled val_data CSV: the classes' prompts JSON (eval.py --prompts' formats)
 csv_label_key = "label"     # a labelled val_data CSV: the class-name column (its image column is csv_img_key)
 val_every = 1               # epochs between validations
@@ -58,7 +58,7 @@ teacher_config = ""         # for raw weights: preset name (fetalclip) or open_c
 student = "toy-student"     # preset name or open_clip JSON of the student
 student_init = ""           # initial student weights (MobileCLIP2-S0 in the paper); empty = random init
 # --- loss: L = L_CLIP + L_diag + beta(t) L_off ---
-kd = "dark"                 # none | static | coupled | dark: the four rows of the paper's Table 1
+kd = "dark"                 # the four rows of the paper's Table 1
 beta0, beta_r = 2.0, -0.4   # dark: beta goes 2 -> -0.8, crossing zero at 71% of training
 lambda0, lambda_r = 1.0, -0.8  # static: constant lambda0; coupled: lambda goes 1 -> -0.8
 tau = 5.0                   # teacher temperature (teacher only): a softer target exposes its non-target structure
@@ -73,8 +73,8 @@ weight_decay = 0.1          # not on parameters with ndim < 2 (norms, biases, lo
 adam_beta1, adam_beta2, adam_eps = 0.9, 0.98, 1e-6
 grad_clip = 1.0
 # --- system ---
-device = "auto"             # auto | cpu | cuda | cuda:N
-dtype = "bf16"              # CUDA autocast: bf16 | fp16 (with a GradScaler) | fp32; the CPU always runs fp32
+device = "auto"             # auto: cuda when there is one
+dtype = "bf16"              # CUDA autocast (fp16 with a GradScaler); the CPU always runs fp32
 threads = 0                 # CPU threads (0 = torch's default)
 
 # The built-in toy world: sized so that `python train.py` finishes in minutes on a laptop CPU.
@@ -84,29 +84,23 @@ TOY = dict(epochs=4, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05,
 TOY_TEACHER = dict(student="toy-teacher", student_init="", kd="none", epochs=6, lr=1e-3)
 
 KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+# what each option accepts, checked before any work (data.parse_flags): a tuple is the closed set, a string the interval
+ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)",
+               toy_train_size="[1, inf)", samples_per_epoch="[0, inf)", val_every="[1, inf)", val_size="[1, inf)",
+               workers="[0, inf)",
+               kd=("none", "static", "coupled", "dark"), tau="(0, inf)", max_logit_scale="[1, inf)",
+               epochs="[1, inf)", batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)",
+               weight_decay="[0, inf)", adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)",
+               grad_clip="(0, inf)",
+               device=data.check_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
 
 
 # --- configuration from the command line ---
-def parse_args(argv, base=KEYS):
-    """--key=value overrides of the defaults above, type-checked. Returns (config, keys given)."""
-    cfg, given = dict(base), set()
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\n" + "\n".join(f"  --{k}={v!r}" for k, v in base.items()) +
-                  f"\nwith --train_data=toy, keys not given take TOY = {TOY}\nand the toy teacher's pretraining "
-                  f"takes TOY_TEACHER = {TOY_TEACHER}")
-            sys.exit(0)
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep or key not in base:
-            sys.exit(f"train.py: bad argument {arg!r}; use --key=value with key one of: {', '.join(base)}")
-        kind = type(base[key])
-        try:
-            cfg[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-            if kind is bool and value.lower() not in ("0", "1", "true", "false", "yes", "no"):
-                raise ValueError(value)
-        except ValueError:
-            sys.exit(f"train.py: --{key} takes a {kind.__name__} (default {base[key]!r}), got {value!r}")
-        given.add(key)
+def parse_args(argv):
+    """--key=value overrides of the defaults above, checked by data.parse_flags (the grammar of every script).
+    -> (config, keys given); with --train_data=toy, TOY fills the keys not given."""
+    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, __doc__ + f"\nThe toy teacher's pretraining takes TOY_TEACHER = "
+                                  f"{TOY_TEACHER}", __file__, notes={k: f"toy: {v}" for k, v in TOY.items()})
     if cfg["train_data"] == "toy":
         cfg.update({k: v for k, v in TOY.items() if k not in given})
     return cfg, given
