@@ -67,7 +67,7 @@ GA_TEMPLATES = [  # FetalCLIP's placeholders, so its template files work too
 FPDB_CLASS = {"Fetal abdomen": "abdomen", "Fetal brain": "brain", "Fetal femur": "femur", "Fetal thorax": "heart",
               "Maternal cervix": "cervix", "Trans-thalamic": "trans-thalamic", "Trans-cerebellum": "trans-cerebellum",
               "Trans-ventricular": "trans-ventricular"}  # FETAL_PLANES_DB label -> class of the prompt sets
-CLASS_TASKS = dict(planes=("plane", (2, 3)), brain=("brain", ()), classify=("label", (3, 5)))  # record key, top-k
+CLASS_TASKS = dict(planes="plane", brain="brain", classify="label")  # zero-shot task -> key of its records' class
 GA_DAYS = np.array([w * 7 + d for w in range(14, 39) for d in range(7)])  # 14w0d..38w6d: FetalCLIP's 175 candidates
 TOP_N = 15  # the median of the 15 best candidates, not the argmax: scores of neighbouring days are flat and noisy
 HC_WINDOW = (100.0, 342.0)  # mm, the median HC at 14 and at 40 weeks: HC18's younger heads (down to 44 mm) are
@@ -101,7 +101,7 @@ def confusion_counts(pred, targets, num_classes):
                        minlength=num_classes ** 2).reshape(num_classes, num_classes)
 
 
-def class_metrics(probs, targets, names, topk=(2, 3)):
+def class_metrics(probs, targets, names, topk=(2, 3, 5)):
     """probs [N, C] over the classifier's C classes, targets [N] class indices. -> acc (fraction of images right),
     top{k} (true class among the k best; k < C only), f1_<class> and acc_<class> (recall, as torchmetrics'
     average='none') for each class present, then over the classes present in targets only (a prediction of an
@@ -281,7 +281,7 @@ def ga_predict(model, tokenizer, feats, spacings, prompt_fn, device="cpu"):
 def check_labels(task, records, prompts):
     """-> the class names of prompts; a record's label (under task's CLASS_TASKS key) with no prompts raises
     ValueError naming each such label and the first row it is on."""
-    key, names, unknown = CLASS_TASKS[task][0], list(prompts), {}
+    key, names, unknown = CLASS_TASKS[task], list(prompts), {}
     for i, r in enumerate(records):
         if r.get(key) and r[key] not in names:
             unknown.setdefault(r[key], r.get("where", f"image {i}"))
@@ -297,7 +297,7 @@ def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
     [prompts]}, 'ga': prompt_fn}. -> (metrics, outputs per task). A label with no prompts raises, naming its row."""
     feats, sizes = embed_images(model, records, batch_size, device, normalize=True)
     metrics, outputs = {"n_images": len(records)}, {}
-    for task, (key, topk) in CLASS_TASKS.items():
+    for task, key in CLASS_TASKS.items():
         rows = [i for i, r in enumerate(records) if r.get(key)]
         if not rows:
             continue
@@ -305,7 +305,7 @@ def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
         targets = np.array([names.index(records[i][key]) for i in rows])
         classes = text_classifier(model, tokenizer, suite[task], device)  # once per call, for every image
         probs = (100 * feats[rows] @ classes.T).softmax(-1).numpy()  # 100: CLIP's fixed zero-shot scale
-        metrics.update({f"{task}_{k}": v for k, v in class_metrics(probs, targets, names, topk).items()})
+        metrics.update({f"{task}_{k}": v for k, v in class_metrics(probs, targets, names).items()})
         outputs[task] = dict(probs=probs, targets=targets, names=names, feats=feats[rows].numpy())
     if any(r.get("hc_mm") is not None for r in records):  # heads outside the HC window are not even scored
         rows = [i for i, r in enumerate(records) if r.get("hc_mm") is not None and in_hc_window(r["hc_mm"])]
