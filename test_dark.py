@@ -1614,3 +1614,45 @@ def test_bad_checkpoints_raise_a_named_error(tmp_path):
         export_ios.export(mismatched, out=tmp_path)
     with pytest.raises(export_ios.CheckpointError, match="absent.pt"):
         export_ios.export(tmp_path / "absent.pt", out=tmp_path)
+
+
+# ==================== porting to another modality: the README's files and its three commands ====================
+
+def test_porting_files_and_three_commands_end_to_end(tmp_path):
+    """README 'Porting to your modality', on a toy-sized teacher and student: the files a user prepares (train.csv of
+    captions, val.csv and test.csv of labels, classes.json of templates), then train.py, eval.py and export_ios.py."""
+    root = tmp_path / "my_data"
+    (root / "images").mkdir(parents=True)
+    g, classes = np.random.default_rng(0), ["stripes", "dots"]
+    rows = {"train.csv": ["filepath,title"], "val.csv": ["filepath,label"], "test.csv": ["filepath,label"]}
+    for i in range(24):  # 16 training pairs, 4 validation and 4 test images, 32 px: a stand-in modality
+        c = i % 2
+        x = g.integers(0, 60, (32, 32)).astype(np.uint8)
+        x[::4] += 150 if c == 0 else 0
+        x[::6, ::6] += 150 if c == 1 else 0
+        Image.fromarray(x).save(root / "images" / f"{i}.png")
+        name = "train.csv" if i < 16 else "val.csv" if i < 20 else "test.csv"
+        rows[name].append(f"images/{i}.png," + (f"an image with {classes[c]}" if i < 16 else classes[c]))
+    for name, lines in rows.items():
+        (root / name).write_text("\n".join(lines) + "\n")
+    (root / "classes.json").write_text(json.dumps({"templates": ["an image with {}", "{}"], "classes": classes}))
+    teacher = toy_checkpoint(tmp_path / "teacher.pt", "toy-teacher")  # stands in for the user's big CLIP
+    out = tmp_path / "out"
+    train.main([f"--teacher={teacher}", "--student=toy-student", f"--train_data={root / 'train.csv'}",
+                f"--val_data={root / 'val.csv'}", f"--val_prompts={root / 'classes.json'}", f"--out_dir={out}",
+                "--epochs=2", "--batch_size=8", "--warmup_steps=1", "--lr=1e-3", "--workers=0", "--threads=1"])
+    val = [r for r in _log(dict(out_dir=str(out))) if "select_on" in r]
+    assert [r["select_on"] for r in val] == ["classify_f1"] * 2 and (out / "best.pt").exists()
+    evaluation.main([f"--checkpoint={out / 'best.pt'}", "--task=classify", f"--data={root / 'test.csv'}",
+                     f"--prompts={root / 'classes.json'}", f"--out={out / 'eval'}", "--quiet"])
+    result = json.loads(next((out / "eval").glob("results_classify_all_*.json")).read_text())["metrics"]
+    assert result["n_images"] == 4 and {"classify_f1_stripes", "classify_f1_dots", "classify_confusion"} <= set(result)
+    evaluation.main([f"--checkpoint={out / 'best.pt'}", "--task=retrieval", f"--data={root / 'train.csv'}",
+                     f"--out={out / 'eval'}", "--quiet"])
+    result = json.loads(next((out / "eval").glob("results_retrieval_all_*.json")).read_text())["metrics"]
+    assert result["n_captions"] == 16 and 0 <= result["retrieval_mean_recall"] <= 1
+    packages = export_ios.main([f"--checkpoint={out / 'best.pt'}", f"--classes={root / 'classes.json'}",
+                                f"--out={out / 'ios'}"])
+    import coremltools as ct
+    meta = ct.models.MLModel(packages["image"]["path"], skip_model_load=True).user_defined_metadata
+    assert json.loads(meta["classes"]) == classes and "probs" in packages["image"]["io"]
