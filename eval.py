@@ -361,12 +361,23 @@ def planes_records(root, split="all"):
     return out
 
 
-def task_records(task, split="val", n=None, root=None, csv=None):
+def task_records(task, split="val", n=None, root=None, csv=None, prompts=None):
     """-> (records, prompt suite). task: toy (a ToyWorld split) | planes | brain (root: FETAL_PLANES_DB) | hc18 (root:
     HC18; its labelled images, whatever the split) | paper (root 'FPDB,HC18': all three) | classify (root: a CSV of
-    image and label; its prompts come from the caller) | retrieval (root: a caption CSV, or tar shards, streamed).
-    csv: column names and separator (csv_img_key, csv_label_key, csv_caption_key, csv_separator; empty: the
-    default). n: at most n per source."""
+    image and label) | retrieval (root: a caption CSV, or tar shards, streamed). csv: column names and separator
+    (csv_img_key, csv_label_key, csv_caption_key, csv_separator; empty: the default). prompts {'planes' | 'brain' |
+    'classify': {class: [prompts]}, 'ga': [templates]} replace the defaults; classify has none. n: at most n per
+    source."""
+    records, suite = _task_records(task, split, n, root, csv)
+    suite.update({k: template_prompts(v) if k == "ga" else v for k, v in (prompts or {}).items()})
+    if task == "classify" and "classify" not in suite:
+        raise ValueError("task classify needs class prompts: --prompts=classes.json (data.load_prompts' formats)")
+    if isinstance(records, list) and not records:
+        raise ValueError(f"no images for task {task!r}, split {split!r} in {root or 'the toy world'}")
+    return records, suite
+
+
+def _task_records(task, split, n, root, csv):
     if task == "toy":
         return toy_records(split, n), dict(planes=data.TOY_PLANE_PROMPTS, brain=data.TOY_BRAIN_PROMPTS,
                                            ga=data.toy_ga_prompts)
@@ -400,12 +411,7 @@ def evaluate(model, tokenizer, task="toy", split="val", n=None, root=None, promp
     """Zero-shot metrics (train.py calls this): planes_f1, brain_f1, class_f1, ga_validity, composite, classify_*,
     retrieval_* and more. prompts {'planes' | 'brain' | 'classify': {class: [prompts]}, 'ga': [templates]} replaces
     the defaults (classify has none); csv as task_records. The caller's train/eval mode is kept."""
-    records, suite = task_records(task, split, n, root, csv)
-    suite.update({k: template_prompts(v) if k == "ga" else v for k, v in (prompts or {}).items()})
-    if task == "classify" and "classify" not in suite:
-        raise ValueError("task classify needs class prompts: --prompts=classes.json (data.load_prompts' formats)")
-    if isinstance(records, list) and not records:
-        raise ValueError(f"no images for task {task!r}, split {split!r} in {root or 'the toy world'}")
+    records, suite = task_records(task, split, n, root, csv, prompts)
     training, t0 = model.training, time.perf_counter()
     try:
         metrics = (retrieval(model.eval(), tokenizer, records, batch_size, device) if task == "retrieval" else
@@ -537,18 +543,20 @@ def plot_teacher_student(path, t_probs, s_probs, targets, names):
     return str(path)
 
 
-def analysis(teacher, student, task, split, n=None, root=None, out_dir="runs/eval", device="cpu"):
-    """teacher, student: (model, tokenizer), on the same images -> ts_planes_*, ts_brain_*; PNG of the planes task."""
-    records, suite = task_records(task, split, n, root)
+def analysis(teacher, student, task, split, n=None, root=None, out_dir="runs/eval", device="cpu", csv=None,
+             prompts=None):
+    """teacher, student: (model, tokenizer), on the same images (task_records' arguments) -> ts_planes_*, ts_brain_*,
+    ts_classify_*; a PNG of the first of those tasks."""
+    records, suite = task_records(task, split, n, root, csv, prompts)
     (_, t), (_, s) = [zero_shot(m.eval(), tok, records, suite, device=device) for m, tok in (teacher, student)]
-    out = {}
-    for name in [name for name in ("planes", "brain") if name in s]:
+    out, tasks = {}, [name for name in CLASS_TASKS if name in s]
+    for name in tasks:
         ts = teacher_student(t[name]["probs"], s[name]["probs"], s[name]["targets"], t[name]["feats"], s[name]["feats"])
         out.update({f"ts_{name}_{k}": v for k, v in ts.items()})
-    if "planes" in s:
+    if tasks:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        if png := plot_teacher_student(Path(out_dir) / f"teacher_student_{task}.png", t["planes"]["probs"],
-                                       s["planes"]["probs"], s["planes"]["targets"], s["planes"]["names"]):
+        if png := plot_teacher_student(Path(out_dir) / f"teacher_student_{task}.png", t[tasks[0]]["probs"],
+                                       s[tasks[0]]["probs"], s[tasks[0]]["targets"], s[tasks[0]]["names"]):
             print(f"figure: {png}")
     return out
 
@@ -849,6 +857,9 @@ def main(argv):
     if not opt["checkpoint"] or (opt["analysis"] and not opt["teacher"]):
         sys.exit("--checkpoint=PATH is required (or --speed, or --table), --analysis needs --teacher=PATH; "
                  "--help lists options")
+    if (opt["probe"] and opt["task"] not in ("toy", "planes", "brain", "paper")) or (
+            opt["analysis"] and opt["task"] in ("hc18", "retrieval")):
+        sys.exit("--probe needs the splits of --task=toy | planes | brain | paper; --analysis a classification task")
     task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, opt["device"]
     model, tokenizer = load_model_from_checkpoint(opt["checkpoint"], opt["model_config"] or None)
     model.to(device)
@@ -866,7 +877,7 @@ def main(argv):
     if opt["analysis"]:
         teacher, teacher_tokenizer = load_model_from_checkpoint(opt["teacher"], opt["teacher_config"] or None)
         metrics.update(analysis((teacher.to(device), teacher_tokenizer), (model, tokenizer), task, split, n, root, out,
-                                device))
+                                device, csv, prompts))
     meta = dict(model=describe(model), checkpoint=opt["checkpoint"], dataset=opt["data"] or "toy world",
                 task=opt["task"], split=split)
     path = save_results(out / f"results_{opt['task']}_{split}_{stamp}.json", metrics, meta)

@@ -1234,10 +1234,12 @@ def test_planes_task_is_classify_on_the_same_labels(tiny, tmp_path):
     (tmp_path / "classes.json").write_text(json.dumps(evaluation.PLANE_PROMPTS))
     planes = evaluation.evaluate(model, tok, task="planes", split="all", root=fpdb)
     out = tmp_path / "runs"
-    evaluation.main([f"--checkpoint={_save(model, tmp_path / 'ckpt.pt')}", "--task=classify", "--quiet",
-                     f"--data={tmp_path / 'labels.csv'}", f"--prompts={tmp_path / 'classes.json'}",
-                     "--csv_img_key=path", "--csv_label_key=finding", f"--out={out}"])
+    ckpt = _save(model, tmp_path / 'ckpt.pt')
+    evaluation.main([f"--checkpoint={ckpt}", "--task=classify", "--quiet", f"--data={tmp_path / 'labels.csv'}",
+                     f"--prompts={tmp_path / 'classes.json'}", "--csv_img_key=path", "--csv_label_key=finding",
+                     f"--out={out}", "--analysis", f"--teacher={ckpt}"])  # its own teacher: they agree throughout
     got = json.loads(next(out.glob("results_classify_all_*.json")).read_text())["metrics"]
+    assert got["ts_classify_true_prob_corr"] == pytest.approx(1) and "ts_planes_true_prob_corr" not in got
     same = {k.removeprefix("planes_") for k in planes if k.startswith("planes_")}
     assert {"acc", "balanced_acc", "f1", "top2", "top3", "top5", "confusion", "f1_abdomen", "acc_cervix"} <= same
     assert {k: got[f"classify_{k}"] for k in same} == pytest.approx({k: planes[f"planes_{k}"] for k in same})

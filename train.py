@@ -244,43 +244,41 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
-def val_task(cfg):
-    """-> (eval.py task, the metric that picks best.pt) for --val_data; (None, None): no validation."""
+def val_setup(cfg):
+    """-> (eval.evaluate's arguments for the validation data, the metric that picks best.pt); (None, None) when
+    nothing validates (best.pt is then the last step)."""
+    if cfg["val_prompts"] and (not cfg["val_data"] or Path(cfg["val_data"]).is_dir()):
+        raise ValueError(f"--val_prompts is for a labelled CSV --val_data, not {cfg['val_data'] or 'none'!r}")
     if not cfg["val_data"]:
-        return ("toy", "composite") if cfg["train_data"] == "toy" else (None, None)
+        return (dict(task="toy", split="val", n=cfg["val_size"]), "composite") if cfg["train_data"] == "toy" else (
+            None, None)
     if Path(cfg["val_data"]).is_dir():  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
-        return "fetal_planes", "class_f1"
-    return ("classify", "classify_f1") if cfg["val_prompts"] else ("retrieval", "retrieval_mean_recall")
+        return dict(task="fetal_planes", split="train", root=cfg["val_data"]), "class_f1"
+    args = dict(root=cfg["val_data"], csv={k: v for k, v in cfg.items() if k.startswith("csv_")})
+    if cfg["val_prompts"]:
+        return dict(args, task="classify", prompts={"classify": data.load_prompts(cfg["val_prompts"])}), "classify_f1"
+    return dict(args, task="retrieval"), "retrieval_mean_recall"
 
 
 def validate(model, tokenizer, cfg, device):
     """Zero-shot metrics for model selection, on data never reported as a test result."""
-    task, _ = val_task(cfg)
-    if task == "toy":
-        return evaluation.evaluate(model, tokenizer, task="toy", split="val", n=cfg["val_size"], device=device)
-    if task == "fetal_planes":
-        planes, brain = (evaluation.evaluate(model, tokenizer, task=task, split="train", root=cfg["val_data"],
-                                             device=device) for task in ("planes", "brain"))
+    args, _ = val_setup(cfg)
+    if args and args["task"] == "fetal_planes":
+        planes, brain = (evaluation.evaluate(model, tokenizer, **dict(args, task=task), device=device)
+                         for task in ("planes", "brain"))
         return {**planes, **brain, "class_f1": evaluation.class_f1(planes["planes_f1"], brain["brain_f1"])}
-    if task:
-        prompts = {"classify": data.load_prompts(cfg["val_prompts"])} if task == "classify" else None
-        return evaluation.evaluate(model, tokenizer, task=task, root=cfg["val_data"], prompts=prompts, device=device,
-                                   csv={k: v for k, v in cfg.items() if k.startswith("csv_")})
-    return {}
+    return evaluation.evaluate(model, tokenizer, **args, device=device) if args else {}
 
 
 def check_val_data(cfg):
-    """Read --val_data now, so a wrong path, column or label (one without prompts) fails before any training."""
-    task, _ = val_task(cfg)
-    if cfg["val_prompts"] and task != "classify":
-        raise ValueError(f"--val_prompts is for a labelled CSV --val_data, not {cfg['val_data'] or 'none'!r}")
-    if task == "fetal_planes":
-        data.read_fetal_planes(cfg["val_data"])
-    elif task in ("classify", "retrieval"):
-        csv = {k: v for k, v in cfg.items() if k.startswith("csv_")}
-        records, _ = evaluation.task_records(task, root=cfg["val_data"], csv=csv)
-        if task == "classify":
-            evaluation.check_labels("classify", records, data.load_prompts(cfg["val_prompts"]))
+    """Read the validation data now, so a wrong path or column, or a label without prompts, fails before training."""
+    args, _ = val_setup(cfg)
+    if args and args["task"] == "fetal_planes":
+        data.read_fetal_planes(args["root"])
+    elif args and args["task"] in ("classify", "retrieval"):
+        records, suite = evaluation.task_records(**args)
+        if args["task"] == "classify":
+            evaluation.check_labels("classify", records, suite["classify"])
 
 
 # --- the loop ---
@@ -344,7 +342,7 @@ def train(cfg):
 
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
     n_params = sum(p.numel() for p in student.parameters())
-    select_on = val_task(cfg)[1]
+    select_on = val_setup(cfg)[1]
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
            f"({cfg['epochs']} epochs x {steps_per_epoch}) on {world} x {dev}; best.pt: "
            + (f"best validation {select_on}" if select_on else "the last step (no --val_data)"), rank=rank)
