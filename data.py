@@ -577,7 +577,7 @@ def read_captions(path, image_col='filepath', caption_col='title', sep=None, roo
     rows = []
     for r in read_table(path, (image_col, caption_col), sep):
         if not r[caption_col]:
-            raise ValueError(f"{r['where']}: empty caption")
+            raise ValueError(f"{r['where']}: empty caption (column {caption_col!r})")
         rows.append(dict(image_path=root / r[image_col], caption=r[caption_col], where=r['where']))
     return rows
 

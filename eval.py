@@ -111,7 +111,9 @@ def class_metrics(probs, targets, names, topk=(2, 3, 5)):
     cm, present = confusion_counts(probs.argmax(1), targets, probs.shape[1]), np.unique(targets)
     tp, f1 = np.diag(cm), 2 * np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1), 1)  # 2tp / (2tp + fp + fn)
     recall = tp / np.maximum(cm.sum(1), 1)
-    key = {c: str(names[c]).lower().replace(" ", "_") for c in present}  # 'Fetal abdomen' -> f1_fetal_abdomen
+    key = {c: str(names[c]).lower().replace(" ", "_") for c in range(len(names))}  # 'Fetal abdomen' -> fetal_abdomen
+    if len(set(key.values())) < len(names):  # one metric would overwrite the other
+        raise ValueError(f"class names {list(names)} give two classes one metric name ({sorted(key.values())})")
     out = dict(acc=float(tp.sum() / len(targets)), f1=float(f1[present].mean()),
                balanced_acc=float(recall[present].mean()))
     ranked = np.argsort(-probs, axis=1, kind="stable")
@@ -129,7 +131,8 @@ def retrieval_metrics(img, txt, owner, ks=(1, 5, 10), chunk=2048):
     candidates that score strictly higher, in [chunk, chunk] blocks: memory stays O(chunk^2 + (M + N) D), never
     [M, N], and ties go to the true match."""
     owner = torch.as_tensor(owner)
-    pair = (img[owner].float() * txt.float()).sum(-1)  # [N] cosine of each caption with its own image
+    pair = torch.cat([(img[owner[j:j + chunk]].float() * txt[j:j + chunk].float()).sum(-1)  # [N] cosine of each
+                      for j in range(0, len(txt), chunk)])  # caption with its own image, in chunks: no [N, D] fp32 copy
     best = torch.full((len(img),), -math.inf).scatter_reduce(0, owner, pair, "amax")  # [M] an image's best caption
     i2t, t2i = torch.zeros(len(img), dtype=torch.long), torch.zeros(len(txt), dtype=torch.long)
     advance = progress("retrieval similarities (images)", len(img))
@@ -279,8 +282,8 @@ def ga_predict(model, tokenizer, feats, spacings, prompt_fn, device="cpu"):
 
 
 def check_labels(task, records, prompts):
-    """-> the class names of prompts; a record's label (under task's CLASS_TASKS key) with no prompts raises
-    ValueError naming each such label and the first row it is on."""
+    """A record's class (under task's CLASS_TASKS key) with no prompts raises ValueError naming each such label and the
+    first row it is on."""
     key, names, unknown = CLASS_TASKS[task], list(prompts), {}
     for i, r in enumerate(records):
         if r.get(key) and r[key] not in names:
@@ -288,7 +291,6 @@ def check_labels(task, records, prompts):
     if unknown:
         raise ValueError(f"{task}: no prompts for label(s) " + ", ".join(f"{k!r} ({w})" for k, w in unknown.items())
                          + f"; the prompts name {names}")
-    return names
 
 
 def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
@@ -301,7 +303,7 @@ def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
         rows = [i for i, r in enumerate(records) if r.get(key)]
         if not rows:
             continue
-        names = check_labels(task, [records[i] for i in rows], suite[task])
+        names = list(suite[task])  # task_records has checked that every label has prompts
         targets = np.array([names.index(records[i][key]) for i in rows])
         classes = text_classifier(model, tokenizer, suite[task], device)  # once per call, for every image
         probs = (100 * feats[rows] @ classes.T).softmax(-1).numpy()  # 100: CLIP's fixed zero-shot scale
@@ -363,7 +365,8 @@ def planes_records(root, split="all"):
 
 def task_records(task, split="val", n=None, root=None, csv=None, prompts=None):
     """-> (records, prompt suite). task: toy (a ToyWorld split) | planes | brain (root: FETAL_PLANES_DB) | hc18 (root:
-    HC18; its labelled images, whatever the split) | paper (root 'FPDB,HC18': all three) | classify (root: a CSV of
+    HC18; its labelled images, whatever the split) | paper (root 'FPDB,HC18': all three; 'FPDB': planes, brain and
+    class F1 from one pass over the images) | classify (root: a CSV of
     image and label) | retrieval (root: a caption CSV, or tar shards, streamed). csv: column names and separator
     (csv_img_key, csv_label_key, csv_caption_key, csv_separator; empty: the default). prompts {'planes' | 'brain' |
     'classify': {class: [prompts]}, 'ga': [templates]} replace the defaults; classify has none. n: at most n per
@@ -374,6 +377,8 @@ def task_records(task, split="val", n=None, root=None, csv=None, prompts=None):
         raise ValueError("task classify needs class prompts: --prompts=classes.json (data.load_prompts' formats)")
     if isinstance(records, list) and not records:
         raise ValueError(f"no images for task {task!r}, split {split!r} in {root or 'the toy world'}")
+    for name in [name for name in CLASS_TASKS if isinstance(records, list) and name in suite]:
+        check_labels(name, records, suite[name])
     return records, suite
 
 
@@ -390,17 +395,17 @@ def _task_records(task, split, n, root, csv):
         if task == "classify":
             return [dict(image=r["image_path"], label=r["caption"], where=r["where"]) for r in rows], {}
         return [dict(image=r["image_path"], caption=r["caption"], key=str(r["image_path"])) for r in rows], {}
-    if task not in ("planes", "brain", "hc18", "paper") or not root or (task == "paper") != ("," in str(root)):
+    if task not in ("planes", "brain", "hc18", "paper") or not root or task != "paper" and "," in str(root):
         raise ValueError(f"task {task!r} with data {root!r}: use task=toy, or planes | brain | hc18 with data=DIR, "
-                         "or paper with data=FETAL_PLANES_DB_DIR,HC18_DIR, or classify | retrieval with data=CSV")
-    fpdb, hc18 = str(root).split(",") if task == "paper" else (root, root)
+                         "or paper with data=FETAL_PLANES_DB_DIR[,HC18_DIR], or classify | retrieval with data=CSV")
+    fpdb, hc18 = (str(root).split(",") + [None])[:2] if task == "paper" else (root, root)
     records = []
     if task != "hc18":
         if split not in ("train", "test", "all"):  # no validation rows: select checkpoints on train, never on test
             raise ValueError(f"FETAL_PLANES_DB splits are train | test | all (zero-shot papers use all), not {split!r}")
         drop = {"planes": dict(brain=None), "brain": dict(plane=None)}.get(task, {})
         records = [r for r in (dict(r, **drop) for r in planes_records(fpdb, split)) if r["plane"] or r["brain"]][:n]
-    if task in ("hc18", "paper"):
+    if task == "hc18" or task == "paper" and hc18:
         records += [dict(image=r["image_path"], hc_mm=r["hc_mm"], pixel_mm=r["pixel_mm"], where=r["where"])
                     for r in data.read_hc18(hc18)][:n]
     return records, dict(planes=PLANE_PROMPTS, brain=BRAIN_PROMPTS, ga=template_prompts(GA_TEMPLATES))

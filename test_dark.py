@@ -882,7 +882,7 @@ def test_selection_on_fetal_planes_train_rows(tmp_path):
     cfg = _cfg(tmp_path, epochs=1, val_every=1, kd="none", val_data=str(_write_fetal_planes(tmp_path / "fpdb")))
     train.train(cfg)
     val = [r for r in _log(cfg) if "val_class_f1" in r]
-    assert len(val) == 1 and val[0]["val_n_images"] == 4 * 3  # brain rows of the 4 Train=1 patients (6 with test)
+    assert len(val) == 1 and val[0]["val_n_images"] == 4 * 8  # planes and brain rows of the 4 Train=1 patients
     assert val[0]["val_class_f1"] == pytest.approx((5 * val[0]["val_planes_f1"] + 3 * val[0]["val_brain_f1"]) / 8)
     ckpt = torch.load(os.path.join(cfg["out_dir"], "best.pt"), weights_only=True)
     assert ckpt["best_val"] == pytest.approx(val[0]["val_class_f1"])
@@ -1246,6 +1246,8 @@ def test_planes_task_is_classify_on_the_same_labels(tiny, tmp_path):
     assert np.array(got["classify_confusion"]).sum() == len(rows) == got["n_images"]
     (tmp_path / "classes.json").write_text(json.dumps({k: v for k, v in evaluation.PLANE_PROMPTS.items()
                                                        if k != "femur"}))
+    with pytest.raises(ValueError, match=r"give two classes one metric name"):  # f1_lips_nose twice
+        evaluation.class_metrics(np.eye(2), np.arange(2), ["Lips nose", "lips_nose"])
     with pytest.raises(ValueError, match=r"no prompts for label\(s\) 'femur' \(.*labels\.csv, line 6\)"):
         evaluation.evaluate(model, tok, task="classify", root=tmp_path / "labels.csv", csv=dict(
             csv_img_key="path", csv_label_key="finding"), prompts={"classify": data.load_prompts(tmp_path / "classes.json")})

@@ -253,7 +253,7 @@ def val_setup(cfg):
         return (dict(task="toy", split="val", n=cfg["val_size"]), "composite") if cfg["train_data"] == "toy" else (
             None, None)
     if Path(cfg["val_data"]).is_dir():  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
-        return dict(task="fetal_planes", split="train", root=cfg["val_data"]), "class_f1"
+        return dict(task="paper", split="train", root=cfg["val_data"]), "class_f1"  # planes and brain
     args = dict(root=cfg["val_data"], csv={k: v for k, v in cfg.items() if k.startswith("csv_")})
     if cfg["val_prompts"]:
         return dict(args, task="classify", prompts={"classify": data.load_prompts(cfg["val_prompts"])}), "classify_f1"
@@ -263,22 +263,14 @@ def val_setup(cfg):
 def validate(model, tokenizer, cfg, device):
     """Zero-shot metrics for model selection, on data never reported as a test result."""
     args, _ = val_setup(cfg)
-    if args and args["task"] == "fetal_planes":
-        planes, brain = (evaluation.evaluate(model, tokenizer, **dict(args, task=task), device=device)
-                         for task in ("planes", "brain"))
-        return {**planes, **brain, "class_f1": evaluation.class_f1(planes["planes_f1"], brain["brain_f1"])}
     return evaluation.evaluate(model, tokenizer, **args, device=device) if args else {}
 
 
 def check_val_data(cfg):
     """Read the validation data now, so a wrong path or column, or a label without prompts, fails before training."""
     args, _ = val_setup(cfg)
-    if args and args["task"] == "fetal_planes":
-        data.read_fetal_planes(args["root"])
-    elif args and args["task"] in ("classify", "retrieval"):
-        records, suite = evaluation.task_records(**args)
-        if args["task"] == "classify":
-            evaluation.check_labels("classify", records, suite["classify"])
+    if args and args["task"] != "toy":
+        evaluation.task_records(**args)
 
 
 # --- the loop ---
