@@ -364,13 +364,12 @@ def planes_records(root, split="all"):
 
 
 def task_records(task, split="val", n=None, root=None, csv=None, prompts=None):
-    """-> (records, prompt suite). task: toy (a ToyWorld split) | planes | brain (root: FETAL_PLANES_DB) | hc18 (root:
-    HC18; its labelled images, whatever the split) | paper (root 'FPDB,HC18': all three; 'FPDB': planes, brain and
-    class F1 from one pass over the images) | classify (root: a CSV of
-    image and label) | retrieval (root: a caption CSV, or tar shards, streamed). csv: column names and separator
-    (csv_img_key, csv_label_key, csv_caption_key, csv_separator; empty: the default). prompts {'planes' | 'brain' |
-    'classify': {class: [prompts]}, 'ga': [templates]} replace the defaults; classify has none. n: at most n per
-    source."""
+    """-> (records, prompt suite), every class label checked against its prompts. task: toy (a ToyWorld split) |
+    planes | brain (root: FETAL_PLANES_DB) | hc18 (root: HC18; its labelled images, whatever the split) | paper (root
+    'FPDB,HC18': all three; 'FPDB' alone: planes and brain in one pass) | classify (root: a CSV of image and label) |
+    retrieval (root: a caption CSV, or tar shards, streamed). csv: column names and separator (csv_img_key,
+    csv_label_key, csv_caption_key, csv_separator; empty: the default). prompts {'planes' | 'brain' | 'classify':
+    {class: [prompts]}, 'ga': [templates]} replace the defaults; classify has none. n: at most n per source."""
     records, suite = _task_records(task, split, n, root, csv)
     suite.update({k: template_prompts(v) if k == "ga" else v for k, v in (prompts or {}).items()})
     if task == "classify" and "classify" not in suite:
@@ -859,12 +858,15 @@ def main(argv):
         return save_results(out / f"speed_{stamp}.json", {f"{r['role']}_{k}": v for r in rows for k, v in r.items()
                                                           if k != "role"},
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))
-    if not opt["checkpoint"] or (opt["analysis"] and not opt["teacher"]):
-        sys.exit("--checkpoint=PATH is required (or --speed, or --table), --analysis needs --teacher=PATH; "
-                 "--help lists options")
-    if (opt["probe"] and opt["task"] not in ("toy", "planes", "brain", "paper")) or (
-            opt["analysis"] and opt["task"] in ("hc18", "retrieval")):
-        sys.exit("--probe needs the splits of --task=toy | planes | brain | paper; --analysis a classification task")
+    for bad, why in ((not opt["checkpoint"], "--checkpoint=PATH is required (or --speed, or --table)"),
+                     (opt["analysis"] and not opt["teacher"], "--analysis needs --teacher=PATH"),
+                     (opt["task"] == "classify" and not opt["prompts"], "--task=classify needs --prompts=classes.json"),
+                     (opt["probe"] and opt["task"] not in ("toy", "planes", "brain", "paper"),
+                      "--probe needs the splits of --task=toy | planes | brain | paper"),
+                     (opt["analysis"] and opt["task"] in ("hc18", "retrieval"), "--analysis compares classifiers: "
+                                                                              "not with --task=hc18 | retrieval")):
+        if bad:
+            sys.exit(f"eval.py: {why} (--help lists the options)")
     task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, opt["device"]
     model, tokenizer = load_model_from_checkpoint(opt["checkpoint"], opt["model_config"] or None)
     model.to(device)
