@@ -199,6 +199,28 @@ def test_toy_presets_are_cheap_and_unequal():
     assert student.image_mean == (0.0, 0.0, 0.0) and teacher.image_mean == models.OPENAI_MEAN
 
 
+def test_configs_without_preprocess_cfg_get_their_family_default(tmp_path):
+    # open_clip's model_configs/MobileCLIP2-S0.json (no preprocess_cfg: open_clip keeps mean 0 / std 1 with the tag)
+    mobileclip2 = dict(embed_dim=512, custom_text=True, vision_cfg=dict(
+        timm_model_name='fastvit_mci0', timm_model_pretrained=False, timm_pool='avg', timm_proj=None, timm_drop=0.0,
+        timm_drop_path=0.0, image_size=256), text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8,
+                                                           layers=12, no_causal_mask=True))
+    vit = dict(embed_dim=512, vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=16),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12))  # ViT-B-16.json
+    (tmp_path / 'MobileCLIP2-S0.json').write_text(json.dumps(mobileclip2))
+    (tmp_path / 'hub.json').write_text(json.dumps(dict(model_cfg=mobileclip2, preprocess_cfg=dict(resize_mode='shortest'))))
+    for path in ('MobileCLIP2-S0.json', 'hub.json'):
+        assert models.preprocess_of(models.get_config(str(tmp_path / path))) == ((0.0,) * 3, (1.0,) * 3)
+    assert models.preprocess_of(vit) == (models.OPENAI_MEAN, models.OPENAI_STD)
+    given = dict(vit, preprocess_cfg=dict(mean=(0.5,) * 3, std=(0.25,) * 3))
+    assert models.preprocess_of(given) == ((0.5,) * 3, (0.25,) * 3)
+    for bad in (dict(mean=(0.5,) * 3), dict(mean=(0.5,) * 3, std=(0.0,) * 3), dict(mean=(0.5,), std=(1.0,))):
+        with pytest.raises(ValueError, match="preprocess_cfg needs 'mean' and 'std'"):
+            models.preprocess_of(dict(vit, preprocess_cfg=bad))
+    with torch.device('meta'):
+        assert models.build_model(str(tmp_path / 'MobileCLIP2-S0.json')).image_std == (1.0,) * 3
+
+
 # --- parity with open_clip / timm on the reference fixtures ---
 def test_vit_clip_reproduces_open_clip(shared):
     ckpt = torch.load(shared / 'reference' / 'tiny_vit_clip.pt', weights_only=True)
@@ -241,12 +263,32 @@ def test_folded_equals_unfolded_on_toy_student():
 
 
 # --- checkpoint loading ---
-def test_load_unwraps_state_dict_and_module_prefix(tmp_path):
+WRAPPERS = ['module.', '_orig_mod.', 'module._orig_mod.', '_orig_mod.module.', 'module.module._orig_mod.module.']
+
+
+@pytest.mark.parametrize('container', ['state_dict', 'model', 'model_state_dict', 'module'])
+@pytest.mark.parametrize('wrapper', WRAPPERS)
+def test_load_unwraps_containers_and_any_stack_of_wrapper_prefixes(tmp_path, container, wrapper):
     source = randomize_(models.build_model('toy-student'))
     path = tmp_path / 'ckpt.pt'
-    torch.save({'epoch': 3, 'state_dict': {'module.' + k: v for k, v in source.state_dict().items()}}, path)
+    torch.save({'epoch': 3, container: {wrapper + k: v for k, v in source.state_dict().items()}}, path)
     model = models.load_checkpoint(models.build_model('toy-student'), path)
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_compiled_submodule_and_unknown_prefix():
+    source = randomize_(models.build_model('toy-student'))
+    inner = {re.sub(r'^(visual|text)\.', r'\1._orig_mod.', k): v for k, v in source.state_dict().items()}  # compile(model.visual)
+    model = models.load_checkpoint(models.build_model('toy-student'), inner)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    for prefix in ('student.', 'ema.model.', 'module.student.'):
+        sd = {prefix + k: v for k, v in source.state_dict().items()}
+        named = prefix.removeprefix('module.')  # module. is known and stripped: what is left is named
+        with pytest.raises(ValueError, match=re.escape(f"every key starts with '{named}', which this model has no part")) as e:
+            models.load_checkpoint(models.build_model('toy-student'), sd)
+        assert len(str(e.value).splitlines()) < 40  # the first keys of each kind and a count, not hundreds of lines
+    with pytest.raises(ValueError, match=r"no weights found: .*\['epoch', 'optimizer'\]"):
+        models.load_checkpoint(models.build_model('toy-student'), {'epoch': 1, 'optimizer': {'lr': 1.0}})
 
 
 def test_renamed_or_reshaped_key_is_named_in_the_error():
@@ -289,6 +331,84 @@ def to_ml_mobileclip(state_dict, prefix, stages):
         if key != 'head.fc.bias':
             out[prefix + key] = value
     return out
+
+
+def to_ml_mobileclip_text(state_dict, prefix):
+    """Our open_clip text-tower keys under prefix in ml-mobileclip's text_encoder layout (the loader's inverse)."""
+    renames = [(r'token_embedding\.', 'embedding_layer.'), (r'ln_final\.', 'final_layer_norm.'),
+               (r'text_projection$', 'projection_layer'),
+               (r'transformer\.resblocks\.(\d+)\.ln_1\.', r'transformer.\1.pre_norm_mha.0.'),
+               (r'transformer\.resblocks\.(\d+)\.attn\.in_proj_', r'transformer.\1.pre_norm_mha.1.qkv_proj.'),
+               (r'transformer\.resblocks\.(\d+)\.attn\.out_proj\.', r'transformer.\1.pre_norm_mha.1.out_proj.'),
+               (r'transformer\.resblocks\.(\d+)\.ln_2\.', r'transformer.\1.pre_norm_ffn.0.'),
+               (r'transformer\.resblocks\.(\d+)\.mlp\.c_fc\.', r'transformer.\1.pre_norm_ffn.1.'),
+               (r'transformer\.resblocks\.(\d+)\.mlp\.c_proj\.', r'transformer.\1.pre_norm_ffn.4.')]
+    out = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix(prefix)
+        if name == 'positional_embedding':
+            out['text_encoder.positional_embedding.pos_embed.pos_embed'] = value[None, None]  # [1, 1, context, width]
+        elif name.startswith(('token_embedding.', 'ln_final.', 'text_projection', 'transformer.')) and key.startswith(prefix):
+            for ours, theirs in renames:
+                name = re.sub('^' + ours, theirs, name)
+            out['text_encoder.' + name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def apple_text_forward(sd, ids, heads):
+    """ml-mobileclip's TextTransformer.encode_text ('base' variant, no causal mask), written from its source."""
+    p = lambda name: sd['text_encoder.' + name]
+    x = p('embedding_layer.weight')[ids] + p('positional_embedding.pos_embed.pos_embed')[0, 0, :ids.shape[1]]
+    layers = len({k.split('.')[2] for k in sd if k.startswith('text_encoder.transformer.')})
+    for i in range(layers):
+        w = lambda name: p(f'transformer.{i}.{name}')
+        h = F.layer_norm(x, x.shape[-1:], w('pre_norm_mha.0.weight'), w('pre_norm_mha.0.bias'))
+        B, L, C = h.shape
+        qkv = (h @ w('pre_norm_mha.1.qkv_proj.weight').T + w('pre_norm_mha.1.qkv_proj.bias'))
+        qkv = qkv.reshape(B, L, 3, heads, -1).transpose(1, 3)  # [B, heads, 3, L, c]
+        q, k, v = qkv[:, :, 0] * (C // heads) ** -0.5, qkv[:, :, 1], qkv[:, :, 2]
+        out = ((q @ k.transpose(-1, -2)).softmax(-1) @ v).transpose(1, 2).reshape(B, L, C)
+        x = x + out @ w('pre_norm_mha.1.out_proj.weight').T + w('pre_norm_mha.1.out_proj.bias')
+        h = F.layer_norm(x, x.shape[-1:], w('pre_norm_ffn.0.weight'), w('pre_norm_ffn.0.bias'))
+        h = F.gelu(h @ w('pre_norm_ffn.1.weight').T + w('pre_norm_ffn.1.bias'))
+        x = x + h @ w('pre_norm_ffn.4.weight').T + w('pre_norm_ffn.4.bias')
+    x = F.layer_norm(x, x.shape[-1:], p('final_layer_norm.weight'), p('final_layer_norm.bias'))
+    return x[torch.arange(B), ids.argmax(-1)] @ p('projection_layer')
+
+
+@pytest.mark.parametrize('wrapper', [''] + WRAPPERS)
+def test_apple_text_tower_layout_round_trip_and_forward(wrapper):
+    source = randomize_(models.build_model('toy-student')).eval()
+    with torch.no_grad():
+        source.visual.trunk.head.fc.bias.zero_()  # ml-mobileclip's projection head has no bias
+    apple = to_ml_mobileclip_text(to_ml_mobileclip(source.state_dict(), 'image_encoder.model.',
+                                                   source.visual.trunk.stages), 'text.')
+    for key in ['embedding_layer.weight', 'positional_embedding.pos_embed.pos_embed', 'final_layer_norm.bias',
+                'transformer.0.pre_norm_mha.0.weight', 'transformer.2.pre_norm_mha.1.qkv_proj.weight',
+                'transformer.1.pre_norm_mha.1.out_proj.bias', 'transformer.0.pre_norm_ffn.1.weight',
+                'transformer.2.pre_norm_ffn.4.bias', 'projection_layer']:
+        assert 'text_encoder.' + key in apple  # the names of ml-mobileclip's text_encoder.py / transformer.py
+    assert not [k for k in apple if k.startswith(('text.', 'visual.'))]
+    model = models.load_checkpoint(models.build_model('toy-student'), {wrapper + k: v for k, v in apple.items()})
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    ids = data.ToyTokenizer()(['fetal brain at 20 weeks', 'maternal cervix'])
+    with torch.no_grad():
+        ours, theirs = model.eval().encode_text(ids), apple_text_forward(apple, ids, heads=4)
+    assert rel_err(ours, theirs) < 1e-5
+    assert F.cosine_similarity(ours[0], ours[1], dim=0) < 0.99  # the two captions give different embeddings
+
+
+def test_apple_text_tower_loads_into_the_top_level_layout_and_mct_is_refused():
+    source = randomize_(models.build_model('toy-teacher'))  # open_clip's CLIP: text tower at the top level
+    apple = to_ml_mobileclip_text(source.state_dict(), '')
+    assert 'text_encoder.transformer.0.pre_norm_mha.1.qkv_proj.weight' in apple and 'token_embedding.weight' not in apple
+    model = models.load_checkpoint(models.build_model('toy-teacher'), apple)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    apple['text_encoder.transformer.0.token_mixer.layer_scale'] = torch.ones(256, 1, 1)  # MobileCLIP-S0's RepMixer
+    with pytest.raises(ValueError, match="'mct' text tower"):
+        models.load_checkpoint(models.build_model('toy-teacher'), apple)
 
 
 def test_ml_mobileclip_layout_round_trip():

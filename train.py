@@ -279,6 +279,9 @@ def train(cfg):
                          f"feed both): teacher {tokenizer_kind(teacher)}/{teacher.context_length}, "
                          f"student {tokenizer_kind(student)}/{student.context_length}")
     views = [(m.image_size, m.image_mean, m.image_std) for m in (teacher or student, student)]  # each its own
+    for role, m in (("teacher", teacher), ("student", student)):  # it goes into training, eval and the Core ML wrapper
+        if m is not None:
+            print0(f"{role} input: {m.image_size} px, mean {m.image_mean}, std {m.image_std}", rank=rank)
     collate = data.Collate(data.DistillTransform(*views, augment=cfg["augment"]), tokenizer)
     pairs = make_pairs(cfg, max(student.image_size, (teacher or student).image_size), rank, world)
     steps_per_epoch = micro_batches_per_epoch(pairs, cfg, world) // cfg["grad_accum"]
