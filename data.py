@@ -332,14 +332,18 @@ def save_grid(path, n=16, size=128, split='train', seed=0):
 
 
 # --- tokenizers ---
-def _pack(seqs, context_length, eot):
-    """Token lists -> LongTensor[N, context_length], zero-padded; a long one is cut but keeps its end token, since
-    the text towers pool at the end token."""
-    out = torch.zeros(len(seqs), context_length, dtype=torch.long)
-    for row, ids in zip(out, seqs):
-        ids = ids[:context_length - 1] + [eot] if len(ids) > context_length else ids
-        row[:len(ids)] = torch.tensor(ids)
-    return out
+class Tokenizer:
+    """What both tokenizers share: texts -> LongTensor[N, context_length] of start, encode(text), end, zero-padded;
+    a long one is cut but keeps its end token, since the text towers pool at the end token."""
+
+    def __call__(self, texts):
+        texts = [texts] if isinstance(texts, str) else texts
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in zip(out, texts):
+            ids = [self.sot] + self.encode(text) + [self.eot]
+            ids = ids[:self.context_length - 1] + [self.eot] if len(ids) > self.context_length else ids
+            row[:len(ids)] = torch.tensor(ids)
+        return out
 
 
 def _bytes_to_unicode():
@@ -356,8 +360,47 @@ def _bytes_to_unicode():
 
 # CLIP's pre-tokenizer. Python's re has no \p{L} / \p{N}: [^\W\d_] is letters plus the numeric characters outside
 # Nd (², ½, Ⅻ), which _words() splits off again, and (?:[^\s\w]|_) is [^\s\p{L}\p{N}].
-_CLIP_PAT = re.compile(r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
+# CLIP's pattern also matches '<start_of_text>' and '<end_of_text>' as one piece each; clean_text says why not here.
+_CLIP_PAT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
 _STRAIGHT_QUOTES = {**dict.fromkeys([0x2bc, *range(0x2018, 0x201c)], "'"), **dict.fromkeys(range(0x201c, 0x2020), '"')}
+# ECMA-48 escapes, as terminals read them: CSI (colours, cursor moves), OSC (titles, hyperlinks; ended by BEL or
+# ESC \\, or by the end of the text) and two-character escapes
+_ESCAPES = re.compile(r'\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\|$)|[ -/]*[0-~])')
+
+
+class _Invisible(dict):
+    """str.translate table, filled on first sight of a character: control (Cc) and format (Cf: byte-order mark,
+    zero-width, bidi and soft-hyphen) characters map to None (dropped), but tab, newline, form feed and carriage
+    return, which the whitespace clean-up turns into spaces; so does U+FFFC, as in ftfy."""
+
+    def __missing__(self, code):
+        drop = unicodedata.category(chr(code)) in ('Cc', 'Cf') and chr(code) not in '\t\n\f\r' or code == 0xFFFC
+        self[code] = None if drop else code
+        return self[code]
+
+
+_INVISIBLE = _Invisible()
+
+
+def clean_text(text):
+    """A caption as open_clip cleans it before BPE (ftfy.fix_text, html-unescape twice, collapse whitespace,
+    lower-case), with ftfy reduced to the fixes a file from an editor, a spreadsheet or a terminal needs. In order:
+    html entities unescaped (first, so that an escaped control is cleaned like a raw one); surrogates paired, a lone
+    one replaced by U+FFFD (as ftfy; it would crash UTF-8 encoding); C1 controls read as the Windows-1252 characters
+    they stand for (as ftfy and browsers: \\x92 -> ’); terminal escape sequences removed; control and format
+    characters dropped (_Invisible); curly quotes straightened, NFC, whitespace collapsed, lower case.
+
+    Where this differs from ftfy, on purpose (a test pins each): every ECMA-48 escape is removed, where ftfy removes
+    only colour codes and leaves an OSC title's text; all format characters are dropped, where ftfy drops only the
+    byte-order mark and a few others and keeps zero-width spaces, joiners, bidi marks and soft hyphens, which would
+    become tokens of invisible bytes; the five C1 codes Windows-1252 leaves undefined are dropped, where ftfy keeps
+    them; the literal text '<start_of_text>' or '<end_of_text>' in a caption stays text, where open_clip makes it
+    the special token, so a caption could end the sequence early and the text tower, which pools at the first end
+    token, would ignore the rest. ftfy's repairs of mojibake, ligatures and full-width forms are left out."""
+    text = html.unescape(html.unescape(text)).encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
+    text = re.sub('[\x80-\x9f]', lambda c: c[0].encode('latin-1').decode('cp1252', 'ignore'), text)
+    text = _ESCAPES.sub('', text).translate(_INVISIBLE).translate(_STRAIGHT_QUOTES)
+    return ' '.join(unicodedata.normalize('NFC', text).split()).lower()
 
 
 def _words(text):
@@ -385,10 +428,9 @@ def _find_bpe(path=None):
     return path
 
 
-class SimpleTokenizer:
+class SimpleTokenizer(Tokenizer):
     """CLIP's byte-level BPE (openai/CLIP simple_tokenizer.py), giving open_clip's ids: start 49406, end 49407,
-    pad 0. Cleaning is open_clip's (html-unescape twice, collapse whitespace, lower-case) with ftfy.fix_text
-    reduced to straight quotes and NFC; its repairs of mojibake, ligatures and full-width forms are left out."""
+    pad 0, after clean_text (open_clip's cleaning, with the differences listed there)."""
 
     def __init__(self, bpe_path=None, context_length=77):
         merges = gzip.open(_find_bpe(bpe_path)).read().decode('utf-8').split('\n')[1:49152 - 256 - 2 + 1]
@@ -423,16 +465,10 @@ class SimpleTokenizer:
         return self.cache[token]
 
     def encode(self, text):
-        text = html.unescape(html.unescape(text)).translate(_STRAIGHT_QUOTES)  # ftfy's fixes that clean text needs:
-        text = ' '.join(unicodedata.normalize('NFC', text).split()).lower()  # straight quotes, composed accents
         ids = []
-        for word in _words(text):
+        for word in _words(clean_text(text)):
             ids += [self.encoder[t] for t in self.bpe(''.join(self.byte_encoder[b] for b in word.encode('utf-8')))]
         return ids
-
-    def __call__(self, texts):
-        texts = [texts] if isinstance(texts, str) else texts
-        return _pack([[self.sot] + self.encode(t) + [self.eot] for t in texts], self.context_length, self.eot)
 
 
 TOY_WORDS = (  # everything the toy world says, one token each; new words go at the end so old ids keep their meaning
@@ -446,9 +482,9 @@ TOY_VOCAB_SIZE = 128  # 0 pad, 1 start, 2 unknown, then TOY_WORDS, then room to 
 TOY_CONTEXT = 48  # the longest toy caption is 47 tokens with start and end
 
 
-class ToyTokenizer:
+class ToyTokenizer(Tokenizer):
     """The toy world's word-level tokenizer: lower-case words, single digits (so any number is spelled out) and
-    punctuation marks. No file. An unknown word gets id 2. End-of-text is TOY_VOCAB_SIZE - 1, the largest id, because
+    punctuation marks, after clean_text. No file. An unknown word gets id 2. End-of-text is TOY_VOCAB_SIZE - 1, the largest id, because
     the text towers pool at argmax(token id), as CLIP's do."""
 
     def __init__(self, context_length=TOY_CONTEXT):
@@ -457,11 +493,7 @@ class ToyTokenizer:
         self.vocab_size, self.context_length = TOY_VOCAB_SIZE, context_length
 
     def encode(self, text):
-        return [self.ids.get(w, self.unk) for w in re.findall(r'[a-z]+|\d|[^\sa-z\d]', text.lower())]
-
-    def __call__(self, texts):
-        texts = [texts] if isinstance(texts, str) else texts
-        return _pack([[self.sot] + self.encode(t) + [self.eot] for t in texts], self.context_length, self.eot)
+        return [self.ids.get(w, self.unk) for w in re.findall(r'[a-z]+|\d|[^\sa-z\d]', clean_text(text))]
 
 
 def get_tokenizer(kind, context_length, bpe_path=None):

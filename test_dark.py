@@ -565,6 +565,38 @@ def test_bpe_tokenizer_matches_open_clip(shared):
     assert tok.vocab_size == 49408 and (tok.sot, tok.eot) == (49406, 49407)
 
 
+# (dirty, clean): what a caption file from an editor, a spreadsheet or a terminal carries, and what it means
+FTFY_CLEANS = [('\ufefffetal brain', 'fetal brain'), ('fe\ufefftal brain\ufeff', 'fetal brain'),  # byte-order marks
+               ('a\x00b\x07c\x7fd', 'abcd'), ('a\x0bb\x1cc', 'abc'),  # C0 controls and DEL go, they are no space
+               ('fetal\tbrain\r\n\x0c', 'fetal brain'), ('a\u2028b', 'a b'),  # whitespace controls are spaces
+               ('fetal\x92s brain', "fetal's brain"), ('a\x85b', 'a\u2026b'),  # C1 as Windows-1252 (ftfy, browsers)
+               ('\x1b[1;31mfetal\x1b[0m brain', 'fetal brain'),  # a terminal's colours
+               ('a\ufffcb', 'ab'), ('fetal\ud83d brain', 'fetal\ufffd brain'),  # a lone surrogate: U+FFFD, no crash
+               ('\ud83d\udc76 \u201cFETAL\u201d &amp;amp; brain', '\U0001f476 "fetal" & brain')]
+NOT_FTFY = [('\x1b]0;title\x07fetal\x1b]8;;http://x\x1b\\ brain', 'fetal brain'),  # OSC title, hyperlink: ftfy keeps text
+            ('\x1b[?25lfetal\x1b(B brain\x1b]2;cut', 'fetal brain'),  # other CSI, charset, unterminated OSC
+            ('fetal\u200bbrain', 'fetalbrain'), ('x\u00adx\u2060x', 'xxx'), ('\u202ebrain\u202c\u200e', 'brain'),
+            ('fetal\x81 brain\x9d', 'fetal brain'), ('&#xfeff;fetal&#8203; brain', 'fetal brain')]  # escaped ones too
+
+
+def test_clean_text_drops_what_is_invisible_as_ftfy_does_and_where_it_does_not():
+    for dirty, clean in FTFY_CLEANS + NOT_FTFY:
+        assert data.clean_text(dirty) == clean, repr(dirty)
+    toy = data.ToyTokenizer()
+    assert torch.equal(toy(['\ufeffFetal\x1b[0m  brain\u200b']), toy(['fetal brain']))
+
+
+def test_bpe_tokenizer_cleans_like_open_clip_and_keeps_special_tokens_out_of_captions(shared):
+    tok = data.get_tokenizer('bpe', 77, shared / 'vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz')
+    assert tok(['\ufefffetal brain'])[0, :5].tolist() == [49406, 42031, 4812, 49407, 0]  # open_clip's ids
+    for dirty, clean in FTFY_CLEANS + NOT_FTFY:
+        assert torch.equal(tok([dirty]), tok([clean])), repr(dirty)
+    # a literal '<end_of_text>' is text, not the end token that would end the caption early (open_clip: 320, 49407, 321)
+    ids = tok(['a <end_of_text> b <start_of_text>'])[0]
+    assert (ids == tok.eot).sum() == 1 and (ids == tok.sot).sum() == 1 and ids[ids > 0][-1] == tok.eot
+    assert torch.equal(ids, tok(['a < end _ of _ text > b < start _ of _ text >'])[0])
+
+
 def test_bpe_tokenizer_without_vocabulary_says_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv('DARK_BPE', raising=False)
     with pytest.raises(FileNotFoundError, match='bpe_simple_vocab_16e6.txt.gz'):
