@@ -162,12 +162,14 @@ def ga_metrics(pred_days, hc_mm):
 
 # --- zero-shot: image embeddings, text classifiers, age scores ---
 @torch.no_grad()
-def embed_images(model, images, batch_size=64, device="cpu"):
-    """PIL images or paths -> (raw image embeddings [N, D], each image's original (W, H)), preprocessed for model."""
+def embed_images(model, images, batch_size=64, device="cpu", wheres=None):
+    """PIL images or paths -> (raw image embeddings [N, D], each image's original (W, H)), preprocessed for model.
+    wheres: each path's file and row, named if it does not decode (data.load_image)."""
     prep = data.Preprocess(model.image_size, model.image_mean, model.image_std)
-    feats, sizes = [], []
+    feats, sizes, wheres = [], [], wheres or [""] * len(images)
     for i in range(0, len(images), batch_size):
-        batch = [data.load_image(x) if isinstance(x, (str, Path)) else x for x in images[i:i + batch_size]]
+        batch = [data.load_image(x, w) if isinstance(x, (str, Path)) else x
+                 for x, w in zip(images[i:i + batch_size], wheres[i:i + batch_size])]
         sizes += [im.size for im in batch]
         feats.append(model.encode_image(torch.stack([prep(im) for im in batch]).to(device)).float().cpu())
     return torch.cat(feats), sizes
@@ -209,7 +211,8 @@ def ga_predict(model, tokenizer, feats, spacings, prompt_fn, device="cpu"):
 def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
     """records: dicts of image, plane and brain (class names or None), hc_mm (None: no age task), pixel_mm.
     suite: {'planes': {class: [prompts]}, 'brain': {...}, 'ga': prompt_fn}. -> (metrics, outputs per task)."""
-    raw, sizes = embed_images(model, [r["image"] for r in records], batch_size, device)
+    raw, sizes = embed_images(model, [r["image"] for r in records], batch_size, device,
+                              [r.get("where") for r in records])
     feats, metrics, outputs = F.normalize(raw, dim=-1), {"n_images": len(records)}, {}
     for task, key, topk in (("planes", "plane", (1, 2, 3)), ("brain", "brain", (1,))):
         rows, names = [i for i, r in enumerate(records) if r.get(key)], list(suite[task])
@@ -253,7 +256,8 @@ def planes_records(root, split="all"):
         plane = FPDB_CLASS[data.PLANES[r["plane"]]] if r["plane"] >= 0 else None
         brain = FPDB_CLASS[data.BRAIN_PLANES[r["brain_plane"]]] if r["brain_plane"] >= 0 else None
         if (plane or brain) and split in ("all", "train" if r["train"] else "test"):
-            out.append(dict(image=r["image_path"], plane=plane, brain=brain, patient=r["patient"], train=r["train"]))
+            out.append(dict(image=r["image_path"], plane=plane, brain=brain, patient=r["patient"], train=r["train"],
+                            where=r["where"]))
     return out
 
 
@@ -274,7 +278,7 @@ def task_records(task, split="val", n=None, root=None):
         drop = {"planes": dict(brain=None), "brain": dict(plane=None)}.get(task, {})
         records = [r for r in (dict(r, **drop) for r in planes_records(fpdb, split)) if r["plane"] or r["brain"]][:n]
     if task in ("hc18", "paper"):
-        records += [dict(image=r["image_path"], hc_mm=r["hc_mm"], pixel_mm=r["pixel_mm"])
+        records += [dict(image=r["image_path"], hc_mm=r["hc_mm"], pixel_mm=r["pixel_mm"], where=r["where"])
                     for r in data.read_hc18(hc18)][:n]
     return records, dict(planes=PLANE_PROMPTS, brain=BRAIN_PROMPTS, ga=template_prompts(GA_TEMPLATES))
 

@@ -5,6 +5,7 @@ files in the real formats, the training loop (resume, two ranks, NaN), the evalu
 """
 import copy
 import csv
+import gzip
 import hashlib
 import importlib.util
 import io
@@ -667,16 +668,111 @@ def test_caption_files_from_other_tools_decode_or_name_file_and_line(tmp_path):
         data.read_captions(tmp_path / 'unix_lf.csv', sep=';;')
 
 
-def test_missing_and_corrupt_images_name_file_and_row(tmp_path):
-    (tmp_path / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 10)
+def undecodable_images(monkeypatch):
+    """{name: bytes} for every way an image fails to decode. The bomb is a 400x400 one-bit PNG under a lowered pixel
+    limit: the same DecompressionBombError a real 13,400 x 13,400 one (22 KB) raises, without 180 MB of pixels."""
     png = io.BytesIO()
     Image.new('L', (64, 64), 9).save(png, 'PNG')
-    (tmp_path / 'cut.png').write_bytes(png.getvalue()[:60])  # truncated
-    (tmp_path / 'pairs.csv').write_text('filepath,title\nbad.png,one\ncut.png,two\ngone.png,three\n')
-    rows = data.ImageRows(data.read_captions(tmp_path / 'pairs.csv'))
-    for i, name in enumerate(('bad.png', 'cut.png', 'gone.png')):
-        with pytest.raises(ValueError, match=rf'pairs\.csv, line {i + 2}: cannot read image .*{name}'):
-            rows[i]
+    bomb = io.BytesIO()
+    Image.new('1', (400, 400)).save(bomb, 'PNG')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 400 * 400 // 3)  # Pillow refuses above twice the limit
+    return {'truncated.png': png.getvalue()[:60], 'bomb.png': bomb.getvalue(), 'unknown.png': b'GIF87a' + b'\0' * 9,
+            'empty.png': b'', 'garbage.jpg': b'\xff\xd8\xff' + bytes(range(256)) * 4,
+            'lab.tif': _saved(Image.new('LAB', (4, 4)), 'TIFF')}
+
+
+def _saved(image, fmt):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_every_undecodable_image_is_named_or_skipped_in_every_reader(tmp_path, monkeypatch):
+    bad = undecodable_images(monkeypatch)
+    for name, raw in bad.items():
+        (tmp_path / name).write_bytes(raw)
+    (tmp_path / 'good.png').write_bytes(_png_bytes(7))
+    names = list(bad) + ['gone.png']
+    (tmp_path / 'pairs.csv').write_text('filepath,title\n' + ''.join(f'{n},caption {n}\n' for n in names) + 'good.png,ok\n')
+    rows = data.read_captions(tmp_path / 'pairs.csv')
+    strict, lenient = data.ImageRows(rows), data.ImageRows(rows, skip_bad=True)
+    for i, name in enumerate(names):  # caption CSV: an error naming the file, its line and the cause
+        with pytest.raises(ValueError, match=rf'pairs\.csv, line {i + 2}: cannot read image .*{re.escape(name)}: \w+'):
+            strict[i]
+    assert lenient[0]['caption'] == 'ok'  # or each skipped and counted, and the next good row in its place
+    assert [w.rsplit(' ', 1)[1] for w, _ in lenient.skipped] == [str(i + 2) for i in range(len(names))]
+    causes = [why.split(': ')[1] for _, why in lenient.skipped]
+    assert causes == ['OSError', 'DecompressionBombError', 'UnidentifiedImageError', 'UnidentifiedImageError',
+                      'UnidentifiedImageError', 'ValueError', 'FileNotFoundError']
+    # FETAL_PLANES_DB and HC18: the same family, named with the CSV row
+    (tmp_path / 'Images').mkdir()
+    (tmp_path / 'Images/P1.png').write_bytes(bad['bomb.png'])
+    (tmp_path / 'FETAL_PLANES_DB_data.csv').write_text('Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train\n'
+                                                        'P1;1;Other;Other;Op. 1;Aloka;1\n')
+    with pytest.raises(ValueError, match=r'FETAL_PLANES_DB_data\.csv, line 2: cannot read image .*DecompressionBomb'):
+        data.ImageRows(data.read_fetal_planes(tmp_path))[0]
+    (tmp_path / 'training_set').mkdir()
+    (tmp_path / 'training_set/good.png').write_bytes(_png_bytes(7))
+    for name in ('bomb.png', 'unknown.png', 'empty.png'):
+        (tmp_path / 'training_set' / name).write_bytes(bad[name])
+        (tmp_path / 'training_set_pixel_size_and_HC.csv').write_text(
+            f'filename,pixel size(mm),head circumference (mm)\ngood.png,0.1,100\n{name},0.1,100\n')
+        with pytest.raises(ValueError, match=rf'HC\.csv, line 3: cannot read image .*{name}'):
+            data.read_hc18(tmp_path)
+    # tar shards: every member of the family is skipped and counted, or named with its shard and key
+    members = [(f'{i}.{"jpg" if n.endswith(".jpg") else "png"}', raw) for i, (n, raw) in enumerate(bad.items())]
+    _write_shard(tmp_path / 'bad.tar', [m for i, member in enumerate(members) for m in (member, (f'{i}.txt', b'a'))]
+                 + [('9.png', _png_bytes(9)), ('9.txt', b'ok')])
+    with pytest.raises(ValueError, match=r'bad\.tar: 0: cannot read image .*skip_bad'):
+        list(data.TarShards(tmp_path / 'bad.tar'))
+    shards = data.TarShards(tmp_path / 'bad.tar', skip_bad=True)
+    assert [s['caption'] for s in shards] == ['ok'] and len(shards.skipped) == len(bad)
+
+
+@pytest.mark.parametrize('mode, make, value', [
+    ('1', lambda: Image.new('1', (8, 8), 1), 255), ('L', lambda: Image.new('L', (8, 8), 128), 128),
+    ('P', lambda: _palette((10, 20, 30)), (10, 20, 30)), ('P+transparency', lambda: _palette((10, 20, 30), True), 0),
+    ('LA', lambda: Image.new('LA', (8, 8), (200, 128)), 100),  # alpha composited over black: 200 * 128 / 255
+    ('RGB', lambda: Image.new('RGB', (8, 8), (1, 2, 3)), (1, 2, 3)),
+    ('RGBA', lambda: Image.new('RGBA', (8, 8), (100, 150, 200, 255)), (100, 150, 200)),
+    ('RGBA clear', lambda: Image.new('RGBA', (8, 8), (100, 150, 200, 0)), 0),
+    ('CMYK', lambda: Image.new('CMYK', (8, 8), (0, 0, 0, 127)), 128),
+    ('I;16', lambda: Image.fromarray(np.full((8, 8), 32896, np.uint16)), 128),  # 16-bit grey: 32896 / 257 = 128
+    ('I;16B', lambda: Image.frombytes('I;16B', (8, 8), np.full((8, 8), 32896, '>u2').tobytes()), 128),
+    ('I;16L', lambda: Image.frombytes('I;16L', (8, 8), np.full((8, 8), 65535, '<u2').tobytes()), 255),
+    ('I', lambda: Image.fromarray(np.full((8, 8), 257 * 3, np.int32)), 3),
+    ('F', lambda: Image.fromarray(np.full((8, 8), 0.5, np.float32)), 128)])
+def test_every_image_mode_maps_to_its_value_in_0_1(tmp_path, mode, make, value):
+    image = make()
+    path = tmp_path / 'x.tif'
+    image.save(path, 'PNG' if image.mode in ('1', 'L', 'P', 'LA', 'RGB', 'RGBA', 'I;16') else 'TIFF')
+    loaded = data.load_image(path)
+    x = data.Preprocess(8, (0, 0, 0), (1, 1, 1))(loaded)  # [3, 8, 8] in [0, 1]
+    want = torch.tensor(value if isinstance(value, tuple) else (value,) * 3, dtype=torch.float32) / 255
+    assert loaded.mode in ('L', 'RGB') and torch.allclose(x, want.view(3, 1, 1).expand(3, 8, 8), atol=1e-6), mode
+    assert torch.equal(data.Preprocess(8, (0, 0, 0), (1, 1, 1))(image), x)  # an image given as such, not as a file
+
+
+def _palette(colour, transparent=False):
+    image = Image.new('P', (8, 8), 0)
+    image.putpalette(list(colour) + [255, 255, 255] * 255)
+    if transparent:
+        image.info['transparency'] = 0
+    return image
+
+
+@pytest.mark.parametrize('make', [lambda: Image.new('LAB', (8, 8)), lambda: Image.new('HSV', (8, 8)),
+                                  lambda: Image.fromarray(np.full((8, 8), 70000, np.int32)),  # beyond 16 bits
+                                  lambda: Image.fromarray(np.full((8, 8), 2.0, np.float32)),  # not 0..1
+                                  lambda: Image.fromarray(np.full((8, 8), np.nan, np.float32))])
+def test_image_modes_without_one_right_scale_are_refused_by_name(tmp_path, make):
+    image = make()
+    with pytest.raises(ValueError, match=rf"image mode '{re.escape(image.mode)}'.* is not read here"):
+        data.Preprocess(8)(image)
+    if image.mode != 'HSV':  # no format saves HSV
+        image.save(tmp_path / 'x.tif')
+        with pytest.raises(ValueError, match=rf"line 9: cannot read image .*x\.tif: ValueError: image mode"):
+            data.load_image(tmp_path / 'x.tif', 'pairs.csv, line 9')
 
 
 def _write_shard(path, samples):
@@ -694,8 +790,6 @@ def _png_bytes(value):
 
 
 def test_tar_shards_stream_shard_and_skip(tmp_path):
-    assert data.expand_braces('s_{a,b}_{08..10}.tar') == ['s_a_08.tar', 's_a_09.tar', 's_a_10.tar',
-                                                          's_b_08.tar', 's_b_09.tar', 's_b_10.tar']
     _write_shard(tmp_path / 'shard_0000000001.tar', [
         ('x/000.png', _png_bytes(0)), ('x/000.txt', b'fetal brain'), ('x/000.json', b'{}'),
         ('x/001.png', _png_bytes(1)), ('x/001.txt', b' fetal femur \n')])
@@ -970,6 +1064,50 @@ def test_tar_shard_training_wraps_and_checks_readers(tmp_path):
     model = train.build_student({**cfg, "student_init": os.path.join(cfg["out_dir"], "best.pt")})
     saved = torch.load(os.path.join(cfg["out_dir"], "best.pt"), weights_only=True)["model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_a_shard_cut_short_is_named_or_skipped_at_start_up(tmp_path, capsys):
+    for k, n in ((1, 8), (2, 8)):
+        _write_shard(tmp_path / f"shard_{k}.tar", [item for i in range(n) for item in (
+            (f"s{k}_{i}.png", _png_bytes(20 * i)), (f"s{k}_{i}.txt", b"ultrasound of the fetal brain"))])
+    whole = (tmp_path / "shard_2.tar").read_bytes()
+    (tmp_path / "shard_2.tar").write_bytes(whole[:len(whole) // 2])  # an interrupted copy
+    for name, raw in (("shard_3.tar.gz", gzip.compress(whole)[:300]), ("shard_4.tar", b"")):
+        (tmp_path / name).write_bytes(raw)
+    cfg = _cfg(tmp_path, kd="none", train_data=str(tmp_path / "shard_{1..2}.tar"), batch_size=4, epochs=1, workers=0)
+    with pytest.raises(ValueError, match=r"shard_2\.tar: unreadable shard \(ReadError"):
+        train.train(cfg)  # the start-up count of shard members names the shard
+    train.train({**cfg, "skip_bad": True})  # the run starts, reports the shard, and trains on what it can read
+    assert re.search(r"skipped .*shard_2\.tar: unreadable shard", capsys.readouterr().err)
+    steps = [r["step"] for r in _log(cfg) if "total" in r]
+    assert 3 <= len(steps) <= 3 + 1 and steps[-1] == len(steps)  # 8 pairs + what came before the cut, batch 4
+    for pattern in ("shard_3.tar.gz", "shard_4.tar"):  # a cut gzip stream, an empty file: the same family
+        shards = data.TarShards(tmp_path / pattern, skip_bad=True)
+        counted, streamed = shards.count_pairs(), list(shards)  # what came before the break, at most
+        assert len(streamed) <= counted <= 8 and len(shards.skipped) == 2
+        with pytest.raises(ValueError, match=re.escape(pattern) + r": unreadable shard"):
+            data.TarShards(tmp_path / pattern).count_pairs()
+
+
+@pytest.mark.parametrize("pattern, names", [
+    ("d/{yfcc/{0..1},cc/{0..1}}.tar", ["d/yfcc/0.tar", "d/yfcc/1.tar", "d/cc/0.tar", "d/cc/1.tar"]),  # nesting
+    ("a/{0..1}.tar::b/{2..3}.tar", ["a/0.tar", "a/1.tar", "b/2.tar", "b/3.tar"]),  # open_clip's and webdataset's ::
+    ("s_{a,b}_{08..10}.tar", ["s_a_08.tar", "s_a_09.tar", "s_a_10.tar", "s_b_08.tar", "s_b_09.tar", "s_b_10.tar"]),
+    ("{0..010..5}", ["000", "005", "010"]), ("{9..11}", ["9", "10", "11"]), ("{3..1}", ["3", "2", "1"]),
+    ("{-1..1}", ["-1", "0", "1"]), ("{a..e..2}", ["a", "c", "e"]), ("x{,.bak}", ["x", "x.bak"]),
+    ("p{2.{5..6},3}", ["p2.5", "p2.6", "p3"]), ("C:\\data\\s{0..1}", ["C:\\data\\s0", "C:\\data\\s1"]),
+    ("plain.tar", ["plain.tar"])])
+def test_brace_patterns_expand_as_webdataset_does(pattern, names):
+    assert data.expand_braces(pattern) == names
+
+
+@pytest.mark.parametrize("pattern, why", [
+    ("s_{0..3.tar", "unbalanced"), ("s_0..3}.tar", "unbalanced"), ("s_{1{2,3}.tar", "unbalanced"),
+    ("s_{0003}.tar", "neither a list"), ("s_{}.tar", "neither a list"), ("s_{1..z}.tar", "neither a list"),
+    ("a.tar::", "an empty name"), ("s_{0,1,0}.tar", "twice"), ("a/{0..1}.tar::a/1.tar", "twice")])
+def test_brace_patterns_outside_the_grammar_are_refused_by_name(pattern, why):
+    with pytest.raises(ValueError, match=re.escape(f"shard pattern {pattern!r}") + ".*" + why):
+        data.expand_braces(pattern)
 
 
 def _ddp_worker(rank, world, port, cfg):
