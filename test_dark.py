@@ -466,10 +466,11 @@ def test_forward_returns_normalized_features_and_scale():
 def test_config_from_json_quick_gelu_and_unknown_keys(tmp_path):
     cfg = models.get_config('toy-teacher')
     path = tmp_path / 'open_clip_config.json'
-    path.write_text(json.dumps({'model_cfg': {**cfg, 'quick_gelu': True}, 'preprocess_cfg': {'mean': [0.5] * 3}}))
+    path.write_text(json.dumps({'model_cfg': {**cfg, 'quick_gelu': True}, 'preprocess_cfg': {'mean': [0.5] * 3,
+                                                                                        'std': [0.25] * 3}}))
     model = models.build_model(str(path))
     assert isinstance(model.transformer.resblocks[0].mlp.gelu, models.QuickGELU)
-    assert model.image_mean == (0.5, 0.5, 0.5) and model.config['quick_gelu']
+    assert model.image_mean == (0.5, 0.5, 0.5) and model.image_std == (0.25,) * 3 and model.config['quick_gelu']
     cfg['vision_cfg']['ls_init_value'] = 1e-5
     with pytest.raises(ValueError, match=r"vision_cfg\.ls_init_value"):
         models.build_model(cfg)
