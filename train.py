@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import tarfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -42,7 +41,7 @@ csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; e
 csv_img_key = "filepath"    # caption CSV/TSV: the image path column (open_clip's --csv-img-key)
 csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's --csv-caption-key)
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
-skip_bad = False            # tar shards: skip unreadable samples (counted and reported) instead of stopping
+skip_bad = False            # skip undecodable images, bad shard samples, cut shards (counted, reported); else stop
 bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
 val_data = ""               # selection: FETAL_PLANES_DB, labelled CSV + val_prompts, or caption CSV/shards (toy: val split)
 #                             on class F1 (Train=1 rows only), macro F1, mean retrieval recall; always printed and logged
@@ -162,7 +161,8 @@ def make_pairs(cfg, size, rank, world):
         return data.ToyWorld(split="train", size=size, seed=cfg["seed"], length=cfg["toy_train_size"], cache=True)
     if cfg["train_data"].lower().endswith((".csv", ".tsv")):
         return data.ImageRows(data.read_captions(cfg["train_data"], cfg["csv_img_key"], cfg["csv_caption_key"],
-                                                 cfg["csv_separator"] or None, cfg["image_root"] or None))
+                                                 cfg["csv_separator"] or None, cfg["image_root"] or None),
+                              skip_bad=cfg["skip_bad"])
     shards = data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"], shuffle=True, seed=cfg["seed"])
     if len(shards.shards) < world * max(1, cfg["workers"]):  # a reader without a shard would wait forever
         raise ValueError(f"{len(shards.shards)} shards in {cfg['train_data']!r} for {world} ranks x "
@@ -198,12 +198,8 @@ def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
 
 def micro_batches_per_epoch(pairs, cfg, world):
     """Tar shards have no length: --samples_per_epoch, or one pass that counts the captions."""
-    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or count_shard_pairs(pairs)
+    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or pairs.count_pairs()
     return n // (cfg["batch_size"] * world)
-
-
-def count_shard_pairs(shards):
-    return sum(name.endswith(".txt") for shard in shards.shards for name in tarfile.open(shard).getnames())
 
 
 # --- models ---
@@ -297,6 +293,9 @@ def train(cfg):
                          f"feed both): teacher {tokenizer_kind(teacher)}/{teacher.context_length}, "
                          f"student {tokenizer_kind(student)}/{student.context_length}")
     views = [(m.image_size, m.image_mean, m.image_std) for m in (teacher or student, student)]  # each its own
+    for role, m in (("teacher", teacher), ("student", student)):  # it goes into training, eval and the Core ML wrapper
+        if m is not None:
+            print0(f"{role} input: {m.image_size} px, mean {m.image_mean}, std {m.image_std}", rank=rank)
     collate = data.Collate(data.DistillTransform(*views, augment=cfg["augment"]), tokenizer)
     pairs = make_pairs(cfg, max(student.image_size, (teacher or student).image_size), rank, world)
     steps_per_epoch = micro_batches_per_epoch(pairs, cfg, world) // cfg["grad_accum"]
