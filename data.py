@@ -459,6 +459,11 @@ class ToyTokenizer:
     def encode(self, text):
         return [self.ids.get(w, self.unk) for w in re.findall(r'[a-z]+|\d|[^\sa-z\d]', text.lower())]
 
+    def unknown_share(self, texts):
+        """The share of the tokens of texts that are unknown words (0 for no tokens)."""
+        ids = [i for text in texts for i in self.encode(text)]
+        return ids.count(self.unk) / max(len(ids), 1)
+
     def __call__(self, texts):
         texts = [texts] if isinstance(texts, str) else texts
         return _pack([[self.sot] + self.encode(t) + [self.eot] for t in texts], self.context_length, self.eot)

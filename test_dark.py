@@ -3,6 +3,7 @@ files in the real formats, the training loop (resume, two ranks, NaN), the evalu
 
     python -m pytest -q                 # CI sets DARK_REQUIRE_SHARED=1: tests that need ../shared fail, never skip
 """
+import contextlib
 import copy
 import csv
 import hashlib
@@ -16,6 +17,7 @@ import re
 import socket
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -776,6 +778,69 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
 
 
+def _argv(cfg):
+    return [f"--{k}={v}" for k, v in cfg.items() if v != train.KEYS[k]]
+
+
+def test_nothing_lost_and_resume_restores_the_run(tmp_path, monkeypatch):
+    """The documented commands: Ctrl-C names the checkpoint and the resume command; a new run refuses the folder;
+    --resume=true restores the saved config and refuses a flag that changes it; a missing --teacher is an error."""
+    cfg = _cfg(tmp_path, kd="coupled", ckpt_every=1)
+    calls, real = {"n": 0}, dark.dark_loss
+
+    def ctrl_c_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train.dark, "dark_loss", ctrl_c_at_step_3)
+    with pytest.raises(SystemExit) as e:
+        train.main(_argv(cfg))
+    out = cfg["out_dir"]
+    assert str(e.value) == (f"interrupted. The last checkpoint is {Path(out) / 'ckpt.pt'}; resume with: "
+                            f"python train.py --resume=true --out_dir={out}")
+    monkeypatch.setattr(train.dark, "dark_loss", real)
+    for argv in (_argv(cfg), [f"--out_dir={out}", "--kd=dark"]):  # a new run into the folder: refused, nothing touched
+        with pytest.raises(SystemExit, match=rf"{re.escape(out)} holds another run's checkpoints: continue it with "
+                                             r"--resume=true, replace it with --overwrite=true, or .* new --out_dir"):
+            train.configure(argv)
+    assert train.configure(_argv(cfg) + ["--overwrite"])["overwrite"]
+    with pytest.raises(SystemExit, match=r"--kd=dark \(the run has coupled\), --lr=0.1 \(the run has 0.002\) would "
+                                         r"change it.*Only out_dir, resume, overwrite, .* may change"):
+        train.configure(["--resume=true", f"--out_dir={out}", "--kd=dark", "--lr=0.1", "--workers=1"])
+    resumed = train.configure(["--resume=true", f"--out_dir={out}", "--log_every=2", f"--teacher={cfg['teacher']}"])
+    assert resumed == {**cfg, "resume": True, "log_every": 2}  # the saved config, not the toy defaults
+    train.train(resumed)
+    rows = [r for r in _log(cfg) if "total" in r]
+    assert [r["step"] for r in rows] == [1, 2, 4, 6, 8]
+    assert rows[-1]["kd_weight"] == pytest.approx(train.kd_weight(cfg, 7, 8))  # trained on as kd=coupled
+    with pytest.raises(SystemExit, match=r"--resume=true: no checkpoint at .*elsewhere.ckpt\.pt"):
+        train.configure(["--resume=true", f"--out_dir={tmp_path / 'elsewhere'}"])
+    monkeypatch.chdir(tmp_path / "run")  # a typo in --teacher: an error, and no pretraining folder appears
+    before = sorted(os.listdir())
+    with pytest.raises(SystemExit, match=r"--teacher=nope.pt: no such file .*only at the default --teacher=out/"):
+        train.main(["--teacher=nope.pt", "--out_dir=new"])
+    assert sorted(os.listdir()) == before
+
+
+def test_unknown_words_are_counted_and_refused_for_the_toy_tokenizer(tmp_path, capsys):
+    tokenizer = data.ToyTokenizer()
+    (tmp_path / "dogs.csv").write_text("filepath,title\n" + "a.png,a photo of a golden retriever playing in the snow\n" * 3)
+    (tmp_path / "fetal.csv").write_text("filepath,title\na.png,fetal ultrasound of the brain\n")
+    cfg = dict(train.KEYS, student="toy-student")
+    for name, refused in (("dogs", True), ("fetal", False)):
+        pairs = train.make_pairs({**cfg, "train_data": str(tmp_path / f"{name}.csv")}, 32, 0, 1)
+        if refused:
+            with pytest.raises(ValueError, match=r"dogs\.csv: 70% of the caption tokens .* --student=mobileclip2-s0 .*--bpe="):
+                train.check_vocabulary(tokenizer, pairs, {**cfg, "train_data": str(tmp_path / "dogs.csv")}, 0)
+        else:
+            train.check_vocabulary(tokenizer, pairs, cfg, 0)
+    assert "70.0% of the tokens of 3 training captions" in capsys.readouterr().out
+    _write_shard(tmp_path / "s.tar", [("k.png", _png_bytes(9)), ("k.txt", b"golden retriever in snow")])
+    with pytest.raises(ValueError, match="75% of the caption tokens"):  # "in" is a toy word
+        train.check_vocabulary(tokenizer, data.TarShards(tmp_path / "s.tar"), cfg, 0)
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, ckpt_every=1)
     calls = {"n": 0}
@@ -823,8 +888,13 @@ def test_tar_shard_training_wraps_and_checks_readers(tmp_path):
 def _ddp_worker(rank, world, port, cfg):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    train.train(cfg)
+    printed = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
+        warnings.simplefilter("always")
+        train.train(cfg)
     torch.distributed.destroy_process_group()
+    ours = [str(w.message) for w in caught if w.filename in (train.__file__, dark.__file__)]
+    Path(cfg["out_dir"], f"rank{rank}.json").write_text(json.dumps(dict(printed=printed.getvalue(), warnings=ours)))
 
 
 def test_two_process_gloo_equals_one_process(tmp_path):
@@ -851,6 +921,18 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     sa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
     sb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert "global batch 4 x 2 ranks" in ranks[0]["printed"] and ranks[1]["printed"] == ""  # rank 0 speaks
+    assert ranks[0]["warnings"] == ranks[1]["warnings"] == []  # no deprecation from our own collectives
+    # the README's rule: N ranks at --batch_size=B/N see the global batches of one process at B, in the same order
+    pairs = train.make_pairs(one, 64, 0, 1)
+    view = (64, data.CLIP_MEAN, data.CLIP_STD)
+    collate = data.Collate(data.DistillTransform(view, view, augment=False), data.ToyTokenizer())
+    whole = list(train.epoch_batches(pairs, collate, one, 0, 0, 1))
+    split = zip(*(train.epoch_batches(pairs, collate, two, 0, rank, 2) for rank in (0, 1)))
+    assert len(whole) == train.micro_batches_per_epoch(pairs, one, 1) == train.micro_batches_per_epoch(pairs, two, 2)
+    for a, (b0, b1) in zip(whole, split, strict=True):
+        assert all(torch.equal(x, torch.cat([y, z])) for x, y, z in zip(a, b0, b1))
 
 
 # ==================== eval.py: metrics and protocols ====================
