@@ -699,7 +699,7 @@ def test_one_grammar_for_every_script(capsys):
                           (["--dtype=fp8"], "bf16 | fp16 | fp32")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(argv)
-        assert message in str(e.value)
+        assert message in str(e.value), (argv, str(e.value))
     assert "--kd, --beta0, --beta_r" in str(pytest.raises(SystemExit, train.parse_args, ["--x=1"]).value)
     if not torch.cuda.is_available():
         assert "0 CUDA devices" in str(pytest.raises(SystemExit, train.parse_args, ["--device=cuda"]).value)
@@ -1156,6 +1156,8 @@ def test_checkpoints_cli_results_and_analysis(tiny, tmp_path, capsys):
     assert ts["ts_planes_true_prob_corr"] == pytest.approx(1) and ts["ts_planes_offdiag_prob_corr"] == pytest.approx(1)
     printed = capsys.readouterr().out
     assert "| model |" in printed and evaluation.PROTOCOL in printed and str(path) in printed
+    table = printed.split("teacher-student analysis")[1]  # the numbers the README discusses, on the terminal too
+    assert "| task | true_prob_corr | offdiag_prob_corr |" in table and "| planes | 1.0000 | 1.0000 |" in table
     with pytest.raises(SystemExit, match="--task"):
         evaluation.main(["--tsak=toy"])
 
@@ -1167,7 +1169,7 @@ def test_figure_or_clear_message(monkeypatch, tmp_path, capsys):
     assert "pip install matplotlib" in capsys.readouterr().out
 
 
-def test_speed_counts_and_folds(tiny, tmp_path):
+def test_speed_counts_and_folds(tiny, tmp_path, monkeypatch, capsys):
     model, _ = tiny
     s = evaluation.speed(model, runs=1)
     assert s["image_params_m"] < s["params_m"] and s["image_gmacs"] > 0 and s["text_gmacs"] > 0
@@ -1176,6 +1178,10 @@ def test_speed_counts_and_folds(tiny, tmp_path):
     saved = evaluation.main(["--speed", f"--checkpoint={path}", f"--teacher={path}", "--runs=1", f"--out={tmp_path}"])
     result = json.loads(saved.read_text())
     assert result["metrics"]["teacher_image_gmacs"] == pytest.approx(s["image_gmacs"])
+    assert f"median of 1 CPU runs at batch 1 after 3 warm-ups, {torch.get_num_threads()} threads" in capsys.readouterr().out
+    monkeypatch.setattr(evaluation, "latency_ms", lambda fn, x, runs: (1.0, 0.3))  # a busy machine
+    evaluation.main(["--speed", f"--checkpoint={path}", f"--teacher={path}", "--runs=1", f"--out={tmp_path}"])
+    assert "warning: runs disagree by up to 30% of the median" in capsys.readouterr().out
 
 
 # ==================== eval.py: the Table 1 summary ====================
@@ -1357,6 +1363,18 @@ def test_packages_have_the_documented_interface(exported):
         assert set(summary["ops"]) <= export_ios.ALLOWED_OPS and "conv" in image["ops"] and "gather" in text["ops"]
         expect = "ok" if platform.system() == "Darwin" else "skipped"
         assert summary["predict"].startswith(expect)
+
+
+def test_a_second_export_refuses_to_replace_the_packages(exported):
+    ckpt, results = exported
+    out = Path(results["image"]["path"]).parent
+    stamp = os.path.getmtime(results["image"]["path"])
+    with pytest.raises(SystemExit, match=r"MobileFetalCLIPImage\.mlpackage exists: replace it with --overwrite=true, "
+                                         "or give another --out or --name"):
+        export_ios.main([f"--checkpoint={ckpt}", f"--out={out}", "--quantize=int8"])
+    with pytest.raises(SystemExit, match=r"MobileFetalCLIPText\.mlpackage exists"):
+        export_ios.main([f"--checkpoint={ckpt}", f"--out={out}", "--name=MobileFetalCLIP", "--classes=none", "--text"])
+    assert os.path.getmtime(results["image"]["path"]) == stamp
 
 
 def test_package_metadata_and_baked_class_embeddings(exported):

@@ -89,7 +89,7 @@ ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)",
                epochs="[1, inf)", batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)",
                weight_decay="[0, inf)", adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)",
                grad_clip="(0, inf)",
-               device=data.check_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
+               device=data.pick_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
 # --resume=true restores the checkpoint's config: these keys may differ from it (how the run goes, not what it trains)
 RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "ckpt_every", "log_every", "workers", "device", "threads")
 
@@ -158,7 +158,7 @@ def kd_weight(cfg, step, total_steps):
 def compute_init(cfg):
     """-> (ddp, rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    want = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    want = str(data.pick_device(cfg["device"]))
     if ddp:
         if want.startswith("cuda"):
             want = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -501,26 +501,30 @@ def interrupted(run, cfg):
 
 
 def main(argv):
-    cfg = configure(argv)
+    rank = int(os.environ.get("RANK", 0))  # under torchrun every rank runs this; rank 0 does the talking
+    try:
+        cfg = configure(argv)
+    except SystemExit as e:
+        sys.exit(e.code if rank == 0 else 1)
     t0, run = time.time(), cfg
     try:
         if cfg["kd"] != "none" and toy_teacher_missing(cfg):
             # the same loop pretrains the toy teacher: CLIP loss only, teacher preset, its own folder; only a finished
             # pretraining becomes --teacher, so a run killed half-way starts it again instead of reusing a weak one
-            print(f"no teacher at {cfg['teacher']}: pretraining the toy teacher first")
+            print0(f"no teacher at {cfg['teacher']}: pretraining the toy teacher first", rank=rank)
             run = {**cfg, **TOY_TEACHER, "out_dir": str(Path(cfg["teacher"]).parent / "pretrain"), "resume": False}
             built = train(run)
-            if int(os.environ.get("RANK", 0)) == 0:
+            if rank == 0:
                 os.replace(built, cfg["teacher"])
             if dist.is_initialized():
                 dist.barrier()
         run = cfg
         best = train(cfg)
     except KeyboardInterrupt:  # each rank gets the signal; rank 0 says it once, without a traceback
-        sys.exit(interrupted(run, cfg) if int(os.environ.get("RANK", 0)) == 0 else 130)
-    if int(os.environ.get("RANK", 0)) == 0 and cfg["train_data"] == "toy":
+        sys.exit(interrupted(run, cfg) if rank == 0 else 130)
+    if rank == 0 and cfg["train_data"] == "toy":
         report([("teacher", cfg["teacher"])] * (cfg["kd"] != "none") + [(f"student ({cfg['kd']})", best)], cfg)
-    print(f"done in {(time.time() - t0) / 60:.1f} min")
+    print0(f"done in {(time.time() - t0) / 60:.1f} min", rank=rank)
     if dist.is_initialized():
         dist.destroy_process_group()
 
