@@ -835,7 +835,7 @@ def test_unknown_words_are_counted_and_refused_for_the_toy_tokenizer(tmp_path, c
                 train.check_vocabulary(tokenizer, pairs, {**cfg, "train_data": str(tmp_path / "dogs.csv")}, 0)
         else:
             train.check_vocabulary(tokenizer, pairs, cfg, 0)
-    assert "70.0% of the tokens of 3 training captions" in capsys.readouterr().out
+    assert "70.0% of the tokens of 3 training captions are unknown" in capsys.readouterr().out
     _write_shard(tmp_path / "s.tar", [("k.png", _png_bytes(9)), ("k.txt", b"golden retriever in snow")])
     with pytest.raises(ValueError, match="75% of the caption tokens"):  # "in" is a toy word
         train.check_vocabulary(tokenizer, data.TarShards(tmp_path / "s.tar"), cfg, 0)

@@ -82,13 +82,11 @@ TOY_TEACHER = dict(student="toy-teacher", student_init="", kd="none", epochs=6, 
 
 KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 # what each option accepts, checked before any work (data.parse_flags): a tuple is the closed set, a string the interval
-ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)",
-               toy_train_size="[1, inf)", samples_per_epoch="[0, inf)", val_every="[1, inf)", val_size="[1, inf)",
-               workers="[0, inf)",
-               kd=("none", "static", "coupled", "dark"), tau="(0, inf)", max_logit_scale="[1, inf)",
-               epochs="[1, inf)", batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)",
-               weight_decay="[0, inf)", adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)",
-               grad_clip="(0, inf)",
+ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)", toy_train_size="[1, inf)", samples_per_epoch="[0, inf)",
+               val_every="[1, inf)", val_size="[1, inf)", workers="[0, inf)", kd=("none", "static", "coupled", "dark"),
+               tau="(0, inf)", max_logit_scale="[1, inf)", epochs="[1, inf)", batch_size="[1, inf)",
+               grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)", weight_decay="[0, inf)",
+               adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="(0, inf)",
                device=data.pick_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
 # --resume=true restores the checkpoint's config: these keys may differ from it (how the run goes, not what it trains)
 RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "ckpt_every", "log_every", "workers", "device", "threads")
@@ -170,8 +168,9 @@ def compute_init(cfg):
 
 
 class AllGather(torch.autograd.Function):
-    """All ranks' rows in rank order: [B, D] -> [world * B, D]. Backward: each rank's loss has a gradient for every
-    rank's rows; summed over ranks, this rank keeps its slice (DDP then averages parameter gradients over ranks)."""
+    """All ranks' rows in rank order: [B, D] -> [world * B, D]; a tensor without grad (the teacher's) gathers without
+    a graph. Backward: every rank's loss has a gradient for these rows; their sum over ranks (DDP then averages
+    parameter gradients over ranks). torch.distributed.nn's all_gather did this, and is deprecated."""
 
     @staticmethod
     def forward(ctx, x):
@@ -184,11 +183,6 @@ class AllGather(torch.autograd.Function):
         grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce writes in place
         dist.all_reduce(grad)
         return grad.chunk(dist.get_world_size())[dist.get_rank()]
-
-
-def gather(x, ddp):
-    """[B, D] -> [world * B, D] under DDP (a tensor without grad, the teacher's, gathers without a graph)."""
-    return AllGather.apply(x) if ddp else x
 
 
 def print0(*args, rank=0):
@@ -214,7 +208,8 @@ def make_pairs(cfg, size, rank, world):
 def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
     """This rank's micro-batches of one epoch as (teacher view, student view, token ids), from micro-batch `start`
     on (for --resume). Map-style data is shuffled by a generator seeded with (seed, epoch) and each global batch is
-    cut into per-rank slices, so a resumed run, and a run on any number of ranks, sees the same global batches."""
+    cut into per-rank slices: a resumed run sees the same global batches, and so does a run on N ranks at 1/N of the
+    batch_size (the global batch is batch_size x world)."""
     bs, g = cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
     # the loader gets its own generator: it draws worker seeds from one, and the global RNG belongs to --resume
     if isinstance(pairs, torch.utils.data.IterableDataset):
@@ -244,17 +239,16 @@ def micro_batches_per_epoch(pairs, cfg, world):
 
 
 def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
-    """A toy-tokenizer model on other captions than the toy world's: print the share of unknown tokens in the first n
-    training captions (every rank reads the same ones), and refuse a run where most are unknown: they would all
-    train as one token."""
+    """Toy tokenizer, captions other than the toy world's: print the share of unknown tokens in the first n training
+    captions (the same on every rank); refuse a run where most are unknown (they would all train as one token)."""
     if hasattr(pairs, "rows"):
-        captions = [row["caption"] for row in pairs.rows[:n]]
+        captions = [row["caption"] for row in pairs.rows]
     else:
         with tarfile.open(pairs.shards[0]) as tar:
             captions = [tar.extractfile(m).read().decode("utf-8", "replace") for m in tar if m.name.endswith(".txt")]
-    share = tokenizer.unknown_share(captions[:n])
-    print0(f"toy tokenizer: {share:.1%} of the tokens of {min(n, len(captions))} training captions are unknown words",
-           rank=rank)
+    captions = captions[:n]
+    share = tokenizer.unknown_share(captions)
+    print0(f"toy tokenizer: {share:.1%} of the tokens of {len(captions)} training captions are unknown", rank=rank)
     if share > 0.5:
         raise ValueError(f"{cfg['train_data']}: {share:.0%} of the caption tokens are outside the toy vocabulary of "
                          f"--student={cfg['student']}; use a BPE model: --student=mobileclip2-s0 (or an open_clip "
@@ -356,6 +350,7 @@ def train(cfg):
         data.read_fetal_planes(cfg["val_data"])
     optimizer = make_optimizer(student, cfg)
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if cuda else None) if ddp else student
+    gather = AllGather.apply if ddp else (lambda x: x)  # [B, D] -> [world * B, D]
 
     step, best, ckpt_path = 0, -math.inf, out / "ckpt.pt"
     if cfg["resume"]:  # configure() has checked that it is there
@@ -404,9 +399,9 @@ def train(cfg):
                             with torch.no_grad():
                                 t_img, t_txt, t_scale = teacher(t_view, ids)
                     if teacher is not None:  # the teacher's columns are targets: gathered without a graph
-                        t_img, t_txt = gather(t_img, ddp), gather(t_txt, ddp)
+                        t_img, t_txt = gather(t_img), gather(t_txt)
                     rows = slice(rank * len(ids), (rank + 1) * len(ids))  # this rank's rows of the global batch
-                    losses = dark.dark_loss(gather(img, ddp), gather(txt, ddp), scale, t_img, t_txt,
+                    losses = dark.dark_loss(gather(img), gather(txt), scale, t_img, t_txt,
                                             t_scale, mode=cfg["kd"], weight=weight, tau=cfg["tau"], rows=rows)
                     if not torch.isfinite(losses["total"]):
                         terms = {k: round(v.item(), 4) for k, v in losses.items()}
