@@ -321,8 +321,6 @@ def train(cfg):
     out = Path(cfg["out_dir"])
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        for stale in ("ckpt.pt", "best.pt", "results.md") if not cfg["resume"] else ():  # configure() asked
-            (out / stale).unlink(missing_ok=True)
     cuda = dev.type == "cuda"
     ptdtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg["dtype"]]
     autocast = torch.autocast("cuda", dtype=ptdtype) if cuda and ptdtype != torch.float32 else nullcontext()
@@ -374,6 +372,8 @@ def train(cfg):
     def last_good():  # a non-finite step stops the run before anything is written
         return f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
 
+    for stale in ("ckpt.pt", "best.pt", "results.md") if rank == 0 and not cfg["resume"] else ():
+        (out / stale).unlink(missing_ok=True)  # a new run, past every start-up check (configure() asked first)
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
     n_params = sum(p.numel() for p in student.parameters())
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
