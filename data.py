@@ -22,6 +22,7 @@ import gzip
 import html
 import io
 import itertools
+import json
 import math
 import os
 import random
@@ -502,7 +503,9 @@ def _line_of(text):
 def read_table(path, columns, sep=None):
     """Rows of a delimited text file (CSV, TSV, FETAL_PLANES_DB's ';' file) -> [dict(header -> value, where)], where
     'where' is 'PATH, line N' with N the line each row starts on (a quoted caption may span lines). sep: one
-    character, or '\\t' for a tab; None: tab for .tsv/.tab, else ','. Every name in columns must be in the header.
+    character, or '\\t' for a tab; None: tab for .tsv/.tab, else ',', unless the header holds every name in columns
+    only when split at one other of , ; tab | (detected: a spreadsheet saves ';' where ',' is the decimal mark).
+    Every name in columns must be in the header.
 
     Encodings: UTF-8, and UTF-8, UTF-16 or UTF-32 with a byte-order mark (Excel's 'CSV UTF-8' and 'Unicode text').
     Anything else (Windows-1252 'ANSI', Latin-1, UTF-16 without a mark) raises ValueError naming the file and line:
@@ -511,7 +514,7 @@ def read_table(path, columns, sep=None):
     FETAL_PLANES_DB's header says 'Train '), as are trailing separators and blank lines; nothing else is forgiven:
     a wrong field count, a quote never closed, a missing or doubled column raise ValueError naming file and line.
     Quoting is csv's (Excel's): '"a" ,' reads as a; a quote inside an unquoted field (5" probe) is a character."""
-    path, raw = Path(path), Path(path).read_bytes()
+    path, raw, detect = Path(path), Path(path).read_bytes(), sep is None
     sep = {None: '\t' if path.suffix.lower() in ('.tsv', '.tab') else ',', '\\t': '\t'}.get(sep, sep)
     if len(sep) != 1:
         raise ValueError(f"separator must be one character (or '\\t'), got {sep!r}")
@@ -551,6 +554,9 @@ def read_table(path, columns, sep=None):
                     raise ValueError(f"{where}: a quote opened here is never closed") from None
         if header is None:
             header, missing = values, [c for c in columns if c not in values]
+            fits = [s for s in _SEPARATORS if s != sep and set(columns) <= {v.strip() for v in sep.join(values).split(s)}]
+            if missing and detect and len(fits) == 1:
+                return read_table(path, columns, fits[0])
             if missing:
                 guess = next((f"; it looks {name}-separated: pass sep={s!r} (train.py --csv_separator)"
                               for s, name in _SEPARATORS.items() if s != sep and s in ''.join(values)), '')
@@ -579,6 +585,39 @@ def read_captions(path, image_col='filepath', caption_col='title', sep=None, roo
             raise ValueError(f"{r['where']}: empty caption")
         rows.append(dict(image_path=root / r[image_col], caption=r[caption_col], where=r['where']))
     return rows
+
+
+def load_prompts(path):
+    """A class-prompts JSON -> {class name: [prompt, ...]}, in the file's order. Either FetalCLIP's format,
+    {"class name": ["prompt", ...], ...}, or open_clip's templates, {"templates": ["a photo of a {}.", ...],
+    "classes": ["name", ...]}, where '{}' (or CLIP_benchmark's '{c}') marks the class name. The one loader behind
+    eval.py --prompts, train.py --val_prompts and export_ios.py --classes. Raises ValueError naming the file and the
+    class, key or template at fault (a class given twice too, which json.loads would quietly merge)."""
+    def unique(pairs):
+        if dup := sorted({k for k, _ in pairs if [k for k, _ in pairs].count(k) > 1}):
+            raise ValueError(f"{path}: {dup} given more than once")
+        return dict(pairs)
+
+    try:
+        given = json.loads(Path(path).read_text(encoding='utf-8-sig'), object_pairs_hook=unique)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read prompts {path}: {e}") from e
+    texts = lambda v: isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v)
+    if isinstance(given, dict) and given.keys() & {'templates', 'classes'}:  # open_clip's templates x classes
+        if given.keys() != {'templates', 'classes'} or not texts(given['templates']) or not texts(given['classes']):
+            raise ValueError(f"{path}: a templates file has exactly two keys, 'templates' and 'classes', each a "
+                             f"non-empty list of strings; it has {sorted(given)}")
+        if bad := [t for t in given['templates'] if '{}' not in t and '{c}' not in t]:
+            raise ValueError(f"{path}: templates {bad} have no '{{}}' (or '{{c}}') where the class name goes")
+        if dup := sorted({c for c in given['classes'] if given['classes'].count(c) > 1}):
+            raise ValueError(f"{path}: classes {dup} listed more than once")
+        return {c: [t.replace('{c}', c).replace('{}', c) for t in given['templates']] for c in given['classes']}
+    if not isinstance(given, dict) or not given:
+        raise ValueError(f"{path}: expected {{\"class name\": [\"prompt\", ...]}} or {{\"templates\": [...], "
+                         f"\"classes\": [...]}}, got {type(given).__name__}")
+    if bad := [c for c, v in given.items() if not texts(v)]:
+        raise ValueError(f"{path}: classes {bad} need a non-empty list of non-empty prompt strings")
+    return given
 
 
 def _label(row, column, allowed):

@@ -79,7 +79,8 @@ def load_student(path, model_config=None):
 
 
 def class_prompts(classes, tokenizer):
-    """'planes' | 'brain' | 'none' | a {class: [prompts]} JSON path -> prompts (None for no head). The defaults are
+    """'planes' | 'brain' | 'none' | a prompts JSON (data.load_prompts: {class: [prompts]} or {"templates": [...],
+    "classes": [...]}) -> {class: [prompts]} (None for no head). The defaults are
     eval.py's: the toy world's wording for a toy-tokenizer model, the clinical prompts otherwise."""
     if classes == "none":
         return None
@@ -87,10 +88,7 @@ def class_prompts(classes, tokenizer):
         toy = isinstance(tokenizer, data.ToyTokenizer)
         return {"planes": data.TOY_PLANE_PROMPTS if toy else evaluation.PLANE_PROMPTS,
                 "brain": data.TOY_BRAIN_PROMPTS if toy else evaluation.BRAIN_PROMPTS}[classes]
-    prompts = json.loads(Path(classes).read_text())
-    if not isinstance(prompts, dict) or not all(isinstance(v, list) and v for v in prompts.values()):
-        raise ValueError(f"{classes}: expected a JSON object {{class name: [prompt, ...]}}")
-    return prompts
+    return data.load_prompts(classes)  # the same file, and the same reading of it, as eval.py --prompts
 
 
 class ImageEncoder(nn.Module):
@@ -366,7 +364,7 @@ OPTIONS = dict(
     model_config="",        # for raw weights only: a preset name or an open_clip JSON
     out="out/ios",          # folder for the .mlpackage files
     name="MobileFetalCLIP",  # package prefix; Xcode names the Swift class after it
-    classes="planes",       # the zero-shot head's classes, with eval.py's prompts or those of a {class: [prompts]} JSON
+    classes="planes",       # the zero-shot head: planes | brain (eval.py's prompts) | none | a prompts JSON, as eval.py's
     text=False,             # also export the text encoder
     quantize="none",        # weight compression
     target="iOS17",         # minimum deployment target

@@ -87,16 +87,26 @@ def get_config(name_or_path):
                      "or the path of an open_clip model-config JSON")
 
 
+# keys of open_clip model families this file does not implement, and what they are, for the refusal message
+_FAMILIES = {'init_logit_bias': "SigLIP's sigmoid loss", 'text_cfg.hf_model_name': 'a Hugging Face text tower',
+             'multimodal_cfg': "CoCa's caption decoder", 'vision_cfg.layers': 'a ResNet image tower (layers per stage)'}
+
+
 def _check_config(cfg):
+    """Refuse, naming each key, a config this file would build wrongly: any key it does not read (which would be
+    ignored silently), the open_clip families of _FAMILIES, a timm tower other than MCi0/1/2, other pooling."""
     vision = cfg['vision_cfg']
-    bad = [f"{part}.{key}" for part, known in _KNOWN_KEYS.items()
+    bad = [f"{part}.{key}".removeprefix('top.') for part, known in _KNOWN_KEYS.items()
            for key in (cfg if part == 'top' else cfg.get(part, {})) if key not in known]
+    if not isinstance(vision.get('layers', 12), int):
+        bad.append('vision_cfg.layers')
     if vision.get('timm_model_name') not in (None, *MCI_ARCHS):
-        bad.append(f"vision_cfg.timm_model_name={vision['timm_model_name']!r} (known: {sorted(MCI_ARCHS)})")
+        bad.append(f"vision_cfg.timm_model_name={vision['timm_model_name']!r} (the timm towers here: {sorted(MCI_ARCHS)})")
     if vision.get('timm_pool', 'avg') != 'avg' or vision.get('timm_proj'):
         bad.append("vision_cfg.timm_pool/timm_proj (only 'avg' pooling into the trunk's own linear head)")
     if bad:
-        raise ValueError("model config has settings this file does not implement: " + ", ".join(bad))
+        raise ValueError("model config keys not supported (ViT and MCi0/1/2 image towers, open_clip's text tower, "
+                         "the CLIP loss): " + ", ".join(f"{b} ({_FAMILIES[b]})" if b in _FAMILIES else b for b in bad))
 
 
 # --- transformer (shared by the ViT and the text tower) ---

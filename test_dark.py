@@ -358,6 +358,60 @@ def test_config_from_json_quick_gelu_and_unknown_keys(tmp_path):
         models.get_config('vit-huge')
 
 
+def _open_clip_cfg(embed, vision, text, **top):
+    """An open_clip model_configs/*.json as a dict (written out here from the files of open_clip_torch 3.3.0)."""
+    text = dict(context_length=77, vocab_size=49408, **text)
+    return dict(embed_dim=embed, vision_cfg=vision, text_cfg=text, **top)
+
+
+_VIT = lambda embed, layers, width, patch, text_width, heads, **top: _open_clip_cfg(
+    embed, dict(image_size=224, layers=layers, width=width, patch_size=patch),
+    dict(width=text_width, heads=heads, layers=12), **top)
+_MCI = lambda arch: _open_clip_cfg(512, dict(timm_model_name=arch, timm_model_pretrained=False, timm_pool='avg',
+                                             timm_proj=None, timm_drop=0.0, timm_drop_path=0.0, image_size=256),
+                                   dict(width=512, heads=8, layers=12, no_causal_mask=True), custom_text=True)
+OPEN_CLIP_CONFIGS = {  # name: (config, [number of keys, sha256[:16] of 'key<TAB>shape' lines, params, image params])
+    # the reference numbers are open_clip 3.3.0's own: create_model(name, device='meta').state_dict() and parameters()
+    'ViT-B-32': (_VIT(512, 12, 768, 32, 512, 8), [302, '40749c1fae8bac70', 151277313, 87849216]),
+    'ViT-B-16': (_VIT(512, 12, 768, 16, 512, 8), [302, '5532ef4ddc6188cc', 149620737, 86192640]),
+    'ViT-L-14': (_VIT(768, 24, 1024, 14, 768, 12), [446, '4c33c21558106dac', 427616513, 303966208]),
+    'MobileCLIP-S1': (_MCI('fastvit_mci1'), [1586, '9aa815dc598fe6e4', 84969729, 21541632]),
+    'MobileCLIP2-S2': (_MCI('fastvit_mci2'), [1722, '14a3e4bee2761b75', 99243329, 35815232]),  # = MobileCLIP-S2
+}
+
+
+@pytest.mark.parametrize('name', list(OPEN_CLIP_CONFIGS))
+def test_open_clip_configs_build_with_open_clips_keys_and_load_strictly(name, tmp_path):
+    cfg, (n_keys, digest, total, visual) = OPEN_CLIP_CONFIGS[name]
+    variants = [cfg] + ([{**cfg, 'quick_gelu': True}] if name.startswith('ViT') else [])  # ViT-*-quickgelu.json
+    for cfg in variants:
+        path = tmp_path / f'{name}.json'
+        path.write_text(json.dumps(cfg))  # through the JSON file, as a user passes it
+        with torch.device('meta'):  # no memory, no init time; shapes and names are all there is to compare
+            model, fresh = models.build_model(str(path)), models.build_model(str(path))
+        listing = '\n'.join(f"{k}\t{tuple(v.shape)}" for k, v in model.state_dict().items())
+        assert len(model.state_dict()) == n_keys and hashlib.sha256(listing.encode()).hexdigest()[:16] == digest
+        assert (models.count_params(model), models.count_params(model.visual)) == (total, visual)
+        models.load_checkpoint(fresh, {'state_dict': {'module.' + k: v for k, v in model.state_dict().items()}})
+        acts = {type(m).__name__ for m in model.modules() if isinstance(m, (torch.nn.GELU, models.QuickGELU))}
+        assert acts == {'QuickGELU' if cfg.get('quick_gelu') else 'GELU'}
+
+
+@pytest.mark.parametrize('name, cfg, key', [
+    ('RN50', _open_clip_cfg(1024, dict(image_size=224, layers=[3, 4, 6, 3], width=64, patch_size=None),
+                            dict(width=512, heads=8, layers=12)), r'vision_cfg\.layers \(a ResNet image tower'),
+    ('roberta-ViT-B-32', dict(embed_dim=512, quick_gelu=True, vision_cfg=dict(image_size=224, layers=12, width=768,
+     patch_size=32), text_cfg=dict(hf_model_name='roberta-base', hf_tokenizer_name='roberta-base',
+     hf_pooler_type='mean_pooler')), r'text_cfg\.hf_model_name \(a Hugging Face text tower\)'),
+    ('ViT-B-16-SigLIP', dict(_VIT(768, 12, 768, 16, 768, 12), init_logit_bias=-10), r"init_logit_bias \(SigLIP's"),
+    ('MobileCLIP2-S3', _MCI('fastvit_mci3'), r"vision_cfg\.timm_model_name='fastvit_mci3'"),
+    ('ViT-M-16-alt', dict(_VIT(384, 12, 512, 16, 384, 6), vision_cfg=dict(image_size=224, layers=12, width=512,
+     patch_size=16, ls_init_value=1e-4)), r'vision_cfg\.ls_init_value')])
+def test_unsupported_open_clip_configs_are_refused_by_key(name, cfg, key):
+    with pytest.raises(ValueError, match=r'model config keys not supported .*' + key):
+        models.build_model(cfg)
+
+
 # ==================== data.py: toy world, tokenizers, readers, preprocessing ====================
 
 def test_toy_world_is_deterministic_and_splits_are_disjoint():
@@ -499,6 +553,12 @@ def test_caption_files_from_other_tools_decode_or_name_file_and_line(tmp_path):
     assert train.make_pairs(cfg, 32, 0, 1).rows[0]['caption'] == 'fetal brain'
     (tmp_path / 'tab.txt').write_text('filepath\ttitle\na.png\tx\n')
     assert data.read_captions(tmp_path / 'tab.txt', sep='\\t')[0]['caption'] == 'x'
+    # no separator given: the one at which the header has both columns (a ';' file keeps its commas)
+    for sep in ';\t|':
+        (tmp_path / 'detect.csv').write_text(f'filepath{sep}title\na.png{sep}x, y\n')
+        assert data.read_captions(tmp_path / 'detect.csv')[0]['caption'] == 'x, y'
+    with pytest.raises(ValueError, match=r"missing .*semicolon-separated: pass sep=';'"):
+        data.read_captions(tmp_path / 'semi.csv', 'img', 'text', sep=',')  # given, not detected
     # what is refused, each naming the file and the line
     refused = {'ansi': (text.encode('cp1252'), r'ansi\.csv, line 3: not utf-8 .*UTF-8'),
                'utf16_no_bom': (text.encode('utf-16-le'), r'utf16_no_bom\.csv, line 1: a NUL byte'),
@@ -506,7 +566,7 @@ def test_caption_files_from_other_tools_decode_or_name_file_and_line(tmp_path):
                'swallowed': (b'filepath,title\na.png,"never closed\nb.png,"x, y"\n', r'swallowed\.csv, line 2: 3 '
                              r'fields where the header has 2 .*quote opened on line 2 and closed on line 3'),
                'fields': (b'filepath,title\n\na.png,"one,\ntwo",three\n', r'fields\.csv, line 3: 3 fields where the header has 2'),
-               'semicolons': (b'filepath;title\na.png;x\n', r"semicolons\.csv, line 1: missing .*semicolon-separated: pass sep=';'"),
+               'semicolons': (b'filepath;caption\na.png;x\n', r"semicolons\.csv, line 1: missing .*semicolon-separated: pass sep=';'"),
                'doubled': (b'filepath,title,title\na.png,x,y\n', r"doubled\.csv, line 1: a column of .* appears twice"),
                'empty': (b'\n\n', r'empty\.csv: empty file')}
     for name, (raw, message) in refused.items():
@@ -515,6 +575,31 @@ def test_caption_files_from_other_tools_decode_or_name_file_and_line(tmp_path):
             data.read_captions(tmp_path / f'{name}.csv')
     with pytest.raises(ValueError, match='separator must be one character'):
         data.read_captions(tmp_path / 'unix_lf.csv', sep=';;')
+
+
+def test_prompts_json_both_formats_one_loader(tmp_path):
+    per_class = {"cat": ["a photo of a cat.", "a cat, close up."], "dog": ["a photo of a dog.", "a dog, close up."]}
+    files = {"classes.json": json.dumps(per_class).encode(),
+             "templates.json": json.dumps({"templates": ["a photo of a {}.", "a {}, close up."],
+                                           "classes": ["cat", "dog"]}).encode("utf-8-sig"),  # a BOM too
+             "benchmark.json": json.dumps({"classes": ["cat", "dog"],  # CLIP_benchmark's placeholder
+                                           "templates": ["a photo of a {c}.", "a {c}, close up."]}).encode()}
+    tok = data.get_tokenizer("toy", 48)
+    for name, raw in files.items():
+        (tmp_path / name).write_bytes(raw)
+        assert data.load_prompts(tmp_path / name) == per_class, name
+        assert export_ios.class_prompts(str(tmp_path / name), tok) == per_class, name  # the phone gets the same
+    refused = {'{"cat": ["a"], "cat": ["b"]}': r"\['cat'\] given more than once",
+               '{"templates": ["a photo"], "classes": ["cat"]}': r"templates \['a photo'\] have no '\{\}'",
+               '{"templates": ["a {}"], "classes": ["cat", "cat"]}': r"classes \['cat'\] listed more than once",
+               '{"templates": ["a {}"]}': r"exactly two keys, 'templates' and 'classes'",
+               '{"cat": [], "dog": ["a dog"]}': r"classes \['cat'\] need a non-empty list",
+               '{"cat": "a cat"}': r"classes \['cat'\] need a non-empty list", '["cat"]': r"got list",
+               '{"cat": ["a cat"],}': r"cannot read prompts .*bad\.json: .*line 1"}
+    for text, message in refused.items():
+        (tmp_path / "bad.json").write_text(text)
+        with pytest.raises(ValueError, match=r".*bad\.json.*" + message if "cannot" not in message else message):
+            data.load_prompts(tmp_path / "bad.json")
 
 
 def test_missing_and_corrupt_images_name_file_and_row(tmp_path):
@@ -868,6 +953,50 @@ def test_selection_on_fetal_planes_train_rows(tmp_path):
     assert ckpt["best_val"] == pytest.approx(val[0]["val_class_f1"])
 
 
+def _toy_files(root, n=8, split="val"):
+    """n toy images as PNGs with labels.csv (filepath,label), captions.csv (filepath,title) and classes.json."""
+    root.mkdir(parents=True, exist_ok=True)
+    labels, captions = ["filepath,label"], ["filepath,title"]
+    for i, item in enumerate(data.ToyWorld(split, length=n)):
+        item["image"].save(root / f"{i}.png")
+        labels.append(f"{i}.png,{data.PLANES[item['plane']]}")
+        captions.append(f'{i}.png,"{item["caption"]}"')
+    (root / "labels.csv").write_text("\n".join(labels) + "\n")
+    (root / "captions.csv").write_text("\n".join(captions) + "\n")
+    (root / "classes.json").write_text(json.dumps(data.TOY_PLANE_PROMPTS))
+    return root
+
+
+@pytest.mark.parametrize("kind, metric", [("labels", "classify_f1"), ("captions", "retrieval_mean_recall")])
+def test_selection_on_a_labelled_or_caption_csv(tmp_path, capsys, kind, metric):
+    files = _toy_files(tmp_path / "val")
+    prompts = dict(val_prompts=str(files / "classes.json")) if kind == "labels" else {}
+    cfg = _cfg(tmp_path, epochs=2, val_every=1, kd="none", val_data=str(files / f"{kind}.csv"), **prompts)
+    train.train(cfg)
+    val = [r for r in _log(cfg) if "select_on" in r]
+    assert [r["select_on"] for r in val] == [metric] * 2 and all(f"val_{metric}" in r for r in val)
+    ckpt = torch.load(os.path.join(cfg["out_dir"], "best.pt"), weights_only=True)
+    assert ckpt["best_val"] == pytest.approx(max(r[f"val_{metric}"] for r in val))
+    printed = capsys.readouterr().out
+    assert f"best.pt: best validation {metric}" in printed and f"; best.pt on {metric}" in printed
+
+
+def test_val_data_is_checked_before_training(tmp_path):
+    files = _toy_files(tmp_path / "val", n=4)
+    (files / "classes.json").write_text(json.dumps({k: v for k, v in data.TOY_PLANE_PROMPTS.items()
+                                                    if k != "Fetal brain"}))
+    labels = (files / "labels.csv").read_text().splitlines()
+    line = next(i + 1 for i, row in enumerate(labels) if row.endswith("Fetal brain"))
+    for over, message in ((dict(val_data=str(files / "labels.csv"), val_prompts=str(files / "classes.json")),
+                           rf"no prompts for label\(s\) 'Fetal brain' \(.*labels\.csv, line {line}\)"),
+                          (dict(val_data=str(files / "captions.csv"), csv_caption_key="caption"),
+                           r"captions\.csv, line 1: missing column\(s\) \['caption'\]"),
+                          (dict(val_prompts=str(files / "classes.json")), "--val_prompts is for a labelled CSV")):
+        with pytest.raises(ValueError, match=message):
+            train.train(_cfg(tmp_path, **over))
+        assert not os.path.exists(os.path.join(tmp_path, "run", "ckpt.pt"))  # failed before the first step
+
+
 def test_tar_shard_training_wraps_and_checks_readers(tmp_path):
     """Shards stream per rank: an epoch of --samples_per_epoch runs on into a second pass instead of running dry,
     too few shards for the readers is a named error, and a train.py checkpoint serves as --student_init."""
@@ -955,9 +1084,49 @@ def test_f1_over_present_classes_only():
     assert m["f1_abdomen"] == pytest.approx(0.8) and m["f1_brain"] == pytest.approx(2 / 3)
     assert m["f1_cervix"] == pytest.approx(2 / 3) and m["f1_femur"] == 1.0
     assert m["f1"] == pytest.approx(0.76)  # over all 9 classes it would be 3.8/9
-    assert m["acc"] == pytest.approx(0.7)  # recall per class: 1, .5, 1, .5, .5
+    assert m["balanced_acc"] == pytest.approx(0.7)  # recall per class: 1, .5, 1, .5, .5
     assert m["top2"] == pytest.approx(0.9) and m["top3"] == pytest.approx(1.0)
     assert "f1_kidney" not in m and "f1_spine" not in m
+    # unbalanced: 4 images of class 0, one each of 1 and 2, class 3 never a label
+    targets, pred = np.array([0, 0, 0, 0, 1, 2]), np.array([0, 0, 0, 1, 1, 0])
+    m = evaluation.class_metrics(np.eye(4)[pred], targets, ["a", "b", "c", "d"], topk=(2, 5))
+    assert m["acc"] == pytest.approx(4 / 6) and m["balanced_acc"] == pytest.approx((3 / 4 + 1 + 0) / 3)
+    assert m["f1"] == pytest.approx((6 / 8 + 2 / 3 + 0) / 3)  # 2tp / (2tp + fp + fn) per present class
+    assert m["confusion"] == [[3, 1, 0, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 0]]  # rows: true class
+    assert "top5" not in m and m["top2"] == pytest.approx(5 / 6)  # ties broken by class order: c's 2nd guess is b
+
+
+def test_retrieval_ranks_match_a_full_sort_in_any_chunking():
+    g = torch.Generator().manual_seed(0)
+    img, txt = F.normalize(torch.randn(5, 8, generator=g), dim=-1), F.normalize(torch.randn(9, 8, generator=g), dim=-1)
+    owner = torch.tensor([0, 0, 1, 2, 2, 2, 3, 4, 1])  # images 0, 1, 2 have several captions
+    sim = img @ txt.T  # [5, 9]: the full matrix, fine at this size
+    order = sim.argsort(1, descending=True)
+    i2t = torch.tensor([int((owner[order[i]] == i).nonzero()[0]) for i in range(5)])  # rank of the best caption
+    t2i = torch.tensor([int((sim[:, t].argsort(descending=True) == owner[t]).nonzero()[0]) for t in range(9)])
+    want = {f"i2t_r{k}": (i2t < k).float().mean().item() for k in (1, 5, 10)}
+    want.update({f"t2i_r{k}": (t2i < k).float().mean().item() for k in (1, 5, 10)})
+    want.update(mean_recall=np.mean(list(want.values())), i2t_mean_rank=i2t.float().mean().item() + 1,
+                t2i_mean_rank=t2i.float().mean().item() + 1)
+    assert 0 < want["i2t_r1"] < 1 and 0 < want["t2i_r1"] < 1  # the case is not trivial
+    for chunk in (1, 2, 4, 100):
+        assert evaluation.retrieval_metrics(img, txt, owner, chunk=chunk) == pytest.approx(want)
+    half = evaluation.retrieval_metrics(img.half(), txt.half(), owner, chunk=3)  # stored fp16, compared in fp32
+    assert half == pytest.approx(want)
+
+
+def test_progress_lines_every_few_seconds_and_quiet(monkeypatch, capsys):
+    clock = iter([0, 1, 6, 7, 20, 21, 0, 9])  # monotonic() at start and at each advance
+    monkeypatch.setattr(evaluation.time, "monotonic", lambda: next(clock))
+    advance = evaluation.progress("images", 100, every=5)
+    for n in (10, 20, 10, 30, 30):  # done 10 at t=1 (quiet), 30 at 6, 40 at 7 (quiet), 70 at 20, 100 at 21
+        advance(n)
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["images: 30/100, 5.0/s, 0:14 left", "images: 70/100, 3.5/s, 0:08 left",
+                   "images: 100/100, 4.8/s, 0:00 left"]
+    monkeypatch.setattr(evaluation, "QUIET", True)
+    evaluation.progress("texts", None)(50)  # quiet, and a stream of unknown length
+    assert capsys.readouterr().err == ""
 
 
 def test_class_f1_and_composite():
@@ -1133,6 +1302,58 @@ def test_zero_shot_real_formats_every_key(tiny, shared, tmp_path):
     assert result["meta"]["split"] == "all" and "brain_f1_trans-cerebellum" in result["metrics"]
     probe = evaluation.probe(model, "planes", root=fpdb)
     assert 0 <= probe["probe_plane_f1"] <= 1 and 0 <= probe["probe_brain_f1"] <= 1 and "probe_plane_auroc" not in probe
+
+
+def test_planes_task_is_classify_on_the_same_labels(tiny, tmp_path):
+    """The fetal tasks are the generic one with fixed prompts: FETAL_PLANES_DB's planes written as a labelled CSV (';',
+    other column names, absolute and relative paths) with PLANE_PROMPTS as the prompts file give the same numbers."""
+    model, tok = tiny
+    fpdb = _write_fetal_planes(tmp_path / "FETAL_PLANES_DB")
+    rows = [r for r in evaluation.planes_records(fpdb) if r["plane"]]
+    lines = ["finding;path"] + [f"{r['plane']};{r['image'] if i % 2 else r['image'].relative_to(tmp_path)}"
+                                for i, r in enumerate(rows)]
+    (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "classes.json").write_text(json.dumps(evaluation.PLANE_PROMPTS))
+    planes = evaluation.evaluate(model, tok, task="planes", split="all", root=fpdb)
+    out = tmp_path / "runs"
+    ckpt = _save(model, tmp_path / 'ckpt.pt')
+    evaluation.main([f"--checkpoint={ckpt}", "--task=classify", "--quiet", f"--data={tmp_path / 'labels.csv'}",
+                     f"--prompts={tmp_path / 'classes.json'}", "--csv_img_key=path", "--csv_label_key=finding",
+                     f"--out={out}", "--analysis", f"--teacher={ckpt}"])  # its own teacher: they agree throughout
+    got = json.loads(next(out.glob("results_classify_all_*.json")).read_text())["metrics"]
+    assert got["ts_classify_true_prob_corr"] == pytest.approx(1) and "ts_planes_true_prob_corr" not in got
+    same = {k.removeprefix("planes_") for k in planes if k.startswith("planes_")}
+    assert {"acc", "balanced_acc", "f1", "top2", "top3", "top5", "confusion", "f1_abdomen", "acc_cervix"} <= same
+    assert {k: got[f"classify_{k}"] for k in same} == pytest.approx({k: planes[f"planes_{k}"] for k in same})
+    assert np.array(got["classify_confusion"]).sum() == len(rows) == got["n_images"]
+    (tmp_path / "classes.json").write_text(json.dumps({k: v for k, v in evaluation.PLANE_PROMPTS.items()
+                                                       if k != "femur"}))
+    with pytest.raises(ValueError, match=r"no prompts for label\(s\) 'femur' \(.*labels\.csv, line 6\)"):
+        evaluation.evaluate(model, tok, task="classify", root=tmp_path / "labels.csv", csv=dict(
+            csv_img_key="path", csv_label_key="finding"), prompts={"classify": data.load_prompts(tmp_path / "classes.json")})
+
+
+def test_retrieval_from_a_caption_csv_or_tar_shards(tiny, tmp_path):
+    model, tok = tiny
+    world = data.ToyWorld("val", length=12)
+    pairs = [(f"img{i}.png", world[i]["image"], world[i]["caption"]) for i in range(12)]
+    for name, image, _ in pairs:
+        image.save(tmp_path / name)
+    lines = ["filepath\ttitle"] + [f"{name}\t{caption}" for name, _, caption in pairs]
+    lines.append(f"img0.png\tfetal brain, a second caption of image 0.")  # two captions, one image: embedded once
+    (tmp_path / "pairs.tsv").write_text("\n".join(lines) + "\n")
+    from_csv = evaluation.evaluate(model, tok, task="retrieval", root=tmp_path / "pairs.tsv")
+    assert (from_csv["n_images"], from_csv["n_captions"]) == (12, 13)
+    recalls = [from_csv[f"retrieval_{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)]
+    assert from_csv["retrieval_mean_recall"] == pytest.approx(np.mean(recalls)) and 0 < np.mean(recalls) < 1
+    assert 1 <= from_csv["retrieval_i2t_mean_rank"] <= 13 and 1 <= from_csv["retrieval_t2i_mean_rank"] <= 12
+    for shard in range(2):  # the same twelve pairs as webdataset shards, read as a stream
+        _write_shard(tmp_path / f"val_{shard}.tar", [m for name, _, caption in pairs[shard * 6:shard * 6 + 6] for m in (
+            (name, (tmp_path / name).read_bytes()), (name.replace(".png", ".txt"), caption.encode()))])
+    from_tar = evaluation.evaluate(model, tok, task="retrieval", root=str(tmp_path / "val_{0..1}.tar"))
+    from_12 = evaluation.evaluate(model, tok, task="retrieval", root=tmp_path / "pairs.tsv", n=12)
+    keys = [k for k in from_12 if k.startswith("retrieval_")]
+    assert {k: from_tar[k] for k in keys} == pytest.approx({k: from_12[k] for k in keys})
 
 
 def test_checkpoints_cli_results_and_analysis(tiny, tmp_path, capsys):
@@ -1495,3 +1716,45 @@ def test_bad_checkpoints_raise_a_named_error(tmp_path):
         export_ios.export(mismatched, out=tmp_path)
     with pytest.raises(export_ios.CheckpointError, match="absent.pt"):
         export_ios.export(tmp_path / "absent.pt", out=tmp_path)
+
+
+# ==================== porting to another modality: the README's files and its three commands ====================
+
+def test_porting_files_and_three_commands_end_to_end(tmp_path):
+    """README 'Porting to your modality', on a toy-sized teacher and student: the files a user prepares (train.csv of
+    captions, val.csv and test.csv of labels, classes.json of templates), then train.py, eval.py and export_ios.py."""
+    root = tmp_path / "my_data"
+    (root / "images").mkdir(parents=True)
+    g, classes = np.random.default_rng(0), ["stripes", "dots"]
+    rows = {"train.csv": ["filepath,title"], "val.csv": ["filepath,label"], "test.csv": ["filepath,label"]}
+    for i in range(24):  # 16 training pairs, 4 validation and 4 test images, 32 px: a stand-in modality
+        c = i % 2
+        x = g.integers(0, 60, (32, 32)).astype(np.uint8)
+        x[::4] += 150 if c == 0 else 0
+        x[::6, ::6] += 150 if c == 1 else 0
+        Image.fromarray(x).save(root / "images" / f"{i}.png")
+        name = "train.csv" if i < 16 else "val.csv" if i < 20 else "test.csv"
+        rows[name].append(f"images/{i}.png," + (f"an image with {classes[c]}" if i < 16 else classes[c]))
+    for name, lines in rows.items():
+        (root / name).write_text("\n".join(lines) + "\n")
+    (root / "classes.json").write_text(json.dumps({"templates": ["an image with {}", "{}"], "classes": classes}))
+    teacher = toy_checkpoint(tmp_path / "teacher.pt", "toy-teacher")  # stands in for the user's big CLIP
+    out = tmp_path / "out"
+    train.main([f"--teacher={teacher}", "--student=toy-student", f"--train_data={root / 'train.csv'}",
+                f"--val_data={root / 'val.csv'}", f"--val_prompts={root / 'classes.json'}", f"--out_dir={out}",
+                "--epochs=2", "--batch_size=8", "--warmup_steps=1", "--lr=1e-3", "--workers=0", "--threads=1"])
+    val = [r for r in _log(dict(out_dir=str(out))) if "select_on" in r]
+    assert [r["select_on"] for r in val] == ["classify_f1"] * 2 and (out / "best.pt").exists()
+    evaluation.main([f"--checkpoint={out / 'best.pt'}", "--task=classify", f"--data={root / 'test.csv'}",
+                     f"--prompts={root / 'classes.json'}", f"--out={out / 'eval'}", "--quiet"])
+    result = json.loads(next((out / "eval").glob("results_classify_all_*.json")).read_text())["metrics"]
+    assert result["n_images"] == 4 and {"classify_f1_stripes", "classify_f1_dots", "classify_confusion"} <= set(result)
+    evaluation.main([f"--checkpoint={out / 'best.pt'}", "--task=retrieval", f"--data={root / 'train.csv'}",
+                     f"--out={out / 'eval'}", "--quiet"])
+    result = json.loads(next((out / "eval").glob("results_retrieval_all_*.json")).read_text())["metrics"]
+    assert result["n_captions"] == 16 and 0 <= result["retrieval_mean_recall"] <= 1
+    packages = export_ios.main([f"--checkpoint={out / 'best.pt'}", f"--classes={root / 'classes.json'}",
+                                f"--out={out / 'ios'}"])
+    import coremltools as ct
+    meta = ct.models.MLModel(packages["image"]["path"], skip_model_load=True).user_defined_metadata
+    assert json.loads(meta["classes"]) == classes and "probs" in packages["image"]["io"]

@@ -38,13 +38,16 @@ seed = 0
 train_data = "toy"          # 'toy' (built-in world) | image-caption .csv/.tsv | tar shards 'dir/shard_{0001..0025}.tar'
 toy_train_size = 6000       # toy world: training pairs (rendered once, then kept in memory)
 image_root = ""             # prefix for relative image paths in a caption CSV
-csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; empty = tab for .tsv, else ','
+csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; empty = detected (, ; tab |)
 csv_img_key = "filepath"    # caption CSV/TSV: the image path column (open_clip's --csv-img-key)
 csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's --csv-caption-key)
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
 skip_bad = False            # tar shards: skip unreadable samples (counted and reported) instead of stopping
 bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
-val_data = ""               # model selection: toy -> toy val split; else a FETAL_PLANES_DB folder (Train=1 rows only)
+val_data = ""               # selection: FETAL_PLANES_DB, labelled CSV + val_prompts, or caption CSV/shards (toy: val split)
+#                             on class F1 (Train=1 rows only), macro F1, mean retrieval recall; always printed and logged
+val_prompts = ""            # a labelled val_data CSV: the classes' prompts JSON (eval.py --prompts' formats)
+csv_label_key = "label"     # a labelled val_data CSV: the class-name column (its image column is csv_img_key)
 val_every = 1               # epochs between validations
 val_size = 500              # toy: validation images (the report uses the whole test split)
 workers = 4                 # DataLoader worker processes for files (the toy world is made in the main process)
@@ -297,18 +300,41 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def val_setup(cfg):
+    """-> (eval.evaluate's arguments for the validation data, the metric that picks best.pt); (None, None) when
+    nothing validates (best.pt is then the last step)."""
+    if cfg["val_prompts"] and (not cfg["val_data"] or Path(cfg["val_data"]).is_dir()):
+        raise ValueError(f"--val_prompts is for a labelled CSV --val_data, not {cfg['val_data'] or 'none'!r}")
+    if not cfg["val_data"]:
+        return (dict(task="toy", split="val", n=cfg["val_size"]), "composite") if cfg["train_data"] == "toy" else (
+            None, None)
+    if Path(cfg["val_data"]).is_dir():  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
+        return dict(task="fetal_planes", split="train", root=cfg["val_data"]), "class_f1"
+    args = dict(root=cfg["val_data"], csv={k: v for k, v in cfg.items() if k.startswith("csv_")})
+    if cfg["val_prompts"]:
+        return dict(args, task="classify", prompts={"classify": data.load_prompts(cfg["val_prompts"])}), "classify_f1"
+    return dict(args, task="retrieval"), "retrieval_mean_recall"
+
+
 def validate(model, tokenizer, cfg, device):
     """Zero-shot metrics for model selection, on data never reported as a test result."""
-    if cfg["train_data"] == "toy" and not cfg["val_data"]:
-        return evaluation.evaluate(model, tokenizer, task="toy", split="val", n=cfg["val_size"], device=device)
-    if cfg["val_data"]:  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
-        planes, brain = (evaluation.evaluate(model, tokenizer, task=task, split="train", root=cfg["val_data"],
-                                             device=device) for task in ("planes", "brain"))
+    args, _ = val_setup(cfg)
+    if args and args["task"] == "fetal_planes":
+        planes, brain = (evaluation.evaluate(model, tokenizer, **dict(args, task=task), device=device)
+                         for task in ("planes", "brain"))
         return {**planes, **brain, "class_f1": evaluation.class_f1(planes["planes_f1"], brain["brain_f1"])}
-    return {}
+    return evaluation.evaluate(model, tokenizer, **args, device=device) if args else {}
 
 
-SELECT_ON = ("composite", "class_f1")  # the first one validation reports picks best.pt
+def check_val_data(cfg):
+    """Read the validation data now, so a wrong path or column, or a label without prompts, fails before training."""
+    args, _ = val_setup(cfg)
+    if args and args["task"] == "fetal_planes":
+        data.read_fetal_planes(args["root"])
+    elif args and args["task"] in ("classify", "retrieval"):
+        records, suite = evaluation.task_records(**args)
+        if args["task"] == "classify":
+            evaluation.check_labels("classify", records, suite["classify"])
 
 
 # --- the loop ---
@@ -344,8 +370,7 @@ def train(cfg):
     if total_steps == 0:
         raise ValueError(f"no optimizer step fits in an epoch: fewer pairs than batch {cfg['batch_size']} x {world} "
                          f"ranks x {cfg['grad_accum']} micro-batches")
-    if cfg["val_data"]:  # a wrong path fails now, not after the first epoch
-        data.read_fetal_planes(cfg["val_data"])
+    check_val_data(cfg)
     optimizer = make_optimizer(student, cfg)
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if cuda else None) if ddp else student
     gather = AllGather.apply if ddp else (lambda x: x)  # [B, D] -> [world * B, D]
@@ -376,9 +401,11 @@ def train(cfg):
         (out / stale).unlink(missing_ok=True)  # a new run, past every start-up check (configure() asked first)
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
     n_params = sum(p.numel() for p in student.parameters())
+    select_on = val_setup(cfg)[1]
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
            f"({cfg['epochs']} epochs x {steps_per_epoch}) on {world} x {dev}, global batch {cfg['batch_size']} x "
-           f"{world} ranks x {cfg['grad_accum']} micro-batches", rank=rank)
+           f"{world} ranks x {cfg['grad_accum']} micro-batches; best.pt: "
+           + (f"best validation {select_on}" if select_on else "the last step (no --val_data)"), rank=rank)
     t0, seen = time.time(), 0
     model.train()
     while step < total_steps:
@@ -443,12 +470,14 @@ def train(cfg):
             if rank == 0 and end_of_epoch and (step // steps_per_epoch) % cfg["val_every"] == 0:
                 metrics = validate(student, tokenizer, cfg, dev)
                 if metrics:
-                    shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite")
-                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
-                    log.write(json.dumps(dict(step=step, epoch=epoch + 1, **{f"val_{k}": v for k, v in metrics.items()
-                                                                               if isinstance(v, (int, float))})) + "\n")
+                    shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite", "classify_acc",
+                             "classify_f1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_mean_recall")
+                    score = metrics[select_on]
+                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics) +
+                           f"; best.pt on {select_on} (best so far {max(best, score):.4f})")
+                    log.write(json.dumps(dict(step=step, epoch=epoch + 1, select_on=select_on, **{
+                        f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})) + "\n")
                     log.flush()
-                    score = next(metrics[k] for k in SELECT_ON if k in metrics)
                     if score > best:
                         best = score
                         checkpoint(out / "best.pt")
