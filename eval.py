@@ -357,7 +357,8 @@ def planes_records(root, split="all"):
         plane = FPDB_CLASS[data.PLANES[r["plane"]]] if r["plane"] >= 0 else None
         brain = FPDB_CLASS[data.BRAIN_PLANES[r["brain_plane"]]] if r["brain_plane"] >= 0 else None
         if (plane or brain) and split in ("all", "train" if r["train"] else "test"):
-            out.append(dict(image=r["image_path"], plane=plane, brain=brain, patient=r["patient"], train=r["train"]))
+            out.append(dict(image=r["image_path"], plane=plane, brain=brain, patient=r["patient"], train=r["train"],
+                            where=r["where"]))
     return out
 
 

@@ -6,6 +6,7 @@ files in the real formats, the training loop (resume, two ranks, NaN), the evalu
 import contextlib
 import copy
 import csv
+import gzip
 import hashlib
 import importlib.util
 import io
@@ -201,6 +202,28 @@ def test_toy_presets_are_cheap_and_unequal():
     assert student.image_mean == (0.0, 0.0, 0.0) and teacher.image_mean == models.OPENAI_MEAN
 
 
+def test_configs_without_preprocess_cfg_get_their_family_default(tmp_path):
+    # open_clip's model_configs/MobileCLIP2-S0.json (no preprocess_cfg: open_clip keeps mean 0 / std 1 with the tag)
+    mobileclip2 = dict(embed_dim=512, custom_text=True, vision_cfg=dict(
+        timm_model_name='fastvit_mci0', timm_model_pretrained=False, timm_pool='avg', timm_proj=None, timm_drop=0.0,
+        timm_drop_path=0.0, image_size=256), text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8,
+                                                           layers=12, no_causal_mask=True))
+    vit = dict(embed_dim=512, vision_cfg=dict(image_size=224, layers=12, width=768, patch_size=16),
+               text_cfg=dict(context_length=77, vocab_size=49408, width=512, heads=8, layers=12))  # ViT-B-16.json
+    (tmp_path / 'MobileCLIP2-S0.json').write_text(json.dumps(mobileclip2))
+    (tmp_path / 'hub.json').write_text(json.dumps(dict(model_cfg=mobileclip2, preprocess_cfg=dict(resize_mode='shortest'))))
+    for path in ('MobileCLIP2-S0.json', 'hub.json'):
+        assert models.preprocess_of(models.get_config(str(tmp_path / path))) == ((0.0,) * 3, (1.0,) * 3)
+    assert models.preprocess_of(vit) == (models.OPENAI_MEAN, models.OPENAI_STD)
+    given = dict(vit, preprocess_cfg=dict(mean=(0.5,) * 3, std=(0.25,) * 3))
+    assert models.preprocess_of(given) == ((0.5,) * 3, (0.25,) * 3)
+    for bad in (dict(mean=(0.5,) * 3), dict(mean=(0.5,) * 3, std=(0.0,) * 3), dict(mean=(0.5,), std=(1.0,))):
+        with pytest.raises(ValueError, match="preprocess_cfg needs 'mean' and 'std'"):
+            models.preprocess_of(dict(vit, preprocess_cfg=bad))
+    with torch.device('meta'):
+        assert models.build_model(str(tmp_path / 'MobileCLIP2-S0.json')).image_std == (1.0,) * 3
+
+
 # --- parity with open_clip / timm on the reference fixtures ---
 def test_vit_clip_reproduces_open_clip(shared):
     ckpt = torch.load(shared / 'reference' / 'tiny_vit_clip.pt', weights_only=True)
@@ -243,12 +266,32 @@ def test_folded_equals_unfolded_on_toy_student():
 
 
 # --- checkpoint loading ---
-def test_load_unwraps_state_dict_and_module_prefix(tmp_path):
+WRAPPERS = ['module.', '_orig_mod.', 'module._orig_mod.', '_orig_mod.module.', 'module.module._orig_mod.module.']
+
+
+@pytest.mark.parametrize('container', ['state_dict', 'model', 'model_state_dict', 'module'])
+@pytest.mark.parametrize('wrapper', WRAPPERS)
+def test_load_unwraps_containers_and_any_stack_of_wrapper_prefixes(tmp_path, container, wrapper):
     source = randomize_(models.build_model('toy-student'))
     path = tmp_path / 'ckpt.pt'
-    torch.save({'epoch': 3, 'state_dict': {'module.' + k: v for k, v in source.state_dict().items()}}, path)
+    torch.save({'epoch': 3, container: {wrapper + k: v for k, v in source.state_dict().items()}}, path)
     model = models.load_checkpoint(models.build_model('toy-student'), path)
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+
+
+def test_compiled_submodule_and_unknown_prefix():
+    source = randomize_(models.build_model('toy-student'))
+    inner = {re.sub(r'^(visual|text)\.', r'\1._orig_mod.', k): v for k, v in source.state_dict().items()}  # compile(model.visual)
+    model = models.load_checkpoint(models.build_model('toy-student'), inner)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    for prefix in ('student.', 'ema.model.', 'module.student.'):
+        sd = {prefix + k: v for k, v in source.state_dict().items()}
+        named = prefix.removeprefix('module.')  # module. is known and stripped: what is left is named
+        with pytest.raises(ValueError, match=re.escape(f"every key starts with '{named}', which this model has no part")) as e:
+            models.load_checkpoint(models.build_model('toy-student'), sd)
+        assert len(str(e.value).splitlines()) < 40  # the first keys of each kind and a count, not hundreds of lines
+    with pytest.raises(ValueError, match=r"no weights found: .*\['epoch', 'optimizer'\]"):
+        models.load_checkpoint(models.build_model('toy-student'), {'epoch': 1, 'optimizer': {'lr': 1.0}})
 
 
 def test_renamed_or_reshaped_key_is_named_in_the_error():
@@ -291,6 +334,84 @@ def to_ml_mobileclip(state_dict, prefix, stages):
         if key != 'head.fc.bias':
             out[prefix + key] = value
     return out
+
+
+def to_ml_mobileclip_text(state_dict, prefix):
+    """Our open_clip text-tower keys under prefix in ml-mobileclip's text_encoder layout (the loader's inverse)."""
+    renames = [(r'token_embedding\.', 'embedding_layer.'), (r'ln_final\.', 'final_layer_norm.'),
+               (r'text_projection$', 'projection_layer'),
+               (r'transformer\.resblocks\.(\d+)\.ln_1\.', r'transformer.\1.pre_norm_mha.0.'),
+               (r'transformer\.resblocks\.(\d+)\.attn\.in_proj_', r'transformer.\1.pre_norm_mha.1.qkv_proj.'),
+               (r'transformer\.resblocks\.(\d+)\.attn\.out_proj\.', r'transformer.\1.pre_norm_mha.1.out_proj.'),
+               (r'transformer\.resblocks\.(\d+)\.ln_2\.', r'transformer.\1.pre_norm_ffn.0.'),
+               (r'transformer\.resblocks\.(\d+)\.mlp\.c_fc\.', r'transformer.\1.pre_norm_ffn.1.'),
+               (r'transformer\.resblocks\.(\d+)\.mlp\.c_proj\.', r'transformer.\1.pre_norm_ffn.4.')]
+    out = {}
+    for key, value in state_dict.items():
+        name = key.removeprefix(prefix)
+        if name == 'positional_embedding':
+            out['text_encoder.positional_embedding.pos_embed.pos_embed'] = value[None, None]  # [1, 1, context, width]
+        elif name.startswith(('token_embedding.', 'ln_final.', 'text_projection', 'transformer.')) and key.startswith(prefix):
+            for ours, theirs in renames:
+                name = re.sub('^' + ours, theirs, name)
+            out['text_encoder.' + name] = value
+        else:
+            out[key] = value
+    return out
+
+
+def apple_text_forward(sd, ids, heads):
+    """ml-mobileclip's TextTransformer.encode_text ('base' variant, no causal mask), written from its source."""
+    p = lambda name: sd['text_encoder.' + name]
+    x = p('embedding_layer.weight')[ids] + p('positional_embedding.pos_embed.pos_embed')[0, 0, :ids.shape[1]]
+    layers = len({k.split('.')[2] for k in sd if k.startswith('text_encoder.transformer.')})
+    for i in range(layers):
+        w = lambda name: p(f'transformer.{i}.{name}')
+        h = F.layer_norm(x, x.shape[-1:], w('pre_norm_mha.0.weight'), w('pre_norm_mha.0.bias'))
+        B, L, C = h.shape
+        qkv = (h @ w('pre_norm_mha.1.qkv_proj.weight').T + w('pre_norm_mha.1.qkv_proj.bias'))
+        qkv = qkv.reshape(B, L, 3, heads, -1).transpose(1, 3)  # [B, heads, 3, L, c]
+        q, k, v = qkv[:, :, 0] * (C // heads) ** -0.5, qkv[:, :, 1], qkv[:, :, 2]
+        out = ((q @ k.transpose(-1, -2)).softmax(-1) @ v).transpose(1, 2).reshape(B, L, C)
+        x = x + out @ w('pre_norm_mha.1.out_proj.weight').T + w('pre_norm_mha.1.out_proj.bias')
+        h = F.layer_norm(x, x.shape[-1:], w('pre_norm_ffn.0.weight'), w('pre_norm_ffn.0.bias'))
+        h = F.gelu(h @ w('pre_norm_ffn.1.weight').T + w('pre_norm_ffn.1.bias'))
+        x = x + h @ w('pre_norm_ffn.4.weight').T + w('pre_norm_ffn.4.bias')
+    x = F.layer_norm(x, x.shape[-1:], p('final_layer_norm.weight'), p('final_layer_norm.bias'))
+    return x[torch.arange(B), ids.argmax(-1)] @ p('projection_layer')
+
+
+@pytest.mark.parametrize('wrapper', [''] + WRAPPERS)
+def test_apple_text_tower_layout_round_trip_and_forward(wrapper):
+    source = randomize_(models.build_model('toy-student')).eval()
+    with torch.no_grad():
+        source.visual.trunk.head.fc.bias.zero_()  # ml-mobileclip's projection head has no bias
+    apple = to_ml_mobileclip_text(to_ml_mobileclip(source.state_dict(), 'image_encoder.model.',
+                                                   source.visual.trunk.stages), 'text.')
+    for key in ['embedding_layer.weight', 'positional_embedding.pos_embed.pos_embed', 'final_layer_norm.bias',
+                'transformer.0.pre_norm_mha.0.weight', 'transformer.2.pre_norm_mha.1.qkv_proj.weight',
+                'transformer.1.pre_norm_mha.1.out_proj.bias', 'transformer.0.pre_norm_ffn.1.weight',
+                'transformer.2.pre_norm_ffn.4.bias', 'projection_layer']:
+        assert 'text_encoder.' + key in apple  # the names of ml-mobileclip's text_encoder.py / transformer.py
+    assert not [k for k in apple if k.startswith(('text.', 'visual.'))]
+    model = models.load_checkpoint(models.build_model('toy-student'), {wrapper + k: v for k, v in apple.items()})
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    ids = data.ToyTokenizer()(['fetal brain at 20 weeks', 'maternal cervix'])
+    with torch.no_grad():
+        ours, theirs = model.eval().encode_text(ids), apple_text_forward(apple, ids, heads=4)
+    assert rel_err(ours, theirs) < 1e-5
+    assert F.cosine_similarity(ours[0], ours[1], dim=0) < 0.99  # the two captions give different embeddings
+
+
+def test_apple_text_tower_loads_into_the_top_level_layout_and_mct_is_refused():
+    source = randomize_(models.build_model('toy-teacher'))  # open_clip's CLIP: text tower at the top level
+    apple = to_ml_mobileclip_text(source.state_dict(), '')
+    assert 'text_encoder.transformer.0.pre_norm_mha.1.qkv_proj.weight' in apple and 'token_embedding.weight' not in apple
+    model = models.load_checkpoint(models.build_model('toy-teacher'), apple)
+    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    apple['text_encoder.transformer.0.token_mixer.layer_scale'] = torch.ones(256, 1, 1)  # MobileCLIP-S0's RepMixer
+    with pytest.raises(ValueError, match="'mct' text tower"):
+        models.load_checkpoint(models.build_model('toy-teacher'), apple)
 
 
 def test_ml_mobileclip_layout_round_trip():
@@ -347,10 +468,11 @@ def test_forward_returns_normalized_features_and_scale():
 def test_config_from_json_quick_gelu_and_unknown_keys(tmp_path):
     cfg = models.get_config('toy-teacher')
     path = tmp_path / 'open_clip_config.json'
-    path.write_text(json.dumps({'model_cfg': {**cfg, 'quick_gelu': True}, 'preprocess_cfg': {'mean': [0.5] * 3}}))
+    path.write_text(json.dumps({'model_cfg': {**cfg, 'quick_gelu': True}, 'preprocess_cfg': {'mean': [0.5] * 3,
+                                                                                        'std': [0.25] * 3}}))
     model = models.build_model(str(path))
     assert isinstance(model.transformer.resblocks[0].mlp.gelu, models.QuickGELU)
-    assert model.image_mean == (0.5, 0.5, 0.5) and model.config['quick_gelu']
+    assert model.image_mean == (0.5, 0.5, 0.5) and model.image_std == (0.25,) * 3 and model.config['quick_gelu']
     cfg['vision_cfg']['ls_init_value'] = 1e-5
     with pytest.raises(ValueError, match=r"vision_cfg\.ls_init_value"):
         models.build_model(cfg)
@@ -501,6 +623,38 @@ def test_bpe_tokenizer_matches_open_clip(shared):
     assert tok.vocab_size == 49408 and (tok.sot, tok.eot) == (49406, 49407)
 
 
+# (dirty, clean): what a caption file from an editor, a spreadsheet or a terminal carries, and what it means
+FTFY_CLEANS = [('\ufefffetal brain', 'fetal brain'), ('fe\ufefftal brain\ufeff', 'fetal brain'),  # byte-order marks
+               ('a\x00b\x07c\x7fd', 'abcd'), ('a\x0bb\x1cc', 'abc'),  # C0 controls and DEL go, they are no space
+               ('fetal\tbrain\r\n\x0c', 'fetal brain'), ('a\u2028b', 'a b'),  # whitespace controls are spaces
+               ('fetal\x92s brain', "fetal's brain"), ('a\x85b', 'a\u2026b'),  # C1 as Windows-1252 (ftfy, browsers)
+               ('\x1b[1;31mfetal\x1b[0m brain', 'fetal brain'),  # a terminal's colours
+               ('a\ufffcb', 'ab'), ('fetal\ud83d brain', 'fetal\ufffd brain'),  # a lone surrogate: U+FFFD, no crash
+               ('\ud83d\udc76 \u201cFETAL\u201d &amp;amp; brain', '\U0001f476 "fetal" & brain')]
+NOT_FTFY = [('\x1b]0;title\x07fetal\x1b]8;;http://x\x1b\\ brain', 'fetal brain'),  # OSC title, hyperlink: ftfy keeps text
+            ('\x1b[?25lfetal\x1b(B brain\x1b]2;cut', 'fetal brain'),  # other CSI, charset, unterminated OSC
+            ('fetal\u200bbrain', 'fetalbrain'), ('x\u00adx\u2060x', 'xxx'), ('\u202ebrain\u202c\u200e', 'brain'),
+            ('fetal\x81 brain\x9d', 'fetal brain'), ('&#xfeff;fetal&#8203; brain', 'fetal brain')]  # escaped ones too
+
+
+def test_clean_text_drops_what_is_invisible_as_ftfy_does_and_where_it_does_not():
+    for dirty, clean in FTFY_CLEANS + NOT_FTFY:
+        assert data.clean_text(dirty) == clean, repr(dirty)
+    toy = data.ToyTokenizer()
+    assert torch.equal(toy(['\ufeffFetal\x1b[0m  brain\u200b']), toy(['fetal brain']))
+
+
+def test_bpe_tokenizer_cleans_like_open_clip_and_keeps_special_tokens_out_of_captions(shared):
+    tok = data.get_tokenizer('bpe', 77, shared / 'vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz')
+    assert tok(['\ufefffetal brain'])[0, :5].tolist() == [49406, 42031, 4812, 49407, 0]  # open_clip's ids
+    for dirty, clean in FTFY_CLEANS + NOT_FTFY:
+        assert torch.equal(tok([dirty]), tok([clean])), repr(dirty)
+    # a literal '<end_of_text>' is text, not the end token that would end the caption early (open_clip: 320, 49407, 321)
+    ids = tok(['a <end_of_text> b <start_of_text>'])[0]
+    assert (ids == tok.eot).sum() == 1 and (ids == tok.sot).sum() == 1 and ids[ids > 0][-1] == tok.eot
+    assert torch.equal(ids, tok(['a < end _ of _ text > b < start _ of _ text >'])[0])
+
+
 def test_bpe_tokenizer_without_vocabulary_says_where_to_get_it(tmp_path, monkeypatch):
     monkeypatch.delenv('DARK_BPE', raising=False)
     with pytest.raises(FileNotFoundError, match='bpe_simple_vocab_16e6.txt.gz'):
@@ -602,16 +756,111 @@ def test_prompts_json_both_formats_one_loader(tmp_path):
             data.load_prompts(tmp_path / "bad.json")
 
 
-def test_missing_and_corrupt_images_name_file_and_row(tmp_path):
-    (tmp_path / 'bad.png').write_bytes(b'\x89PNG\r\n\x1a\n' + b'not really a png' * 10)
+def undecodable_images(monkeypatch):
+    """{name: bytes} for every way an image fails to decode. The bomb is a 400x400 one-bit PNG under a lowered pixel
+    limit: the same DecompressionBombError a real 13,400 x 13,400 one (22 KB) raises, without 180 MB of pixels."""
     png = io.BytesIO()
     Image.new('L', (64, 64), 9).save(png, 'PNG')
-    (tmp_path / 'cut.png').write_bytes(png.getvalue()[:60])  # truncated
-    (tmp_path / 'pairs.csv').write_text('filepath,title\nbad.png,one\ncut.png,two\ngone.png,three\n')
-    rows = data.ImageRows(data.read_captions(tmp_path / 'pairs.csv'))
-    for i, name in enumerate(('bad.png', 'cut.png', 'gone.png')):
-        with pytest.raises(ValueError, match=rf'pairs\.csv, line {i + 2}: cannot read image .*{name}'):
-            rows[i]
+    bomb = io.BytesIO()
+    Image.new('1', (400, 400)).save(bomb, 'PNG')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 400 * 400 // 3)  # Pillow refuses above twice the limit
+    return {'truncated.png': png.getvalue()[:60], 'bomb.png': bomb.getvalue(), 'unknown.png': b'GIF87a' + b'\0' * 9,
+            'empty.png': b'', 'garbage.jpg': b'\xff\xd8\xff' + bytes(range(256)) * 4,
+            'lab.tif': _saved(Image.new('LAB', (4, 4)), 'TIFF')}
+
+
+def _saved(image, fmt):
+    buffer = io.BytesIO()
+    image.save(buffer, fmt)
+    return buffer.getvalue()
+
+
+def test_every_undecodable_image_is_named_or_skipped_in_every_reader(tmp_path, monkeypatch):
+    bad = undecodable_images(monkeypatch)
+    for name, raw in bad.items():
+        (tmp_path / name).write_bytes(raw)
+    (tmp_path / 'good.png').write_bytes(_png_bytes(7))
+    names = list(bad) + ['gone.png']
+    (tmp_path / 'pairs.csv').write_text('filepath,title\n' + ''.join(f'{n},caption {n}\n' for n in names) + 'good.png,ok\n')
+    rows = data.read_captions(tmp_path / 'pairs.csv')
+    strict, lenient = data.ImageRows(rows), data.ImageRows(rows, skip_bad=True)
+    for i, name in enumerate(names):  # caption CSV: an error naming the file, its line and the cause
+        with pytest.raises(ValueError, match=rf'pairs\.csv, line {i + 2}: cannot read image .*{re.escape(name)}: \w+'):
+            strict[i]
+    assert lenient[0]['caption'] == 'ok'  # or each skipped and counted, and the next good row in its place
+    assert [w.rsplit(' ', 1)[1] for w, _ in lenient.skipped] == [str(i + 2) for i in range(len(names))]
+    causes = [why.split(': ')[1] for _, why in lenient.skipped]
+    assert causes == ['OSError', 'DecompressionBombError', 'UnidentifiedImageError', 'UnidentifiedImageError',
+                      'UnidentifiedImageError', 'ValueError', 'FileNotFoundError']
+    # FETAL_PLANES_DB and HC18: the same family, named with the CSV row
+    (tmp_path / 'Images').mkdir()
+    (tmp_path / 'Images/P1.png').write_bytes(bad['bomb.png'])
+    (tmp_path / 'FETAL_PLANES_DB_data.csv').write_text('Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train\n'
+                                                        'P1;1;Other;Other;Op. 1;Aloka;1\n')
+    with pytest.raises(ValueError, match=r'FETAL_PLANES_DB_data\.csv, line 2: cannot read image .*DecompressionBomb'):
+        data.ImageRows(data.read_fetal_planes(tmp_path))[0]
+    (tmp_path / 'training_set').mkdir()
+    (tmp_path / 'training_set/good.png').write_bytes(_png_bytes(7))
+    for name in ('bomb.png', 'unknown.png', 'empty.png'):
+        (tmp_path / 'training_set' / name).write_bytes(bad[name])
+        (tmp_path / 'training_set_pixel_size_and_HC.csv').write_text(
+            f'filename,pixel size(mm),head circumference (mm)\ngood.png,0.1,100\n{name},0.1,100\n')
+        with pytest.raises(ValueError, match=rf'HC\.csv, line 3: cannot read image .*{name}'):
+            data.read_hc18(tmp_path)
+    # tar shards: every member of the family is skipped and counted, or named with its shard and key
+    members = [(f'{i}.{"jpg" if n.endswith(".jpg") else "png"}', raw) for i, (n, raw) in enumerate(bad.items())]
+    _write_shard(tmp_path / 'bad.tar', [m for i, member in enumerate(members) for m in (member, (f'{i}.txt', b'a'))]
+                 + [('9.png', _png_bytes(9)), ('9.txt', b'ok')])
+    with pytest.raises(ValueError, match=r'bad\.tar: 0: cannot read image .*skip_bad'):
+        list(data.TarShards(tmp_path / 'bad.tar'))
+    shards = data.TarShards(tmp_path / 'bad.tar', skip_bad=True)
+    assert [s['caption'] for s in shards] == ['ok'] and len(shards.skipped) == len(bad)
+
+
+@pytest.mark.parametrize('mode, make, value', [
+    ('1', lambda: Image.new('1', (8, 8), 1), 255), ('L', lambda: Image.new('L', (8, 8), 128), 128),
+    ('P', lambda: _palette((10, 20, 30)), (10, 20, 30)), ('P+transparency', lambda: _palette((10, 20, 30), True), 0),
+    ('LA', lambda: Image.new('LA', (8, 8), (200, 128)), 100),  # alpha composited over black: 200 * 128 / 255
+    ('RGB', lambda: Image.new('RGB', (8, 8), (1, 2, 3)), (1, 2, 3)),
+    ('RGBA', lambda: Image.new('RGBA', (8, 8), (100, 150, 200, 255)), (100, 150, 200)),
+    ('RGBA clear', lambda: Image.new('RGBA', (8, 8), (100, 150, 200, 0)), 0),
+    ('CMYK', lambda: Image.new('CMYK', (8, 8), (0, 0, 0, 127)), 128),
+    ('I;16', lambda: Image.fromarray(np.full((8, 8), 32896, np.uint16)), 128),  # 16-bit grey: 32896 / 257 = 128
+    ('I;16B', lambda: Image.frombytes('I;16B', (8, 8), np.full((8, 8), 32896, '>u2').tobytes()), 128),
+    ('I;16L', lambda: Image.frombytes('I;16L', (8, 8), np.full((8, 8), 65535, '<u2').tobytes()), 255),
+    ('I', lambda: Image.fromarray(np.full((8, 8), 257 * 3, np.int32)), 3),
+    ('F', lambda: Image.fromarray(np.full((8, 8), 0.5, np.float32)), 128)])
+def test_every_image_mode_maps_to_its_value_in_0_1(tmp_path, mode, make, value):
+    image = make()
+    path = tmp_path / 'x.tif'
+    image.save(path, 'PNG' if image.mode in ('1', 'L', 'P', 'LA', 'RGB', 'RGBA', 'I;16') else 'TIFF')
+    loaded = data.load_image(path)
+    x = data.Preprocess(8, (0, 0, 0), (1, 1, 1))(loaded)  # [3, 8, 8] in [0, 1]
+    want = torch.tensor(value if isinstance(value, tuple) else (value,) * 3, dtype=torch.float32) / 255
+    assert loaded.mode in ('L', 'RGB') and torch.allclose(x, want.view(3, 1, 1).expand(3, 8, 8), atol=1e-6), mode
+    assert torch.equal(data.Preprocess(8, (0, 0, 0), (1, 1, 1))(image), x)  # an image given as such, not as a file
+
+
+def _palette(colour, transparent=False):
+    image = Image.new('P', (8, 8), 0)
+    image.putpalette(list(colour) + [255, 255, 255] * 255)
+    if transparent:
+        image.info['transparency'] = 0
+    return image
+
+
+@pytest.mark.parametrize('make', [lambda: Image.new('LAB', (8, 8)), lambda: Image.new('HSV', (8, 8)),
+                                  lambda: Image.fromarray(np.full((8, 8), 70000, np.int32)),  # beyond 16 bits
+                                  lambda: Image.fromarray(np.full((8, 8), 2.0, np.float32)),  # not 0..1
+                                  lambda: Image.fromarray(np.full((8, 8), np.nan, np.float32))])
+def test_image_modes_without_one_right_scale_are_refused_by_name(tmp_path, make):
+    image = make()
+    with pytest.raises(ValueError, match=rf"image mode '{re.escape(image.mode)}'.* is not read here"):
+        data.Preprocess(8)(image)
+    if image.mode != 'HSV':  # no format saves HSV
+        image.save(tmp_path / 'x.tif')
+        with pytest.raises(ValueError, match=rf"line 9: cannot read image .*x\.tif: ValueError: image mode"):
+            data.load_image(tmp_path / 'x.tif', 'pairs.csv, line 9')
 
 
 def _write_shard(path, samples):
@@ -629,8 +878,6 @@ def _png_bytes(value):
 
 
 def test_tar_shards_stream_shard_and_skip(tmp_path):
-    assert data.expand_braces('s_{a,b}_{08..10}.tar') == ['s_a_08.tar', 's_a_09.tar', 's_a_10.tar',
-                                                          's_b_08.tar', 's_b_09.tar', 's_b_10.tar']
     _write_shard(tmp_path / 'shard_0000000001.tar', [
         ('x/000.png', _png_bytes(0)), ('x/000.txt', b'fetal brain'), ('x/000.json', b'{}'),
         ('x/001.png', _png_bytes(1)), ('x/001.txt', b' fetal femur \n')])
@@ -1012,6 +1259,50 @@ def test_tar_shard_training_wraps_and_checks_readers(tmp_path):
     model = train.build_student({**cfg, "student_init": os.path.join(cfg["out_dir"], "best.pt")})
     saved = torch.load(os.path.join(cfg["out_dir"], "best.pt"), weights_only=True)["model"]
     assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+
+
+def test_a_shard_cut_short_is_named_or_skipped_at_start_up(tmp_path, capsys):
+    for k, n in ((1, 8), (2, 8)):
+        _write_shard(tmp_path / f"shard_{k}.tar", [item for i in range(n) for item in (
+            (f"s{k}_{i}.png", _png_bytes(20 * i)), (f"s{k}_{i}.txt", b"ultrasound of the fetal brain"))])
+    whole = (tmp_path / "shard_2.tar").read_bytes()
+    (tmp_path / "shard_2.tar").write_bytes(whole[:len(whole) // 2])  # an interrupted copy
+    for name, raw in (("shard_3.tar.gz", gzip.compress(whole)[:300]), ("shard_4.tar", b"")):
+        (tmp_path / name).write_bytes(raw)
+    cfg = _cfg(tmp_path, kd="none", train_data=str(tmp_path / "shard_{1..2}.tar"), batch_size=4, epochs=1, workers=0)
+    with pytest.raises(ValueError, match=r"shard_2\.tar: unreadable shard \(ReadError"):
+        train.train(cfg)  # the start-up count of shard members names the shard
+    train.train({**cfg, "skip_bad": True})  # the run starts, reports the shard, and trains on what it can read
+    assert re.search(r"skipped .*shard_2\.tar: unreadable shard", capsys.readouterr().err)
+    steps = [r["step"] for r in _log(cfg) if "total" in r]
+    assert 3 <= len(steps) <= 3 + 1 and steps[-1] == len(steps)  # 8 pairs + what came before the cut, batch 4
+    for pattern in ("shard_3.tar.gz", "shard_4.tar"):  # a cut gzip stream, an empty file: the same family
+        shards = data.TarShards(tmp_path / pattern, skip_bad=True)
+        counted, streamed = shards.count_pairs(), list(shards)  # what came before the break, at most
+        assert len(streamed) <= counted <= 8 and len(shards.skipped) == 2
+        with pytest.raises(ValueError, match=re.escape(pattern) + r": unreadable shard"):
+            data.TarShards(tmp_path / pattern).count_pairs()
+
+
+@pytest.mark.parametrize("pattern, names", [
+    ("d/{yfcc/{0..1},cc/{0..1}}.tar", ["d/yfcc/0.tar", "d/yfcc/1.tar", "d/cc/0.tar", "d/cc/1.tar"]),  # nesting
+    ("a/{0..1}.tar::b/{2..3}.tar", ["a/0.tar", "a/1.tar", "b/2.tar", "b/3.tar"]),  # open_clip's and webdataset's ::
+    ("s_{a,b}_{08..10}.tar", ["s_a_08.tar", "s_a_09.tar", "s_a_10.tar", "s_b_08.tar", "s_b_09.tar", "s_b_10.tar"]),
+    ("{0..010..5}", ["000", "005", "010"]), ("{9..11}", ["9", "10", "11"]), ("{3..1}", ["3", "2", "1"]),
+    ("{-1..1}", ["-1", "0", "1"]), ("{a..e..2}", ["a", "c", "e"]), ("x{,.bak}", ["x", "x.bak"]),
+    ("p{2.{5..6},3}", ["p2.5", "p2.6", "p3"]), ("C:\\data\\s{0..1}", ["C:\\data\\s0", "C:\\data\\s1"]),
+    ("plain.tar", ["plain.tar"])])
+def test_brace_patterns_expand_as_webdataset_does(pattern, names):
+    assert data.expand_braces(pattern) == names
+
+
+@pytest.mark.parametrize("pattern, why", [
+    ("s_{0..3.tar", "unbalanced"), ("s_0..3}.tar", "unbalanced"), ("s_{1{2,3}.tar", "unbalanced"),
+    ("s_{0003}.tar", "neither a list"), ("s_{}.tar", "neither a list"), ("s_{1..z}.tar", "neither a list"),
+    ("a.tar::", "an empty name"), ("s_{0,1,0}.tar", "twice"), ("a/{0..1}.tar::a/1.tar", "twice")])
+def test_brace_patterns_outside_the_grammar_are_refused_by_name(pattern, why):
+    with pytest.raises(ValueError, match=re.escape(f"shard pattern {pattern!r}") + ".*" + why):
+        data.expand_braces(pattern)
 
 
 def _ddp_worker(rank, world, port, cfg):

@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import tarfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -42,7 +41,7 @@ csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; e
 csv_img_key = "filepath"    # caption CSV/TSV: the image path column (open_clip's --csv-img-key)
 csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's --csv-caption-key)
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
-skip_bad = False            # tar shards: skip unreadable samples (counted and reported) instead of stopping
+skip_bad = False            # skip undecodable images, bad shard samples, cut shards (counted, reported); else stop
 bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
 val_data = ""               # selection: FETAL_PLANES_DB, labelled CSV + val_prompts, or caption CSV/shards (toy: val split)
 #                             on class F1 (Train=1 rows only), macro F1, mean retrieval recall; always printed and logged
@@ -200,7 +199,8 @@ def make_pairs(cfg, size, rank, world):
         return data.ToyWorld(split="train", size=size, seed=cfg["seed"], length=cfg["toy_train_size"], cache=True)
     if cfg["train_data"].lower().endswith((".csv", ".tsv")):
         return data.ImageRows(data.read_captions(cfg["train_data"], cfg["csv_img_key"], cfg["csv_caption_key"],
-                                                 cfg["csv_separator"] or None, cfg["image_root"] or None))
+                                                 cfg["csv_separator"] or None, cfg["image_root"] or None),
+                              skip_bad=cfg["skip_bad"])
     shards = data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"], shuffle=True, seed=cfg["seed"])
     if len(shards.shards) < world * max(1, cfg["workers"]):  # a reader without a shard would wait forever
         raise ValueError(f"{len(shards.shards)} shards in {cfg['train_data']!r} for {world} ranks x "
@@ -237,29 +237,20 @@ def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
 
 def micro_batches_per_epoch(pairs, cfg, world):
     """Tar shards have no length: --samples_per_epoch, or one pass that counts the captions."""
-    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or count_shard_pairs(pairs)
+    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or pairs.count_pairs()
     return n // (cfg["batch_size"] * world)
 
 
 def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
     """Toy tokenizer, captions other than the toy world's: print the share of unknown tokens in the first n training
     captions (the same on every rank); refuse a run where most are unknown (they would all train as one token)."""
-    if hasattr(pairs, "rows"):
-        captions = [row["caption"] for row in pairs.rows]
-    else:
-        with tarfile.open(pairs.shards[0]) as tar:
-            captions = [tar.extractfile(m).read().decode("utf-8", "replace") for m in tar if m.name.endswith(".txt")]
-    captions = captions[:n]
+    captions = [row["caption"] for row in pairs.rows[:n]] if hasattr(pairs, "rows") else pairs.captions(n)
     share = tokenizer.unknown_share(captions)
     print0(f"toy tokenizer: {share:.1%} of the tokens of {len(captions)} training captions are unknown", rank=rank)
     if share > 0.5:
         raise ValueError(f"{cfg['train_data']}: {share:.0%} of the caption tokens are outside the toy vocabulary of "
                          f"--student={cfg['student']}; use a BPE model: --student=mobileclip2-s0 (or an open_clip "
                          "JSON) with --bpe=bpe_simple_vocab_16e6.txt.gz")
-
-
-def count_shard_pairs(shards):
-    return sum(name.endswith(".txt") for shard in shards.shards for name in tarfile.open(shard).getnames())
 
 
 # --- models ---
@@ -361,6 +352,9 @@ def train(cfg):
                          f"feed both): teacher {tokenizer_kind(teacher)}/{teacher.context_length}, "
                          f"student {tokenizer_kind(student)}/{student.context_length}")
     views = [(m.image_size, m.image_mean, m.image_std) for m in (teacher or student, student)]  # each its own
+    for role, m in (("teacher", teacher), ("student", student)):  # it goes into training, eval and the Core ML wrapper
+        if m is not None:
+            print0(f"{role} input: {m.image_size} px, mean {m.image_mean}, std {m.image_std}", rank=rank)
     collate = data.Collate(data.DistillTransform(*views, augment=cfg["augment"]), tokenizer)
     pairs = make_pairs(cfg, max(student.image_size, (teacher or student).image_size), rank, world)
     if tokenizer_kind(student) == "toy" and cfg["train_data"] != "toy":
