@@ -576,6 +576,7 @@ def count_gmacs(fn, x):
 
 @torch.no_grad()
 def latency_ms(fn, x, warmup=3, runs=10):
+    """-> (median ms, spread): the spread is the interquartile range over the median, how far runs disagree."""
     for _ in range(warmup):
         fn(x)
     times = []
@@ -583,24 +584,29 @@ def latency_ms(fn, x, warmup=3, runs=10):
         t0 = time.perf_counter()
         fn(x)
         times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+    q1, median, q3 = np.percentile(times, [25, 50, 75])
+    return 1000 * float(median), float((q3 - q1) / median)
+
+
+NOISY = 0.1  # a spread above 10% means another process shared the CPU: such timings are not comparable
 
 
 def speed(model, runs=10):
     """Params (M), GMACs and median CPU ms at batch 1 of the image tower, multi-branch and folded when it has
-    branches, and of the text tower."""
+    branches, and of the text tower; `spread`, the largest of their latency_ms spreads."""
     model = model.eval()
     image = torch.randn(1, 3, model.image_size, model.image_size)
     ids = torch.randint(1, model.config["text_cfg"].get("vocab_size", 49408), (1, model.context_length))
     foldable = any(hasattr(m, "reparameterize") for m in model.visual.modules())
     tower = copy.deepcopy(model.visual).train() if foldable else model.visual  # train mode runs every branch (eval
+    (image_ms, a), (text_ms, b) = latency_ms(tower, image, runs=runs), latency_ms(model.encode_text, ids, runs=runs)
     out = dict(params_m=models.count_params(model) / 1e6,                     # mode sums them into one conv)
                image_params_m=models.count_params(model.visual) / 1e6, image_gmacs=count_gmacs(tower, image),
-               text_gmacs=count_gmacs(model.encode_text, ids), image_ms=latency_ms(tower, image, runs=runs),
-               text_ms=latency_ms(model.encode_text, ids, runs=runs))
+               text_gmacs=count_gmacs(model.encode_text, ids), image_ms=image_ms, text_ms=text_ms, spread=max(a, b))
     if foldable:
         folded = models.reparameterize(copy.deepcopy(model.visual))
-        out.update(image_ms_folded=latency_ms(folded, image, runs=runs), image_gmacs_folded=count_gmacs(folded, image))
+        (ms, c), gmacs = latency_ms(folded, image, runs=runs), count_gmacs(folded, image)
+        out.update(image_ms_folded=ms, image_gmacs_folded=gmacs, spread=max(a, b, c))
     return out
 
 
@@ -644,8 +650,8 @@ def describe(model):
 TABLE1_ROWS = ("No KD", "Static logit KD", "Coupled repulsive KD (lambda 1 -> -0.8)", "DARK (beta 2 -> -0.8)")
 ANALYSED = ("No KD", "Static logit KD", "DARK (beta 2 -> -0.8)")  # the paper's teacher-student comparison
 TABLE1_METRICS = dict(planes_f1=4, brain_f1=4, ga_validity=2, composite=4)  # digits shown: validity is a percent
-TS_PLANES = [f"ts_planes_{k}" for k in ("true_prob_corr", "offdiag_prob_corr", "confusion_corr", "separation_teacher",
-                                        "separation_student")]  # analysis() keys for the 5-plane task
+TS_COLUMNS = ("true_prob_corr", "offdiag_prob_corr", "confusion_corr", "separation_teacher", "separation_student")
+TS_PLANES = [f"ts_planes_{k}" for k in TS_COLUMNS]  # analysis() keys for the 5-plane task
 
 
 def table1_row(cfg):
@@ -838,8 +844,9 @@ OPTIONS = dict(
     csv_separator="",       # one character, or \t; empty = detected (, ; tab |)
     quiet=False,            # no progress lines on stderr
 )
-ACCEPTS = dict(task=("toy", "planes", "brain", "hc18", "paper", "classify", "retrieval"), split=("", "train", "val", "test", "all"),
-               n="[0, inf)", batch_size="[1, inf)", device=data.check_device, runs="[1, inf)")
+ACCEPTS = dict(task=("toy", "planes", "brain", "hc18", "paper", "classify", "retrieval"),
+               split=("", "train", "val", "test", "all"), n="[0, inf)", batch_size="[1, inf)", device=data.pick_device,
+               runs="[1, inf)")
 
 
 def main(argv):
@@ -848,14 +855,19 @@ def main(argv):
     QUIET = opt["quiet"]
     stamp, out = time.strftime("%Y%m%d_%H%M%S"), Path(opt["out"])
     if opt["table"]:
-        return table1(opt["table"], n=opt["n"] or None, device=opt["device"])
+        return table1(opt["table"], n=opt["n"] or None, device=data.pick_device(opt["device"]))
     if opt["speed"]:  # the checkpoints given, else FetalCLIP and MobileCLIP2-S0 with random weights: same speed
+        print(f"speed: parameters, GMACs, and the median of {opt['runs']} CPU runs at batch 1 after 3 warm-ups, "
+              f"{torch.get_num_threads()} threads (OMP_NUM_THREADS sets them); spread = interquartile range / median")
         rows = []
         for role, src, cfg in (("teacher", opt["teacher"] or "fetalclip", opt["teacher_config"] or None),
                                ("student", opt["checkpoint"] or "mobileclip2-s0", opt["model_config"] or None)):
             model = load_model_from_checkpoint(src, cfg)[0] if Path(src).is_file() else models.build_model(src)
             rows.append(dict(role=role, source=src, **speed(model, opt["runs"])))
         print(markdown_table(rows, list(rows[0]) + ["image_ms_folded", "image_gmacs_folded"]))
+        if max(r["spread"] for r in rows) > NOISY:
+            print(f"warning: runs disagree by up to {max(r['spread'] for r in rows):.0%} of the median: the CPU was "
+                  "shared, so these timings (folded vs not included) are not to be trusted; rerun on an idle machine")
         return save_results(out / f"speed_{stamp}.json", {f"{r['role']}_{k}": v for r in rows for k, v in r.items()
                                                           if k != "role"},
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))
@@ -868,7 +880,7 @@ def main(argv):
                                                                               "not with --task=hc18 | retrieval")):
         if bad:
             sys.exit(f"eval.py: {why} (--help lists the options)")
-    task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, opt["device"]
+    task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, data.pick_device(opt["device"])
     model, tokenizer = load_model_from_checkpoint(opt["checkpoint"], opt["model_config"] or None)
     model.to(device)
     split = opt["split"] or ("test" if opt["task"] == "toy" else "all")
@@ -884,8 +896,12 @@ def main(argv):
         metrics.update(probe(model, task, n, root, opt["batch_size"], device))
     if opt["analysis"]:
         teacher, teacher_tokenizer = load_model_from_checkpoint(opt["teacher"], opt["teacher_config"] or None)
-        metrics.update(analysis((teacher.to(device), teacher_tokenizer), (model, tokenizer), task, split, n, root, out,
-                                device, csv, prompts))
+        ts = analysis((teacher.to(device), teacher_tokenizer), (model, tokenizer), task, split, n, root, out, device,
+                      csv, prompts)
+        metrics.update(ts)
+        print("teacher-student analysis (r: Pearson correlation; separation: between / within class distance)\n" +
+              markdown_table([dict(task=t, **{k: ts[f"ts_{t}_{k}"] for k in TS_COLUMNS}) for t in CLASS_TASKS
+                              if f"ts_{t}_true_prob_corr" in ts], ["task", *TS_COLUMNS]))
     meta = dict(model=describe(model), checkpoint=opt["checkpoint"], dataset=opt["data"] or "toy world",
                 task=opt["task"], split=split)
     path = save_results(out / f"results_{opt['task']}_{split}_{stamp}.json", metrics, meta)
