@@ -29,6 +29,7 @@ import json
 import math
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,12 @@ def progress(what, total=None, every=5.0):
 
 
 # --- metrics: numpy functions of predictions and labels ---
+def class_key(name):
+    """The form in which labels meet class names, and metrics are named: NFC, whitespace collapsed, case folded, so a
+    CSV's 'Pleural  Effusion' is the prompts' 'pleural effusion' (and two classes that differ only so are refused)."""
+    return " ".join(unicodedata.normalize("NFC", str(name)).split()).casefold()
+
+
 def confusion_counts(pred, targets, num_classes):
     """[C, C] int counts: row = true class, column = predicted class."""
     return np.bincount(np.asarray(targets) * num_classes + np.asarray(pred),
@@ -111,7 +118,7 @@ def class_metrics(probs, targets, names, topk=(2, 3, 5)):
     cm, present = confusion_counts(probs.argmax(1), targets, probs.shape[1]), np.unique(targets)
     tp, f1 = np.diag(cm), 2 * np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1), 1)  # 2tp / (2tp + fp + fn)
     recall = tp / np.maximum(cm.sum(1), 1)
-    key = {c: str(names[c]).lower().replace(" ", "_") for c in range(len(names))}  # 'Fetal abdomen' -> fetal_abdomen
+    key = {c: class_key(names[c]).replace(" ", "_") for c in range(len(names))}  # 'Fetal abdomen' -> fetal_abdomen
     if len(set(key.values())) < len(names):  # one metric would overwrite the other
         raise ValueError(f"class names {list(names)} give two classes one metric name ({sorted(key.values())})")
     out = dict(acc=float(tp.sum() / len(targets)), f1=float(f1[present].mean()),
@@ -286,7 +293,7 @@ def check_labels(task, records, prompts):
     first row it is on."""
     key, names, unknown = CLASS_TASKS[task], list(prompts), {}
     for i, r in enumerate(records):
-        if r.get(key) and r[key] not in names:
+        if r.get(key) and class_key(r[key]) not in map(class_key, names):
             unknown.setdefault(r[key], r.get("where", f"image {i}"))
     if unknown:
         raise ValueError(f"{task}: no prompts for label(s) " + ", ".join(f"{k!r} ({w})" for k, w in unknown.items())
@@ -304,7 +311,8 @@ def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
         if not rows:
             continue
         names = list(suite[task])  # task_records has checked that every label has prompts
-        targets = np.array([names.index(records[i][key]) for i in rows])
+        index = {class_key(name): c for c, name in enumerate(names)}
+        targets = np.array([index[class_key(records[i][key])] for i in rows])
         classes = text_classifier(model, tokenizer, suite[task], device)  # once per call, for every image
         probs = (100 * feats[rows] @ classes.T).softmax(-1).numpy()  # 100: CLIP's fixed zero-shot scale
         metrics.update({f"{task}_{k}": v for k, v in class_metrics(probs, targets, names).items()})

@@ -1621,6 +1621,11 @@ def test_planes_task_is_classify_on_the_same_labels(tiny, tmp_path):
                                                        if k != "femur"}))
     with pytest.raises(ValueError, match=r"give two classes one metric name"):  # f1_lips_nose twice
         evaluation.class_metrics(np.eye(2), np.arange(2), ["Lips nose", "lips_nose"])
+    # labels meet class names in one form: 'Femur' with a double space and an NFD accent is the prompts' 'fémur'
+    (tmp_path / "accents.csv").write_text("path,finding\n" + f"{rows[0]['image']},Fe\u0301mur  X\n")
+    m = evaluation.evaluate(model, tok, task="classify", root=tmp_path / "accents.csv", prompts={"classify": {
+        "f\u00e9mur x": ["femur"], "other": ["other"]}}, csv=dict(csv_img_key="path", csv_label_key="finding"))
+    assert m["n_images"] == 1 and "classify_f1_f\u00e9mur_x" in m
     with pytest.raises(ValueError, match=r"no prompts for label\(s\) 'femur' \(.*labels\.csv, line 6\)"):
         evaluation.evaluate(model, tok, task="classify", root=tmp_path / "labels.csv", csv=dict(
             csv_img_key="path", csv_label_key="finding"), prompts={"classify": data.load_prompts(tmp_path / "classes.json")})
