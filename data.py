@@ -698,8 +698,8 @@ def load_prompts(path):
     if not isinstance(given, dict) or not given:
         raise ValueError(f"{path}: expected {{\"class name\": [\"prompt\", ...]}} or {{\"templates\": [...], "
                          f"\"classes\": [...]}}, got {type(given).__name__}")
-    if bad := [c for c, v in given.items() if not texts(v)]:
-        raise ValueError(f"{path}: classes {bad} need a non-empty list of non-empty prompt strings")
+    if bad := [c for c, v in given.items() if not texts(v) or not c.strip()]:
+        raise ValueError(f"{path}: classes {bad} need a name and a non-empty list of non-empty prompt strings")
     return given
 
 

@@ -747,8 +747,9 @@ def test_prompts_json_both_formats_one_loader(tmp_path):
                '{"templates": ["a photo"], "classes": ["cat"]}': r"templates \['a photo'\] have no '\{\}'",
                '{"templates": ["a {}"], "classes": ["cat", "cat"]}': r"classes \['cat'\] listed more than once",
                '{"templates": ["a {}"]}': r"exactly two keys, 'templates' and 'classes'",
-               '{"cat": [], "dog": ["a dog"]}': r"classes \['cat'\] need a non-empty list",
-               '{"cat": "a cat"}': r"classes \['cat'\] need a non-empty list", '["cat"]': r"got list",
+               '{"cat": [], "dog": ["a dog"]}': r"classes \['cat'\] need a name and a non-empty list",
+               '{"cat": "a cat"}': r"classes \['cat'\] need a name and a non-empty list", '["cat"]': r"got list",
+               '{" ": ["a cat"]}': r"classes \[' '\] need a name",
                '{"cat": ["a cat"],}': r"cannot read prompts .*bad\.json: .*line 1"}
     for text, message in refused.items():
         (tmp_path / "bad.json").write_text(text)
@@ -1238,7 +1239,10 @@ def test_val_data_is_checked_before_training(tmp_path):
                            rf"no prompts for label\(s\) 'Fetal brain' \(.*labels\.csv, line {line}\)"),
                           (dict(val_data=str(files / "captions.csv"), csv_caption_key="caption"),
                            r"captions\.csv, line 1: missing column\(s\) \['caption'\]"),
-                          (dict(val_prompts=str(files / "classes.json")), "--val_prompts is for a labelled CSV")):
+                          (dict(val_prompts=str(files / "classes.json")), "--val_prompts is for a labelled CSV"),
+                          (dict(val_data=str(files / "absent_{0..1}.tar")), r"absent_0\.tar"),
+                          (dict(val_data=str(files / "empty.tar")), "the shards hold no image-caption pairs")):
+        _write_shard(files / "empty.tar", [])
         with pytest.raises(ValueError, match=message):
             train.train(_cfg(tmp_path, **over))
         assert not os.path.exists(os.path.join(tmp_path, "run", "ckpt.pt"))  # failed before the first step

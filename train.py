@@ -317,7 +317,9 @@ def check_val_data(cfg):
     """Read the validation data now, so a wrong path or column, or a label without prompts, fails before training."""
     args, _ = val_setup(cfg)
     if args and args["task"] != "toy":
-        evaluation.task_records(**args)
+        records, _ = evaluation.task_records(**args)
+        if not isinstance(records, list) and not data.TarShards(args["root"]).count_pairs():  # shards: streamed later
+            raise ValueError(f"--val_data={args['root']}: the shards hold no image-caption pairs")
 
 
 # --- the loop ---
