@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def load_student(path, model_config=None):
 
 
 def class_prompts(classes, tokenizer):
-    """'planes' | 'brain' | 'none' | a {class: [prompts]} JSON path -> prompts (None for no head). The defaults are
+    """'planes' | 'brain' | 'none' | a prompts JSON (data.load_prompts: {class: [prompts]} or {"templates": [...],
+    "classes": [...]}) -> {class: [prompts]} (None for no head). The defaults are
     eval.py's: the toy world's wording for a toy-tokenizer model, the clinical prompts otherwise."""
     if classes == "none":
         return None
@@ -86,10 +88,7 @@ def class_prompts(classes, tokenizer):
         toy = isinstance(tokenizer, data.ToyTokenizer)
         return {"planes": data.TOY_PLANE_PROMPTS if toy else evaluation.PLANE_PROMPTS,
                 "brain": data.TOY_BRAIN_PROMPTS if toy else evaluation.BRAIN_PROMPTS}[classes]
-    prompts = json.loads(Path(classes).read_text())
-    if not isinstance(prompts, dict) or not all(isinstance(v, list) and v for v in prompts.values()):
-        raise ValueError(f"{classes}: expected a JSON object {{class name: [prompt, ...]}}")
-    return prompts
+    return data.load_prompts(classes)  # the same file, and the same reading of it, as eval.py --prompts
 
 
 class ImageEncoder(nn.Module):
@@ -278,10 +277,35 @@ def build_package(path, module, example, ct_input, io, docs, feeds, meta, target
     return summary
 
 
+def import_coremltools():
+    """coremltools, with the warnings it logs at its first import (about a dozen: an untested torch version, one per
+    Core ML runtime class missing off macOS) said once, each kind in one line."""
+    import logging.handlers
+    log, kept = logging.getLogger("coremltools"), logging.handlers.BufferingHandler(capacity=1000)
+    log.addHandler(kept)  # a logger with a handler of its own: Python's last-resort stderr printing stays quiet
+    try:
+        import coremltools as ct
+    finally:
+        log.removeHandler(kept)
+    said = dict.fromkeys(re.sub(r"^Failed to load \w+", "The Core ML runtime is absent", r.getMessage())
+                         for r in kept.buffer)
+    if said:
+        print(f"coremltools {ct.__version__} at start-up (predictions need macOS; every other check runs here):\n  "
+              + "\n  ".join(said))
+    return ct
+
+
 def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", text=False, quantize="none",
-           target="iOS17", model_config=None, author="DARK export_ios.py", license="the licence of the checkpoint"):
-    """Write the packages -> {'image': summary, 'text': summary}. Raises CheckpointError or ExportCheckError."""
-    import coremltools as ct
+           target="iOS17", model_config=None, author="DARK export_ios.py", license="the licence of the checkpoint",
+           overwrite=False):
+    """Write the packages -> {'image': summary, 'text': summary}. Raises CheckpointError, ExportCheckError, or
+    FileExistsError, before any work, when a package of that name is in `out` and overwrite is False."""
+    there = [str(p) for p in (Path(out) / f"{name}{part}.mlpackage" for part in ("Image", "Text")[:1 + text])
+             if p.exists()]
+    if there and not overwrite:
+        raise FileExistsError(f"{', '.join(there)} exists: replace it with --overwrite=true, or give another --out "
+                              "or --name")
+    ct = import_coremltools()
     if quantize not in QUANTIZE or not hasattr(ct.target, target):
         raise ValueError(f"quantize must be one of {list(QUANTIZE)} and target a coremltools ct.target name "
                          f"(iOS16, iOS17, iOS18, macOS14, ...); got {quantize!r}, {target!r}")
@@ -340,12 +364,13 @@ OPTIONS = dict(
     model_config="",        # for raw weights only: a preset name or an open_clip JSON
     out="out/ios",          # folder for the .mlpackage files
     name="MobileFetalCLIP",  # package prefix; Xcode names the Swift class after it
-    classes="planes",       # the zero-shot head's classes, with eval.py's prompts or those of a {class: [prompts]} JSON
+    classes="planes",       # the zero-shot head: planes | brain (eval.py's prompts) | none | a prompts JSON, as eval.py's
     text=False,             # also export the text encoder
     quantize="none",        # weight compression
     target="iOS17",         # minimum deployment target
     author="DARK export_ios.py",
     license="the licence of the checkpoint",
+    overwrite=False,        # replace packages of the same --name in --out
 )
 
 
@@ -357,7 +382,7 @@ def check_classes(classes):
 
 def check_target(target):
     """a coremltools ct.target name: iOS16 | iOS17 | iOS18 | macOS14 | ..."""
-    import coremltools as ct
+    ct = import_coremltools()
     if not hasattr(ct.target, target):
         raise ValueError(f"takes one of {', '.join(t for t in vars(ct.target) if not t.startswith('_'))}")
 
@@ -369,7 +394,10 @@ def main(argv=None):
     opt, _ = data.parse_flags(sys.argv[1:] if argv is None else argv, OPTIONS, ACCEPTS, __doc__, __file__)
     if not opt["checkpoint"]:
         sys.exit("export_ios.py: --checkpoint=PATH is required (--help lists the options)")
-    return export(**{**opt, "model_config": opt["model_config"] or None})
+    try:
+        return export(**{**opt, "model_config": opt["model_config"] or None})
+    except FileExistsError as e:
+        sys.exit(f"export_ios.py: {e}")
 
 
 if __name__ == "__main__":

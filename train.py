@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # all_gather with gradient
 import torch.nn.functional as F
 
 import dark
@@ -30,7 +29,8 @@ import models
 
 # --- I/O ---
 out_dir = "out/student"     # ckpt.pt (latest, for --resume), best.pt (best validation composite), log.jsonl
-resume = False              # continue out_dir/ckpt.pt where it stopped
+resume = False              # continue out_dir/ckpt.pt where it stopped, with its saved config
+overwrite = False           # start afresh in an out_dir that holds another run, replacing its checkpoints and log
 ckpt_every = 500            # optimizer steps between checkpoints (one is always written at the end)
 log_every = 50              # optimizer steps between log lines
 seed = 0
@@ -38,13 +38,16 @@ seed = 0
 train_data = "toy"          # 'toy' (built-in world) | image-caption .csv/.tsv | tar shards 'dir/shard_{0001..0025}.tar'
 toy_train_size = 6000       # toy world: training pairs (rendered once, then kept in memory)
 image_root = ""             # prefix for relative image paths in a caption CSV
-csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; empty = tab for .tsv, else ','
+csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; empty = detected (, ; tab |)
 csv_img_key = "filepath"    # caption CSV/TSV: the image path column (open_clip's --csv-img-key)
 csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's --csv-caption-key)
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
-skip_bad = False            # tar shards: skip unreadable samples (counted and reported) instead of stopping
+skip_bad = False            # skip undecodable images, bad shard samples, cut shards (counted, reported); else stop
 bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
-val_data = ""               # model selection: toy -> toy val split; else a FETAL_PLANES_DB folder (Train=1 rows only)
+val_data = ""               # selection: FETAL_PLANES_DB, labelled CSV + val_prompts, or caption CSV/shards (toy: val split)
+#                             on class F1 (Train=1 rows only), macro F1, mean retrieval recall; always printed and logged
+val_prompts = ""            # a labelled val_data CSV: the classes' prompts JSON (eval.py --prompts' formats)
+csv_label_key = "label"     # a labelled val_data CSV: the class-name column (its image column is csv_img_key)
 val_every = 1               # epochs between validations
 val_size = 500              # toy: validation images (the report uses the whole test split)
 workers = 4                 # DataLoader worker processes for files (the toy world is made in the main process)
@@ -52,7 +55,7 @@ augment = True              # one random affine + brightness/contrast draw per p
 teacher_cache = ""          # folder of stored teacher embeddings: filled once (K teacher forwards a pair), then read
 cache_views = 5             # K views stored a pair: each replayed 4 times in the paper's 20 epochs, for 1/4 the cost
 # --- models ---
-teacher = "out/teacher/best.pt"  # a train.py checkpoint or raw open_clip weights; toy: pretrained here when missing
+teacher = "out/teacher/best.pt"  # a train.py checkpoint or raw open_clip weights; this default: toy, made if missing
 teacher_config = ""         # for raw weights: preset name (fetalclip) or open_clip JSON (FetalCLIP_config.json)
 student = "toy-student"     # preset name or open_clip JSON of the student
 student_init = ""           # initial student weights (MobileCLIP2-S0 in the paper); empty = random init
@@ -64,7 +67,7 @@ tau = 5.0                   # teacher temperature (teacher only): a softer targe
 max_logit_scale = 100.0     # clamp of the student's exp(logit_scale), as CLIP
 # --- optimizer: AdamW, cosine with warm-up ---
 epochs = 20
-batch_size = 512            # per device and micro-batch; contrastive negatives come from the gathered micro-batch
+batch_size = 512            # per rank and micro-batch: under torchrun the global batch is batch_size x ranks
 grad_accum = 1              # micro-batches per optimizer step
 lr = 1e-5
 warmup_steps = 500
@@ -84,25 +87,57 @@ TOY_TEACHER = dict(student="toy-teacher", student_init="", kd="none", epochs=6, 
 
 KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 # what each option accepts, checked before any work (data.parse_flags): a tuple is the closed set, a string the interval
-ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)",
-               toy_train_size="[1, inf)", samples_per_epoch="[0, inf)", val_every="[1, inf)", val_size="[1, inf)",
-               workers="[0, inf)", cache_views="[1, inf)",
-               kd=("none", "static", "coupled", "dark"), tau="(0, inf)", max_logit_scale="[1, inf)",
-               epochs="[1, inf)", batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)",
-               weight_decay="[0, inf)", adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)",
-               grad_clip="(0, inf)",
-               device=data.check_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
+ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)", toy_train_size="[1, inf)", samples_per_epoch="[0, inf)",
+               val_every="[1, inf)", val_size="[1, inf)", workers="[0, inf)", cache_views="[1, inf)",
+               kd=("none", "static", "coupled", "dark"),
+               tau="(0, inf)", max_logit_scale="[1, inf)", epochs="[1, inf)", batch_size="[1, inf)",
+               grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)", weight_decay="[0, inf)",
+               adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="(0, inf)",
+               device=data.pick_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
+# --resume=true restores the checkpoint's config: these keys may differ from it (how the run goes, not what it trains)
+RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "ckpt_every", "log_every", "workers", "device", "threads")
 
 
 # --- configuration from the command line ---
 def parse_args(argv):
     """--key=value overrides of the defaults above, checked by data.parse_flags (the grammar of every script).
     -> (config, keys given); with --train_data=toy, TOY fills the keys not given."""
-    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, __doc__ + f"\nThe toy teacher's pretraining takes TOY_TEACHER = "
-                                  f"{TOY_TEACHER}", __file__, notes={k: f"toy: {v}" for k, v in TOY.items()})
+    doc = (f"{__doc__}\nThe toy teacher's pretraining takes TOY_TEACHER = {TOY_TEACHER}.\n--resume=true restores the "
+           f"run's saved config; of the options only {', '.join(RESUME_MAY_CHANGE)} may change.")
+    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, doc, __file__, notes={k: f"toy: {v}" for k, v in TOY.items()})
     if cfg["train_data"] == "toy":
         cfg.update({k: v for k, v in TOY.items() if k not in given})
     return cfg, given
+
+
+def configure(argv):
+    """The run's config from the command line, checked before any work: the flags, the saved config that
+    --resume=true restores, an out_dir holding another run, a teacher that is not there. Raises SystemExit."""
+    cfg, given = parse_args(argv)
+    out = Path(cfg["out_dir"])
+    if cfg["resume"]:
+        if not (out / "ckpt.pt").is_file():
+            sys.exit(f"train.py: --resume=true: no checkpoint at {out / 'ckpt.pt'} (is --out_dir the run's folder?)")
+        saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["config"]
+        changed = [f"--{k}={cfg[k]} (the run has {saved[k]})" for k in sorted(given - set(RESUME_MAY_CHANGE))
+                   if k in saved and cfg[k] != saved[k]]
+        if changed:
+            sys.exit(f"train.py: --resume=true continues the run in {out} as it was trained; {', '.join(changed)} "
+                     f"would change it: drop the flag, or start a new run with another --out_dir. Only "
+                     f"{', '.join(RESUME_MAY_CHANGE)} may change at a resume")
+        cfg = {**cfg, **{k: v for k, v in saved.items() if k in cfg and k not in given}, "resume": True}
+    elif not cfg["overwrite"] and any((out / f).exists() for f in ("ckpt.pt", "best.pt")):
+        sys.exit(f"train.py: {out} holds another run's checkpoints: continue it with --resume=true, replace it with "
+                 f"--overwrite=true, or write this run to a new --out_dir")
+    if cfg["kd"] != "none" and not Path(cfg["teacher"]).is_file() and not toy_teacher_missing(cfg):
+        sys.exit(f"train.py: --teacher={cfg['teacher']}: no such file (the toy teacher is pretrained only at the "
+                 f"default --teacher={KEYS['teacher']} with --train_data=toy)")
+    return cfg
+
+
+def toy_teacher_missing(cfg):
+    """The default teacher of a toy run is pretrained here, once, when it is not there yet."""
+    return cfg["train_data"] == "toy" and cfg["teacher"] == KEYS["teacher"] and not Path(cfg["teacher"]).is_file()
 
 
 # --- schedules: pure functions of the optimizer step ---
@@ -127,7 +162,7 @@ def kd_weight(cfg, step, total_steps):
 def compute_init(cfg):
     """-> (ddp, rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    want = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    want = str(data.pick_device(cfg["device"]))
     if ddp:
         if want.startswith("cuda"):
             want = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -138,15 +173,22 @@ def compute_init(cfg):
     return False, 0, 1, torch.device(want)
 
 
-def gather(x, ddp, grad):
-    """All ranks' rows, in rank order: [B, D] -> [world * B, D]. With grad, each rank's slice keeps its graph."""
-    if not ddp:
-        return x
-    if grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x)
-    return torch.cat(out, dim=0)
+class AllGather(torch.autograd.Function):
+    """All ranks' rows in rank order: [B, D] -> [world * B, D]; a tensor without grad (the teacher's) gathers without
+    a graph. Backward: every rank's loss has a gradient for these rows; their sum over ranks (DDP then averages
+    parameter gradients over ranks). torch.distributed.nn's all_gather did this, and is deprecated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce writes in place
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def barrier():
@@ -166,7 +208,8 @@ def make_pairs(cfg, size, rank, world):
         return data.ToyWorld(split="train", size=size, seed=cfg["seed"], length=cfg["toy_train_size"], cache=True)
     if cfg["train_data"].lower().endswith((".csv", ".tsv")):
         return data.ImageRows(data.read_captions(cfg["train_data"], cfg["csv_img_key"], cfg["csv_caption_key"],
-                                                 cfg["csv_separator"] or None, cfg["image_root"] or None))
+                                                 cfg["csv_separator"] or None, cfg["image_root"] or None),
+                              skip_bad=cfg["skip_bad"])
     shards = data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"], shuffle=True, seed=cfg["seed"])
     if len(shards.shards) < world * max(1, cfg["workers"]):  # a reader without a shard would wait forever
         raise ValueError(f"{len(shards.shards)} shards in {cfg['train_data']!r} for {world} ranks x "
@@ -177,7 +220,8 @@ def make_pairs(cfg, size, rank, world):
 def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
     """This rank's micro-batches of one epoch as collate's batch dicts, from micro-batch `start`
     on (for --resume). Map-style data is shuffled by a generator seeded with (seed, epoch) and each global batch is
-    cut into per-rank slices, so a resumed run, and a run on any number of ranks, sees the same global batches."""
+    cut into per-rank slices: a resumed run sees the same global batches, and so does a run on N ranks at 1/N of the
+    batch_size (the global batch is batch_size x world)."""
     bs, g = cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
     # the loader gets its own generator: it draws worker seeds from one, and the global RNG belongs to --resume
     if isinstance(pairs, torch.utils.data.IterableDataset):
@@ -197,6 +241,24 @@ def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
         batches = torch.utils.data.DataLoader(pairs, batch_sampler=mine.tolist(), num_workers=cfg["workers"],
                                               collate_fn=collate, generator=g)
     yield from batches
+
+
+def micro_batches_per_epoch(pairs, cfg, world):
+    """Tar shards have no length: --samples_per_epoch, or a pass over the shards' headers that counts the pairs."""
+    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or len(pairs.keys())
+    return n // (cfg["batch_size"] * world)
+
+
+def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
+    """Toy tokenizer, captions other than the toy world's: print the share of unknown tokens in the first n training
+    captions (the same on every rank); refuse a run where most are unknown (they would all train as one token)."""
+    captions = [row["caption"] for row in pairs.rows[:n]] if hasattr(pairs, "rows") else pairs.captions(n)
+    share = tokenizer.unknown_share(captions)
+    print0(f"toy tokenizer: {share:.1%} of the tokens of {len(captions)} training captions are unknown", rank=rank)
+    if share > 0.5:
+        raise ValueError(f"{cfg['train_data']}: {share:.0%} of the caption tokens are outside the toy vocabulary of "
+                         f"--student={cfg['student']}; use a BPE model: --student=mobileclip2-s0 (or an open_clip "
+                         "JSON) with --bpe=bpe_simple_vocab_16e6.txt.gz")
 
 
 # --- models ---
@@ -288,18 +350,35 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def val_setup(cfg):
+    """-> (eval.evaluate's arguments for the validation data, the metric that picks best.pt); (None, None) when
+    nothing validates (best.pt is then the last step)."""
+    if cfg["val_prompts"] and (not cfg["val_data"] or Path(cfg["val_data"]).is_dir()):
+        raise ValueError(f"--val_prompts is for a labelled CSV --val_data, not {cfg['val_data'] or 'none'!r}")
+    if not cfg["val_data"]:
+        return (dict(task="toy", split="val", n=cfg["val_size"]), "composite") if cfg["train_data"] == "toy" else (
+            None, None)
+    if Path(cfg["val_data"]).is_dir():  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
+        return dict(task="paper", split="train", root=cfg["val_data"]), "class_f1"  # planes and brain
+    args = dict(root=cfg["val_data"], csv={k: v for k, v in cfg.items() if k.startswith("csv_")})
+    if cfg["val_prompts"]:
+        return dict(args, task="classify", prompts={"classify": data.load_prompts(cfg["val_prompts"])}), "classify_f1"
+    return dict(args, task="retrieval"), "retrieval_mean_recall"
+
+
 def validate(model, tokenizer, cfg, device):
     """Zero-shot metrics for model selection, on data never reported as a test result."""
-    if cfg["train_data"] == "toy" and not cfg["val_data"]:
-        return evaluation.evaluate(model, tokenizer, task="toy", split="val", n=cfg["val_size"], device=device)
-    if cfg["val_data"]:  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
-        planes, brain = (evaluation.evaluate(model, tokenizer, task=task, split="train", root=cfg["val_data"],
-                                             device=device) for task in ("planes", "brain"))
-        return {**planes, **brain, "class_f1": evaluation.class_f1(planes["planes_f1"], brain["brain_f1"])}
-    return {}
+    args, _ = val_setup(cfg)
+    return evaluation.evaluate(model, tokenizer, **args, device=device) if args else {}
 
 
-SELECT_ON = ("composite", "class_f1")  # the first one validation reports picks best.pt
+def check_val_data(cfg):
+    """Read the validation data now, so a wrong path or column, or a label without prompts, fails before training."""
+    args, _ = val_setup(cfg)
+    if args and args["task"] != "toy":
+        records, _ = evaluation.task_records(**args)
+        if not isinstance(records, list) and not data.TarShards(args["root"]).keys():  # shards: streamed later
+            raise ValueError(f"--val_data={args['root']}: the shards hold no image-caption pairs")
 
 
 # --- the loop ---
@@ -326,26 +405,26 @@ def train(cfg):
         raise ValueError(f"teacher ({tokenizer_kind(spec)}, {spec.context_length}) and student ({tokenizer_kind(student)},"
                          f" {student.context_length}) must share the tokenizer and context length: the same ids feed both")
     views = [(m.image_size, m.image_mean, m.image_std) for m in (spec, student)]  # each its own
+    for role, m in (("teacher", spec), ("student", student))[spec is student:]:  # for training, eval and Core ML
+        print0(f"{role} input: {m.image_size} px, mean {m.image_mean}, std {m.image_std}", rank=rank)
     pairs = make_pairs(cfg, max(student.image_size, spec.image_size), rank, world)
+    if tokenizer_kind(student) == "toy" and cfg["train_data"] != "toy":
+        check_vocabulary(tokenizer, pairs, cfg, rank)
     cache = fill_cache(cfg, cache_header(cfg, spec, pairs), views[0], tokenizer, pairs, rank, world, dev,
                        autocast) if cached else None
     transform = data.DistillTransform(*views[cached:], augment=cfg["augment"])  # cached: the student's view only
-    # tar shards have no length: --samples_per_epoch, or a pass over the shards' headers that counts the pairs
-    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or len(pairs.keys())
-    steps_per_epoch = n // (cfg["batch_size"] * world * cfg["grad_accum"])
+    steps_per_epoch = micro_batches_per_epoch(pairs, cfg, world) // cfg["grad_accum"]
     total_steps = steps_per_epoch * cfg["epochs"]
     if total_steps == 0:
         raise ValueError(f"no optimizer step fits in an epoch: fewer pairs than batch {cfg['batch_size']} x {world} "
                          f"ranks x {cfg['grad_accum']} micro-batches")
-    if cfg["val_data"]:  # a wrong path fails now, not after the first epoch
-        data.read_fetal_planes(cfg["val_data"])
+    check_val_data(cfg)
     optimizer = make_optimizer(student, cfg)
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if cuda else None) if ddp else student
+    gather = AllGather.apply if ddp else (lambda x: x)  # [B, D] -> [world * B, D]
 
     step, best, ckpt_path = 0, -math.inf, out / "ckpt.pt"
-    if cfg["resume"]:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (is --out_dir the run's folder?)")
+    if cfg["resume"]:  # configure() has checked that it is there
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -365,10 +444,15 @@ def train(cfg):
     def last_good():  # a non-finite step stops the run before anything is written
         return f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
 
+    for stale in ("ckpt.pt", "best.pt", "results.md") if rank == 0 and not cfg["resume"] else ():
+        (out / stale).unlink(missing_ok=True)  # a new run, past every start-up check (configure() asked first)
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
     n_params = sum(p.numel() for p in student.parameters())
+    select_on = val_setup(cfg)[1]
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
-           f"({cfg['epochs']} epochs x {steps_per_epoch}) on {world} x {dev}", rank=rank)
+           f"({cfg['epochs']} epochs x {steps_per_epoch}) on {world} x {dev}, global batch {cfg['batch_size']} x "
+           f"{world} ranks x {cfg['grad_accum']} micro-batches; best.pt: "
+           + (f"best validation {select_on}" if select_on else "the last step (no --val_data)"), rank=rank)
     t0, seen = time.time(), 0
     model.train()
     while step < total_steps:
@@ -394,9 +478,9 @@ def train(cfg):
                     if cached:  # the stored view's embeddings, the pair's caption's, the teacher's scale
                         t_img, t_txt, t_scale = (x.to(dev) for x in cache.read(batch))
                     if t_img is not None:  # the teacher's columns are targets: gathered without a graph
-                        t_img, t_txt = gather(t_img, ddp, False), gather(t_txt, ddp, False)
+                        t_img, t_txt = gather(t_img), gather(t_txt)
                     rows = slice(rank * len(ids), (rank + 1) * len(ids))  # this rank's rows of the global batch
-                    losses = dark.dark_loss(gather(img, ddp, True), gather(txt, ddp, True), scale, t_img, t_txt,
+                    losses = dark.dark_loss(gather(img), gather(txt), scale, t_img, t_txt,
                                             t_scale, mode=cfg["kd"], weight=weight, tau=cfg["tau"], rows=rows)
                     if not torch.isfinite(losses["total"]):
                         terms = {k: round(v.item(), 4) for k, v in losses.items()}
@@ -438,12 +522,14 @@ def train(cfg):
             if rank == 0 and end_of_epoch and (step // steps_per_epoch) % cfg["val_every"] == 0:
                 metrics = validate(student, tokenizer, cfg, dev)
                 if metrics:
-                    shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite")
-                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
-                    log.write(json.dumps(dict(step=step, epoch=epoch + 1, **{f"val_{k}": v for k, v in metrics.items()
-                                                                               if isinstance(v, (int, float))})) + "\n")
+                    shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite", "classify_acc",
+                             "classify_f1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_mean_recall")
+                    score = metrics[select_on]
+                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics) +
+                           f"; best.pt on {select_on} (best so far {max(best, score):.4f})")
+                    log.write(json.dumps(dict(step=step, epoch=epoch + 1, select_on=select_on, **{
+                        f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})) + "\n")
                     log.flush()
-                    score = next(metrics[k] for k in SELECT_ON if k in metrics)
                     if score > best:
                         best = score
                         checkpoint(out / "best.pt")
@@ -476,21 +562,42 @@ def report(checkpoints, cfg):
     Path(cfg["out_dir"], "results.md").write_text(table + "\n")
 
 
+def interrupted(run, cfg):
+    """The one line that Ctrl-C leaves: the last checkpoint and the command that resumes it."""
+    if run is not cfg:
+        return "interrupted while pretraining the toy teacher: only a finished one is kept, so run the same command"
+    ckpt = Path(cfg["out_dir"]) / "ckpt.pt"
+    if not ckpt.is_file():
+        return f"interrupted before the first checkpoint in {cfg['out_dir']}: nothing to resume; run the command again"
+    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')}" if "RANK" in os.environ else "python"
+    return f"interrupted. The last checkpoint is {ckpt}; resume with: {launcher} train.py --resume=true " \
+           f"--out_dir={cfg['out_dir']}"
+
+
 def main(argv):
-    cfg, _ = parse_args(argv)
-    t0 = time.time()
-    if cfg["train_data"] == "toy" and cfg["kd"] != "none" and not Path(cfg["teacher"]).exists():
-        # the same loop pretrains the toy teacher: CLIP loss only, teacher preset, its own folder; only a finished
-        # pretraining becomes --teacher, so a run killed half-way starts it again instead of reusing a weak teacher
-        print(f"no teacher at {cfg['teacher']}: pretraining the toy teacher first")
-        built = train({**cfg, **TOY_TEACHER, "out_dir": str(Path(cfg["teacher"]).parent / "pretrain"), "resume": False})
-        if int(os.environ.get("RANK", 0)) == 0:
-            os.replace(built, cfg["teacher"])
-        barrier()
-    best = train(cfg)
-    if int(os.environ.get("RANK", 0)) == 0 and cfg["train_data"] == "toy":
+    rank = int(os.environ.get("RANK", 0))  # under torchrun every rank runs this; rank 0 does the talking
+    try:
+        cfg = configure(argv)
+    except SystemExit as e:
+        sys.exit(e.code if rank == 0 else 1)
+    t0, run = time.time(), cfg
+    try:
+        if cfg["kd"] != "none" and toy_teacher_missing(cfg):
+            # the same loop pretrains the toy teacher: CLIP loss only, teacher preset, its own folder; only a finished
+            # pretraining becomes --teacher, so a run killed half-way starts it again instead of reusing a weak one
+            print0(f"no teacher at {cfg['teacher']}: pretraining the toy teacher first", rank=rank)
+            run = {**cfg, **TOY_TEACHER, "out_dir": str(Path(cfg["teacher"]).parent / "pretrain"), "resume": False}
+            built = train(run)
+            if rank == 0:
+                os.replace(built, cfg["teacher"])
+            barrier()
+        run = cfg
+        best = train(cfg)
+    except KeyboardInterrupt:  # each rank gets the signal; rank 0 says it once, without a traceback
+        sys.exit(interrupted(run, cfg) if rank == 0 else 130)
+    if rank == 0 and cfg["train_data"] == "toy":
         report([("teacher", cfg["teacher"])] * (cfg["kd"] != "none") + [(f"student ({cfg['kd']})", best)], cfg)
-    print(f"done in {(time.time() - t0) / 60:.1f} min")
+    print0(f"done in {(time.time() - t0) / 60:.1f} min", rank=rank)
     if dist.is_initialized():
         dist.destroy_process_group()
 
