@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import socket
+import subprocess
 import sys
 import tarfile
 import warnings
@@ -1045,6 +1046,19 @@ def test_one_grammar_for_every_script(capsys):
     assert train.ACCEPTS.keys() <= train.KEYS.keys() and evaluation.ACCEPTS.keys() <= evaluation.OPTIONS.keys()
     for key, value in {**train.KEYS, **train.TOY, **train.TOY_TEACHER}.items():  # every default meets its rule
         data.check_flag(value, train.ACCEPTS.get(key))
+
+
+def test_documented_commands_fail_fast_and_help(tmp_path):
+    """As typed in a shell: `python data.py --help` helps (no file called --help), a bad value stops train.py before
+    it creates anything."""
+    here = Path(__file__).resolve().parent
+    run = lambda *argv: subprocess.run([sys.executable, str(here / argv[0]), *argv[1:]], cwd=tmp_path, text=True,
+                                       capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    helped = run("data.py", "--help")
+    assert helped.returncode == 0 and "--out=toy_samples.png" in helped.stdout
+    refused = run("train.py", "--batch_size=0")
+    assert refused.returncode == 1 and refused.stderr.strip() == "train.py: --batch_size=0: takes a value in [1, inf)"
+    assert os.listdir(tmp_path) == []
 
 
 def test_help_lists_every_option_with_its_comment(capsys):
