@@ -1629,7 +1629,9 @@ def test_planes_task_is_classify_on_the_same_labels(tiny, tmp_path):
     assert got["ts_classify_true_prob_corr"] == pytest.approx(1) and "ts_planes_true_prob_corr" not in got
     same = {k.removeprefix("planes_") for k in planes if k.startswith("planes_")}
     assert {"acc", "balanced_acc", "f1", "top2", "top3", "top5", "confusion", "f1_abdomen", "acc_cervix"} <= same
-    assert {k: got[f"classify_{k}"] for k in same} == pytest.approx({k: planes[f"planes_{k}"] for k in same})
+    assert got["classify_confusion"] == planes["planes_confusion"]  # pytest >= 9.2's approx refuses nested values
+    assert {k: got[f"classify_{k}"] for k in same - {"confusion"}} == pytest.approx(
+        {k: planes[f"planes_{k}"] for k in same - {"confusion"}})
     assert np.array(got["classify_confusion"]).sum() == len(rows) == got["n_images"]
     (tmp_path / "classes.json").write_text(json.dumps({k: v for k, v in evaluation.PLANE_PROMPTS.items()
                                                        if k != "femur"}))
