@@ -1061,7 +1061,7 @@ def test_documented_commands_fail_fast_and_help(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_help_lists_every_option_with_its_comment(capsys):
+def test_help_lists_every_option_with_its_comment(capsys, tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
     printed = capsys.readouterr().out
@@ -1077,6 +1077,9 @@ def test_help_lists_every_option_with_its_comment(capsys):
     assert "also fit a linear probe" in data.flags_help(evaluation.OPTIONS, {}, "", evaluation.__file__, {})
     assert "none | int8 | palettize4; weight compression" in data.flags_help(
         export_ios.OPTIONS, export_ios.ACCEPTS, "", export_ios.__file__, {})
+    (tmp_path / "opts.py").write_text('a = 1  # first\n#        and more\n# --- banner ---\nb = 2\n#   not b\'s\n')
+    shown = data.flags_help(dict(a=1, b=2), {}, "", tmp_path / "opts.py", dict(b="toy: 3")).splitlines()
+    assert shown[-2:] == ["  --a=1  first and more", "  --b=2   (toy: 3)"]
 
 
 def test_schedules():
