@@ -1712,7 +1712,7 @@ def test_speed_counts_and_folds(tiny, tmp_path, monkeypatch, capsys):
     assert f"median of 1 CPU runs at batch 1 after 3 warm-ups, {torch.get_num_threads()} threads" in capsys.readouterr().out
     monkeypatch.setattr(evaluation, "latency_ms", lambda fn, x, runs: (1.0, 0.3))  # a busy machine
     evaluation.main(["--speed", f"--checkpoint={path}", f"--teacher={path}", "--runs=1", f"--out={tmp_path}"])
-    assert "warning: runs disagree by up to 30% of the median" in capsys.readouterr().out
+    assert "warning: timed runs disagree by up to 30% of the median" in capsys.readouterr().out
 
 
 # ==================== eval.py: the Table 1 summary ====================
