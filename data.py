@@ -428,7 +428,8 @@ def _find_bpe(path=None):
         raise FileNotFoundError(
             f"CLIP BPE vocabulary not found ({path or 'no path given, DARK_BPE unset, open_clip not installed'}). "
             "Get bpe_simple_vocab_16e6.txt.gz from https://github.com/openai/CLIP/tree/main/clip or "
-            "https://github.com/mlfoundations/open_clip/tree/main/src/open_clip, then pass it (train.py --bpe=PATH) or set DARK_BPE=PATH.")
+            "https://github.com/mlfoundations/open_clip/tree/main/src/open_clip, then pass it (--bpe=PATH to train.py or "
+            "export_ios.py) or set DARK_BPE=PATH.")
     return path
 
 

@@ -602,9 +602,15 @@ def speed(model, runs=10):
 
 # --- checkpoints, results files, command line ---
 def load_model_from_checkpoint(path, model_config=None, bpe_path=None):
-    """-> (model in eval mode, tokenizer). A train.py checkpoint carries its config: {'model': state_dict,
-    'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too). Raw open_clip weights
-    (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict."""
+    """-> (model in eval mode, tokenizer); load_model_and_tokenizer_kind says which checkpoints."""
+    model, kind = load_model_and_tokenizer_kind(path, model_config)
+    return model, data.get_tokenizer(kind, model.context_length, bpe_path)
+
+
+def load_model_and_tokenizer_kind(path, model_config=None):
+    """-> (model in eval mode, 'toy' | 'bpe'), no vocabulary file needed. A train.py checkpoint carries its config:
+    {'model': state_dict, 'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too).
+    Raw open_clip weights (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or model_config
     if cfg is None:
@@ -614,7 +620,7 @@ def load_model_from_checkpoint(path, model_config=None, bpe_path=None):
     model = models.build_model(cfg)
     models.load_checkpoint(model, ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
     kind = ckpt.get("tokenizer") or ("bpe" if model.config["text_cfg"].get("vocab_size", 49408) == 49408 else "toy")
-    return model.eval(), data.get_tokenizer(kind, model.context_length, bpe_path)
+    return model.eval(), kind
 
 
 def save_results(path, metrics, meta):
