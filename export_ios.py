@@ -43,8 +43,8 @@ import models
 # conversion path nobody has looked at (a decomposed op, a fallback, an int64 detour): look before adding it here.
 ALLOWED_OPS = frozenset("""
 const cast add sub mul real_div maximum abs conv linear matmul reshape transpose squeeze expand_dims tile split concat
-slice_by_index gather gather_nd reduce_mean reduce_max reduce_l2_norm reduce_argmax layer_norm batch_norm softmax gelu relu
-sigmoid stack select greater_equal scaled_dot_product_attention
+slice_by_index gather gather_nd reduce_mean reduce_max reduce_l2_norm reduce_argmax layer_norm batch_norm softmax gelu
+relu sigmoid stack select greater_equal scaled_dot_product_attention
 constexpr_affine_dequantize constexpr_blockwise_shift_scale constexpr_lut_to_dense
 """.split())  # scaled_dot_product_attention: one fused op from iOS 18 on; the last line: weight decompression
 # Per --quantize: the dtypes weight.bin may hold (4-bit indices are packed bytes up to iOS 17, uint4 from iOS 18);

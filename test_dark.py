@@ -72,7 +72,8 @@ def test_modes_total():
     assert abs(float(dark1["total"]) - float(static1["total"])) < 1e-9
     for beta in (2.0, 0.5, -0.8):  # the property that names the method: beta weights the off-diagonal part only
         out = dark_loss(img, txt, mode="dark", weight=beta, **kw)
-        assert float(out["diag"]) > 0.1 and abs(float(out["total"] - (out["clip"] + out["diag"] + beta * out["off"]))) < 1e-9
+        want = out["clip"] + out["diag"] + beta * out["off"]
+        assert float(out["diag"]) > 0.1 and abs(float(out["total"] - want)) < 1e-9
     coupled = dark_loss(img, txt, mode="coupled", weight=-0.5, **kw)
     assert abs(float(coupled["total"]) - float(coupled["clip"] - 0.5 * coupled["kd"])) < 1e-9
     none = dark_loss(img, txt, torch.tensor(20.0), mode="none")
@@ -1237,9 +1238,9 @@ def test_no_weight_decay_on_biases_norms_logit_scale():
 
 def test_runs_that_cannot_train_stop_at_start_up_with_the_numbers(tmp_path):
     paper, _ = train.parse_args(["--train_data=pairs.csv"])  # batch 512, 20 epochs, 500 warm-up steps, lr 1e-5
-    with pytest.raises(ValueError, match=r"716 pairs, batch 512 .* 1 optimizer steps per epoch, 20 in 20 epochs, with "
-                                         r"500 warm-up steps: the learning rate would peak at 4\.0e-07, not --lr=1e-05\. "
-                                         r"Set --warmup_steps=2"):
+    with pytest.raises(ValueError, match=r"716 pairs, batch 512 .* 1 optimizer steps per epoch, 20 in 20 epochs, "
+                                         r"with 500 warm-up steps: the learning rate would peak at 4\.0e-07, not "
+                                         r"--lr=1e-05\. Set --warmup_steps=2"):
         train.plan_steps(716, paper, 1)
     assert train.plan_steps(716, {**paper, "warmup_steps": 20}, 1) == (1, 20)  # the warm-up ends on the last step
     assert train.plan_steps(716, {**paper, "batch_size": 32, "warmup_steps": 50}, 2) == (11, 220)  # 2 ranks
@@ -1251,9 +1252,9 @@ def test_runs_that_cannot_train_stop_at_start_up_with_the_numbers(tmp_path):
     fpdb = tmp_path / "fpdb"
     (fpdb / "Images").mkdir(parents=True)
     Image.new("L", (8, 8)).save(fpdb / "Images/Patient01600_Plane6_1_of_8.png")
-    (fpdb / "FETAL_PLANES_DB_data.csv").write_text("Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train\n"
-                                                   "Patient01600_Plane6_1_of_8;1600;Fetal thorax;Not A Brain;Op. 2;"
-                                                   "Voluson E6;0 \n")
+    (fpdb / "FETAL_PLANES_DB_data.csv").write_text(
+        "Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train\n"
+        "Patient01600_Plane6_1_of_8;1600;Fetal thorax;Not A Brain;Op. 2;Voluson E6;0 \n")  # the one row
     cfg = _cfg(tmp_path, kd="none", val_data=str(fpdb), val_every=1)
     with pytest.raises(ValueError, match=r"--val_data=.*fpdb cannot select the model: no images for task 'planes', "
                                          r"split 'train'.*Train=1 rows"):
