@@ -500,6 +500,11 @@ class ToyTokenizer(Tokenizer):
     def encode(self, text):
         return [self.ids.get(w, self.unk) for w in re.findall(r'[a-z]+|\d|[^\sa-z\d]', clean_text(text))]
 
+    def unknown_share(self, texts):
+        """The share of the tokens of texts that are unknown words (0 for no tokens)."""
+        ids = [i for text in texts for i in self.encode(text)]
+        return ids.count(self.unk) / max(len(ids), 1)
+
 
 def get_tokenizer(kind, context_length, bpe_path=None):
     """'toy' -> ToyTokenizer, 'bpe' -> SimpleTokenizer (CLIP's, for FetalCLIP and MobileCLIP2)."""
@@ -661,7 +666,7 @@ def read_captions(path, image_col='filepath', caption_col='title', sep=None, roo
     rows = []
     for r in read_table(path, (image_col, caption_col), sep):
         if not r[caption_col]:
-            raise ValueError(f"{r['where']}: empty caption")
+            raise ValueError(f"{r['where']}: empty caption (column {caption_col!r})")
         rows.append(dict(image_path=root / r[image_col], caption=r[caption_col], where=r['where']))
     return rows
 
@@ -694,8 +699,8 @@ def load_prompts(path):
     if not isinstance(given, dict) or not given:
         raise ValueError(f"{path}: expected {{\"class name\": [\"prompt\", ...]}} or {{\"templates\": [...], "
                          f"\"classes\": [...]}}, got {type(given).__name__}")
-    if bad := [c for c, v in given.items() if not texts(v)]:
-        raise ValueError(f"{path}: classes {bad} need a non-empty list of non-empty prompt strings")
+    if bad := [c for c, v in given.items() if not texts(v) or not c.strip()]:
+        raise ValueError(f"{path}: classes {bad} need a name and a non-empty list of non-empty prompt strings")
     return given
 
 
@@ -864,6 +869,21 @@ class TarShards(torch.utils.data.IterableDataset):
                 self._bad(shard, f"unreadable shard ({type(e).__name__}: {e})")
         return n
 
+    def captions(self, n):
+        """Up to n captions from the first shards, text only (train.py's vocabulary check); a bad shard or caption
+        is left to the stream, which names or skips it."""
+        out = []
+        for shard in self.shards:
+            try:
+                with tarfile.open(shard) as tar:
+                    out += [tar.extractfile(m).read().decode('utf-8', 'replace') for m in tar
+                            if m.isfile() and m.name.endswith('.txt')]
+            except SHARD_ERRORS:
+                continue
+            if len(out) >= n:
+                break
+        return out[:n]
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -986,7 +1006,8 @@ def parse_flags(argv, defaults, accepts=None, doc='', source=None, notes=None):
     booleans; a bare --flag sets a boolean (--flag=true|false also). -h/--help prints `doc`, then each option with
     the comment beside its default in the file `source` and its note in `notes` {key: text}. `accepts` {key: rule}
     is checked here, before any work: a tuple is the closed set of values, a string such as '[1, inf)' or '(0, 1)'
-    an interval, a function a check that raises ValueError saying what it accepts.
+    an interval, a function a check that raises ValueError saying what it accepts (its docstring's first line is
+    the rule --help shows).
     Raises SystemExit with a message naming the flag: unknown key (listing the valid keys), wrong type, bad value."""
     prog, cfg, given, args, accepts = Path(source or sys.argv[0]).name, dict(defaults), set(), list(argv), accepts or {}
     while args:
@@ -1041,24 +1062,26 @@ def check_flag(value, rule):
 
 
 def show_rule(rule):
-    """A closed set as 'a | b', an interval as written, a check function by its docstring."""
+    """A closed set as 'a | b', an interval as written, a check function by its docstring's first line."""
     return ' | '.join(str(v) or "''" for v in rule) if isinstance(rule, tuple) else f"in {rule}" if isinstance(
-        rule, str) else rule.__doc__
+        rule, str) else rule.__doc__.splitlines()[0]
 
 
-def check_device(name):
-    """auto | cpu | cuda | cuda:N present here"""  # --help shows the docstring as the rule
+def pick_device(name):
+    """auto | cpu | cuda | cuda:N present here
+    -> torch.device (auto: cuda when there is one). Raises ValueError saying what is accepted or present."""
     if name == 'auto':
-        return
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError('takes auto | cpu | cuda | cuda:N') from None
-    if device.type not in ('cpu', 'cuda'):
-        raise ValueError('takes auto | cpu | cuda | cuda:N')
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise ValueError(f"takes {show_rule(pick_device)}")
     if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
         raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA devices (torch {torch.__version__}); "
                          "--device=cpu runs anywhere")
+    return device
 
 
 def flags_help(defaults, accepts, doc, source, notes):

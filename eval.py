@@ -29,6 +29,7 @@ import json
 import math
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,12 @@ def progress(what, total=None, every=5.0):
 
 
 # --- metrics: numpy functions of predictions and labels ---
+def class_key(name):
+    """The form in which labels meet class names, and metrics are named: NFC, whitespace collapsed, case folded, so a
+    CSV's 'Pleural  Effusion' is the prompts' 'pleural effusion' (and two classes that differ only so are refused)."""
+    return " ".join(unicodedata.normalize("NFC", str(name)).split()).casefold()
+
+
 def confusion_counts(pred, targets, num_classes):
     """[C, C] int counts: row = true class, column = predicted class."""
     return np.bincount(np.asarray(targets) * num_classes + np.asarray(pred),
@@ -111,7 +118,9 @@ def class_metrics(probs, targets, names, topk=(2, 3, 5)):
     cm, present = confusion_counts(probs.argmax(1), targets, probs.shape[1]), np.unique(targets)
     tp, f1 = np.diag(cm), 2 * np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1), 1)  # 2tp / (2tp + fp + fn)
     recall = tp / np.maximum(cm.sum(1), 1)
-    key = {c: str(names[c]).lower().replace(" ", "_") for c in present}  # 'Fetal abdomen' -> f1_fetal_abdomen
+    key = {c: class_key(names[c]).replace(" ", "_") for c in range(len(names))}  # 'Fetal abdomen' -> fetal_abdomen
+    if len(set(key.values())) < len(names):  # one metric would overwrite the other
+        raise ValueError(f"class names {list(names)} give two classes one metric name ({sorted(key.values())})")
     out = dict(acc=float(tp.sum() / len(targets)), f1=float(f1[present].mean()),
                balanced_acc=float(recall[present].mean()))
     ranked = np.argsort(-probs, axis=1, kind="stable")
@@ -129,7 +138,8 @@ def retrieval_metrics(img, txt, owner, ks=(1, 5, 10), chunk=2048):
     candidates that score strictly higher, in [chunk, chunk] blocks: memory stays O(chunk^2 + (M + N) D), never
     [M, N], and ties go to the true match."""
     owner = torch.as_tensor(owner)
-    pair = (img[owner].float() * txt.float()).sum(-1)  # [N] cosine of each caption with its own image
+    pair = torch.cat([(img[owner[j:j + chunk]].float() * txt[j:j + chunk].float()).sum(-1)  # [N] cosine of each
+                      for j in range(0, len(txt), chunk)])  # caption with its own image, in chunks: no [N, D] fp32 copy
     best = torch.full((len(img),), -math.inf).scatter_reduce(0, owner, pair, "amax")  # [M] an image's best caption
     i2t, t2i = torch.zeros(len(img), dtype=torch.long), torch.zeros(len(txt), dtype=torch.long)
     advance = progress("retrieval similarities (images)", len(img))
@@ -279,16 +289,15 @@ def ga_predict(model, tokenizer, feats, spacings, prompt_fn, device="cpu"):
 
 
 def check_labels(task, records, prompts):
-    """-> the class names of prompts; a record's label (under task's CLASS_TASKS key) with no prompts raises
-    ValueError naming each such label and the first row it is on."""
+    """A record's class (under task's CLASS_TASKS key) with no prompts raises ValueError naming each such label and the
+    first row it is on."""
     key, names, unknown = CLASS_TASKS[task], list(prompts), {}
     for i, r in enumerate(records):
-        if r.get(key) and r[key] not in names:
+        if r.get(key) and class_key(r[key]) not in map(class_key, names):
             unknown.setdefault(r[key], r.get("where", f"image {i}"))
     if unknown:
         raise ValueError(f"{task}: no prompts for label(s) " + ", ".join(f"{k!r} ({w})" for k, w in unknown.items())
                          + f"; the prompts name {names}")
-    return names
 
 
 def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
@@ -301,8 +310,9 @@ def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
         rows = [i for i, r in enumerate(records) if r.get(key)]
         if not rows:
             continue
-        names = check_labels(task, [records[i] for i in rows], suite[task])
-        targets = np.array([names.index(records[i][key]) for i in rows])
+        names = list(suite[task])  # task_records has checked that every label has prompts
+        index = {class_key(name): c for c, name in enumerate(names)}
+        targets = np.array([index[class_key(records[i][key])] for i in rows])
         classes = text_classifier(model, tokenizer, suite[task], device)  # once per call, for every image
         probs = (100 * feats[rows] @ classes.T).softmax(-1).numpy()  # 100: CLIP's fixed zero-shot scale
         metrics.update({f"{task}_{k}": v for k, v in class_metrics(probs, targets, names).items()})
@@ -363,18 +373,20 @@ def planes_records(root, split="all"):
 
 
 def task_records(task, split="val", n=None, root=None, csv=None, prompts=None):
-    """-> (records, prompt suite). task: toy (a ToyWorld split) | planes | brain (root: FETAL_PLANES_DB) | hc18 (root:
-    HC18; its labelled images, whatever the split) | paper (root 'FPDB,HC18': all three) | classify (root: a CSV of
-    image and label) | retrieval (root: a caption CSV, or tar shards, streamed). csv: column names and separator
-    (csv_img_key, csv_label_key, csv_caption_key, csv_separator; empty: the default). prompts {'planes' | 'brain' |
-    'classify': {class: [prompts]}, 'ga': [templates]} replace the defaults; classify has none. n: at most n per
-    source."""
+    """-> (records, prompt suite), every class label checked against its prompts. task: toy (a ToyWorld split) |
+    planes | brain (root: FETAL_PLANES_DB) | hc18 (root: HC18; its labelled images, whatever the split) | paper (root
+    'FPDB,HC18': all three; 'FPDB' alone: planes and brain in one pass) | classify (root: a CSV of image and label) |
+    retrieval (root: a caption CSV, or tar shards, streamed). csv: column names and separator (csv_img_key,
+    csv_label_key, csv_caption_key, csv_separator; empty: the default). prompts {'planes' | 'brain' | 'classify':
+    {class: [prompts]}, 'ga': [templates]} replace the defaults; classify has none. n: at most n per source."""
     records, suite = _task_records(task, split, n, root, csv)
     suite.update({k: template_prompts(v) if k == "ga" else v for k, v in (prompts or {}).items()})
     if task == "classify" and "classify" not in suite:
         raise ValueError("task classify needs class prompts: --prompts=classes.json (data.load_prompts' formats)")
     if isinstance(records, list) and not records:
         raise ValueError(f"no images for task {task!r}, split {split!r} in {root or 'the toy world'}")
+    for name in [name for name in CLASS_TASKS if isinstance(records, list) and name in suite]:
+        check_labels(name, records, suite[name])
     return records, suite
 
 
@@ -391,17 +403,17 @@ def _task_records(task, split, n, root, csv):
         if task == "classify":
             return [dict(image=r["image_path"], label=r["caption"], where=r["where"]) for r in rows], {}
         return [dict(image=r["image_path"], caption=r["caption"], key=str(r["image_path"])) for r in rows], {}
-    if task not in ("planes", "brain", "hc18", "paper") or not root or (task == "paper") != ("," in str(root)):
+    if task not in ("planes", "brain", "hc18", "paper") or not root or task != "paper" and "," in str(root):
         raise ValueError(f"task {task!r} with data {root!r}: use task=toy, or planes | brain | hc18 with data=DIR, "
-                         "or paper with data=FETAL_PLANES_DB_DIR,HC18_DIR, or classify | retrieval with data=CSV")
-    fpdb, hc18 = str(root).split(",") if task == "paper" else (root, root)
+                         "or paper with data=FETAL_PLANES_DB_DIR[,HC18_DIR], or classify | retrieval with data=CSV")
+    fpdb, hc18 = (str(root).split(",") + [None])[:2] if task == "paper" else (root, root)
     records = []
     if task != "hc18":
         if split not in ("train", "test", "all"):  # no validation rows: select checkpoints on train, never on test
             raise ValueError(f"FETAL_PLANES_DB splits are train | test | all (zero-shot papers use all), not {split!r}")
         drop = {"planes": dict(brain=None), "brain": dict(plane=None)}.get(task, {})
         records = [r for r in (dict(r, **drop) for r in planes_records(fpdb, split)) if r["plane"] or r["brain"]][:n]
-    if task in ("hc18", "paper"):
+    if task == "hc18" or task == "paper" and hc18:
         records += [dict(image=r["image_path"], hc_mm=r["hc_mm"], pixel_mm=r["pixel_mm"], where=r["where"])
                     for r in data.read_hc18(hc18)][:n]
     return records, dict(planes=PLANE_PROMPTS, brain=BRAIN_PROMPTS, ga=template_prompts(GA_TEMPLATES))
@@ -572,6 +584,7 @@ def count_gmacs(fn, x):
 
 @torch.no_grad()
 def latency_ms(fn, x, warmup=3, runs=10):
+    """-> (median ms, spread): the spread is the interquartile range over the median, how far runs disagree."""
     for _ in range(warmup):
         fn(x)
     times = []
@@ -579,24 +592,29 @@ def latency_ms(fn, x, warmup=3, runs=10):
         t0 = time.perf_counter()
         fn(x)
         times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+    q1, median, q3 = np.percentile(times, [25, 50, 75])
+    return 1000 * float(median), float((q3 - q1) / median)
+
+
+NOISY = 0.1  # a spread above 10% means another process shared the CPU: such timings are not comparable
 
 
 def speed(model, runs=10):
     """Params (M), GMACs and median CPU ms at batch 1 of the image tower, multi-branch and folded when it has
-    branches, and of the text tower."""
+    branches, and of the text tower; `spread`, the largest of their latency_ms spreads."""
     model = model.eval()
     image = torch.randn(1, 3, model.image_size, model.image_size)
     ids = torch.randint(1, model.config["text_cfg"].get("vocab_size", 49408), (1, model.context_length))
     foldable = any(hasattr(m, "reparameterize") for m in model.visual.modules())
     tower = copy.deepcopy(model.visual).train() if foldable else model.visual  # train mode runs every branch (eval
+    (image_ms, a), (text_ms, b) = latency_ms(tower, image, runs=runs), latency_ms(model.encode_text, ids, runs=runs)
     out = dict(params_m=models.count_params(model) / 1e6,                     # mode sums them into one conv)
                image_params_m=models.count_params(model.visual) / 1e6, image_gmacs=count_gmacs(tower, image),
-               text_gmacs=count_gmacs(model.encode_text, ids), image_ms=latency_ms(tower, image, runs=runs),
-               text_ms=latency_ms(model.encode_text, ids, runs=runs))
+               text_gmacs=count_gmacs(model.encode_text, ids), image_ms=image_ms, text_ms=text_ms, spread=max(a, b))
     if foldable:
         folded = models.reparameterize(copy.deepcopy(model.visual))
-        out.update(image_ms_folded=latency_ms(folded, image, runs=runs), image_gmacs_folded=count_gmacs(folded, image))
+        (ms, c), gmacs = latency_ms(folded, image, runs=runs), count_gmacs(folded, image)
+        out.update(image_ms_folded=ms, image_gmacs_folded=gmacs, spread=max(a, b, c))
     return out
 
 
@@ -646,8 +664,8 @@ def describe(model):
 TABLE1_ROWS = ("No KD", "Static logit KD", "Coupled repulsive KD (lambda 1 -> -0.8)", "DARK (beta 2 -> -0.8)")
 ANALYSED = ("No KD", "Static logit KD", "DARK (beta 2 -> -0.8)")  # the paper's teacher-student comparison
 TABLE1_METRICS = dict(planes_f1=4, brain_f1=4, ga_validity=2, composite=4)  # digits shown: validity is a percent
-TS_PLANES = [f"ts_planes_{k}" for k in ("true_prob_corr", "offdiag_prob_corr", "confusion_corr", "separation_teacher",
-                                        "separation_student")]  # analysis() keys for the 5-plane task
+TS_COLUMNS = ("true_prob_corr", "offdiag_prob_corr", "confusion_corr", "separation_teacher", "separation_student")
+TS_PLANES = [f"ts_planes_{k}" for k in TS_COLUMNS]  # analysis() keys for the 5-plane task
 
 
 def table1_row(cfg):
@@ -840,8 +858,9 @@ OPTIONS = dict(
     csv_separator="",       # one character, or \t; empty = detected (, ; tab |)
     quiet=False,            # no progress lines on stderr
 )
-ACCEPTS = dict(task=("toy", "planes", "brain", "hc18", "paper", "classify", "retrieval"), split=("", "train", "val", "test", "all"),
-               n="[0, inf)", batch_size="[1, inf)", device=data.check_device, runs="[1, inf)")
+ACCEPTS = dict(task=("toy", "planes", "brain", "hc18", "paper", "classify", "retrieval"),
+               split=("", "train", "val", "test", "all"), n="[0, inf)", batch_size="[1, inf)", device=data.pick_device,
+               runs="[1, inf)")
 
 
 def main(argv):
@@ -850,24 +869,32 @@ def main(argv):
     QUIET = opt["quiet"]
     stamp, out = time.strftime("%Y%m%d_%H%M%S"), Path(opt["out"])
     if opt["table"]:
-        return table1(opt["table"], n=opt["n"] or None, device=opt["device"])
+        return table1(opt["table"], n=opt["n"] or None, device=data.pick_device(opt["device"]))
     if opt["speed"]:  # the checkpoints given, else FetalCLIP and MobileCLIP2-S0 with random weights: same speed
+        print(f"speed: parameters, GMACs, and the median of {opt['runs']} CPU runs at batch 1 after 3 warm-ups, "
+              f"{torch.get_num_threads()} threads (OMP_NUM_THREADS sets them); spread = interquartile range / median")
         rows = []
         for role, src, cfg in (("teacher", opt["teacher"] or "fetalclip", opt["teacher_config"] or None),
                                ("student", opt["checkpoint"] or "mobileclip2-s0", opt["model_config"] or None)):
             model = load_model_from_checkpoint(src, cfg)[0] if Path(src).is_file() else models.build_model(src)
             rows.append(dict(role=role, source=src, **speed(model, opt["runs"])))
         print(markdown_table(rows, list(rows[0]) + ["image_ms_folded", "image_gmacs_folded"]))
+        if max(r["spread"] for r in rows) > NOISY:
+            print(f"warning: runs disagree by up to {max(r['spread'] for r in rows):.0%} of the median: the CPU was "
+                  "shared, so these timings (folded vs not included) are not to be trusted; rerun on an idle machine")
         return save_results(out / f"speed_{stamp}.json", {f"{r['role']}_{k}": v for r in rows for k, v in r.items()
                                                           if k != "role"},
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))
-    if not opt["checkpoint"] or (opt["analysis"] and not opt["teacher"]):
-        sys.exit("--checkpoint=PATH is required (or --speed, or --table), --analysis needs --teacher=PATH; "
-                 "--help lists options")
-    if (opt["probe"] and opt["task"] not in ("toy", "planes", "brain", "paper")) or (
-            opt["analysis"] and opt["task"] in ("hc18", "retrieval")):
-        sys.exit("--probe needs the splits of --task=toy | planes | brain | paper; --analysis a classification task")
-    task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, opt["device"]
+    for bad, why in ((not opt["checkpoint"], "--checkpoint=PATH is required (or --speed, or --table)"),
+                     (opt["analysis"] and not opt["teacher"], "--analysis needs --teacher=PATH"),
+                     (opt["task"] == "classify" and not opt["prompts"], "--task=classify needs --prompts=classes.json"),
+                     (opt["probe"] and opt["task"] not in ("toy", "planes", "brain", "paper"),
+                      "--probe needs the splits of --task=toy | planes | brain | paper"),
+                     (opt["analysis"] and opt["task"] in ("hc18", "retrieval"), "--analysis compares classifiers: "
+                                                                              "not with --task=hc18 | retrieval")):
+        if bad:
+            sys.exit(f"eval.py: {why} (--help lists the options)")
+    task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, data.pick_device(opt["device"])
     model, tokenizer = load_model_from_checkpoint(opt["checkpoint"], opt["model_config"] or None)
     model.to(device)
     split = opt["split"] or ("test" if opt["task"] == "toy" else "all")
@@ -883,8 +910,12 @@ def main(argv):
         metrics.update(probe(model, task, n, root, opt["batch_size"], device))
     if opt["analysis"]:
         teacher, teacher_tokenizer = load_model_from_checkpoint(opt["teacher"], opt["teacher_config"] or None)
-        metrics.update(analysis((teacher.to(device), teacher_tokenizer), (model, tokenizer), task, split, n, root, out,
-                                device, csv, prompts))
+        ts = analysis((teacher.to(device), teacher_tokenizer), (model, tokenizer), task, split, n, root, out, device,
+                      csv, prompts)
+        metrics.update(ts)
+        print("teacher-student analysis (r: Pearson correlation; separation: between / within class distance)\n" +
+              markdown_table([dict(task=t, **{k: ts[f"ts_{t}_{k}"] for k in TS_COLUMNS}) for t in CLASS_TASKS
+                              if f"ts_{t}_true_prob_corr" in ts], ["task", *TS_COLUMNS]))
     meta = dict(model=describe(model), checkpoint=opt["checkpoint"], dataset=opt["data"] or "toy world",
                 task=opt["task"], split=split)
     path = save_results(out / f"results_{opt['task']}_{split}_{stamp}.json", metrics, meta)

@@ -27,6 +27,7 @@ import hashlib
 import json
 import math
 import platform
+import re
 import sys
 from pathlib import Path
 
@@ -297,12 +298,36 @@ def build_package(path, module, example, ct_input, io, docs, feeds, meta, target
     return summary
 
 
+def import_coremltools():
+    """coremltools, with the warnings it logs at its first import (about a dozen: an untested torch version, one per
+    Core ML runtime class missing off macOS) said once, each kind in one line."""
+    import logging.handlers
+    log, kept = logging.getLogger("coremltools"), logging.handlers.BufferingHandler(capacity=1000)
+    log.addHandler(kept)  # a logger with a handler of its own: Python's last-resort stderr printing stays quiet
+    try:
+        import coremltools as ct
+    finally:
+        log.removeHandler(kept)
+    said = dict.fromkeys(re.sub(r"^Failed to load \w+", "The Core ML runtime is absent", r.getMessage())
+                         for r in kept.buffer)
+    if said:
+        print(f"coremltools {ct.__version__} at start-up (predictions need macOS; every other check runs here):\n  "
+              + "\n  ".join(said))
+    return ct
+
+
 def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", text=False, quantize="none",
            target="iOS17", model_config=None, author="DARK export_ios.py", license="the licence of the checkpoint",
-           bpe=None):
-    """Write the packages -> {'image': summary, 'text': summary}. Raises CheckpointError or ExportCheckError; for a
-    BPE checkpoint with a head or --text, FileNotFoundError without a vocabulary (bpe, else $DARK_BPE)."""
-    import coremltools as ct
+           overwrite=False, bpe=None):
+    """Write the packages -> {'image': summary, 'text': summary}. Raises CheckpointError, ExportCheckError, or
+    FileExistsError, before any work, when a package of that name is in `out` and overwrite is False; for a BPE
+    checkpoint with a head or --text, FileNotFoundError without a vocabulary (bpe, else $DARK_BPE)."""
+    there = [str(p) for p in (Path(out) / f"{name}{part}.mlpackage" for part in ("Image", "Text")[:1 + text])
+             if p.exists()]
+    if there and not overwrite:
+        raise FileExistsError(f"{', '.join(there)} exists: replace it with --overwrite=true, or give another --out "
+                              "or --name")
+    ct = import_coremltools()
     if quantize not in QUANTIZE or not hasattr(ct.target, target):
         raise ValueError(f"quantize must be one of {list(QUANTIZE)} and target a coremltools ct.target name "
                          f"(iOS16, iOS17, iOS18, macOS14, ...); got {quantize!r}, {target!r}")
@@ -371,6 +396,7 @@ OPTIONS = dict(
     target="iOS17",         # minimum deployment target
     author="DARK export_ios.py",
     license="the licence of the checkpoint",
+    overwrite=False,        # replace packages of the same --name in --out
 )
 
 
@@ -382,7 +408,7 @@ def check_classes(classes):
 
 def check_target(target):
     """a coremltools ct.target name: iOS16 | iOS17 | iOS18 | macOS14 | ..."""
-    import coremltools as ct
+    ct = import_coremltools()
     if not hasattr(ct.target, target):
         raise ValueError(f"takes one of {', '.join(t for t in vars(ct.target) if not t.startswith('_'))}")
 
@@ -394,7 +420,10 @@ def main(argv=None):
     opt, _ = data.parse_flags(sys.argv[1:] if argv is None else argv, OPTIONS, ACCEPTS, __doc__, __file__)
     if not opt["checkpoint"]:
         sys.exit("export_ios.py: --checkpoint=PATH is required (--help lists the options)")
-    return export(**{**opt, "model_config": opt["model_config"] or None, "bpe": opt["bpe"] or None})
+    try:
+        return export(**{**opt, "model_config": opt["model_config"] or None, "bpe": opt["bpe"] or None})
+    except FileExistsError as e:
+        sys.exit(f"export_ios.py: {e}")
 
 
 if __name__ == "__main__":

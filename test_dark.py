@@ -3,6 +3,7 @@ files in the real formats, the training loop (resume, two ranks, NaN), the evalu
 
     python -m pytest -q                 # CI sets DARK_REQUIRE_SHARED=1: tests that need ../shared fail, never skip
 """
+import contextlib
 import copy
 import csv
 import gzip
@@ -17,6 +18,7 @@ import re
 import socket
 import sys
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -778,8 +780,9 @@ def test_prompts_json_both_formats_one_loader(tmp_path):
                '{"templates": ["a photo"], "classes": ["cat"]}': r"templates \['a photo'\] have no '\{\}'",
                '{"templates": ["a {}"], "classes": ["cat", "cat"]}': r"classes \['cat'\] listed more than once",
                '{"templates": ["a {}"]}': r"exactly two keys, 'templates' and 'classes'",
-               '{"cat": [], "dog": ["a dog"]}': r"classes \['cat'\] need a non-empty list",
-               '{"cat": "a cat"}': r"classes \['cat'\] need a non-empty list", '["cat"]': r"got list",
+               '{"cat": [], "dog": ["a dog"]}': r"classes \['cat'\] need a name and a non-empty list",
+               '{"cat": "a cat"}': r"classes \['cat'\] need a name and a non-empty list", '["cat"]': r"got list",
+               '{" ": ["a cat"]}': r"classes \[' '\] need a name",
                '{"cat": ["a cat"],}': r"cannot read prompts .*bad\.json: .*line 1"}
     for text, message in refused.items():
         (tmp_path / "bad.json").write_text(text)
@@ -1062,7 +1065,7 @@ def test_one_grammar_for_every_script(capsys):
                           (["--dtype=fp8"], "bf16 | fp16 | fp32")):
         with pytest.raises(SystemExit) as e:
             train.parse_args(argv)
-        assert message in str(e.value)
+        assert message in str(e.value), (argv, str(e.value))
     assert "--kd, --beta0, --beta_r" in str(pytest.raises(SystemExit, train.parse_args, ["--x=1"]).value)
     if not torch.cuda.is_available():
         assert "0 CUDA devices" in str(pytest.raises(SystemExit, train.parse_args, ["--device=cuda"]).value)
@@ -1141,6 +1144,69 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-6) for k in sa)
 
 
+def _argv(cfg):
+    return [f"--{k}={v}" for k, v in cfg.items() if v != train.KEYS[k]]
+
+
+def test_nothing_lost_and_resume_restores_the_run(tmp_path, monkeypatch):
+    """The documented commands: Ctrl-C names the checkpoint and the resume command; a new run refuses the folder;
+    --resume=true restores the saved config and refuses a flag that changes it; a missing --teacher is an error."""
+    cfg = _cfg(tmp_path, kd="coupled", ckpt_every=1)
+    calls, real = {"n": 0}, dark.dark_loss
+
+    def ctrl_c_at_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+    monkeypatch.setattr(train.dark, "dark_loss", ctrl_c_at_step_3)
+    with pytest.raises(SystemExit) as e:
+        train.main(_argv(cfg))
+    out = cfg["out_dir"]
+    assert str(e.value) == (f"interrupted. The last checkpoint is {Path(out) / 'ckpt.pt'}; resume with: "
+                            f"python train.py --resume=true --out_dir={out}")
+    monkeypatch.setattr(train.dark, "dark_loss", real)
+    for argv in (_argv(cfg), [f"--out_dir={out}", "--kd=dark"]):  # a new run into the folder: refused, nothing touched
+        with pytest.raises(SystemExit, match=rf"{re.escape(out)} holds another run's checkpoints: continue it with "
+                                             r"--resume=true, replace it with --overwrite=true, or .* new --out_dir"):
+            train.configure(argv)
+    assert train.configure(_argv(cfg) + ["--overwrite"])["overwrite"]
+    with pytest.raises(SystemExit, match=r"--kd=dark \(the run has coupled\), --lr=0.1 \(the run has 0.002\) would "
+                                         r"change it.*Only out_dir, resume, overwrite, .* may change"):
+        train.configure(["--resume=true", f"--out_dir={out}", "--kd=dark", "--lr=0.1", "--workers=1"])
+    resumed = train.configure(["--resume=true", f"--out_dir={out}", "--log_every=2", f"--teacher={cfg['teacher']}"])
+    assert resumed == {**cfg, "resume": True, "log_every": 2}  # the saved config, not the toy defaults
+    train.train(resumed)
+    rows = [r for r in _log(cfg) if "total" in r]
+    assert [r["step"] for r in rows] == [1, 2, 4, 6, 8]
+    assert rows[-1]["kd_weight"] == pytest.approx(train.kd_weight(cfg, 7, 8))  # trained on as kd=coupled
+    with pytest.raises(SystemExit, match=r"--resume=true: no checkpoint at .*elsewhere.ckpt\.pt"):
+        train.configure(["--resume=true", f"--out_dir={tmp_path / 'elsewhere'}"])
+    monkeypatch.chdir(tmp_path / "run")  # a typo in --teacher: an error, and no pretraining folder appears
+    before = sorted(os.listdir())
+    with pytest.raises(SystemExit, match=r"--teacher=nope.pt: no such file .*only at the default --teacher=out/"):
+        train.main(["--teacher=nope.pt", "--out_dir=new"])
+    assert sorted(os.listdir()) == before
+
+
+def test_unknown_words_are_counted_and_refused_for_the_toy_tokenizer(tmp_path, capsys):
+    tokenizer = data.ToyTokenizer()
+    (tmp_path / "dogs.csv").write_text("filepath,title\n" + "a.png,a photo of a golden retriever playing in the snow\n" * 3)
+    (tmp_path / "fetal.csv").write_text("filepath,title\na.png,fetal ultrasound of the brain\n")
+    cfg = dict(train.KEYS, student="toy-student")
+    for name, refused in (("dogs", True), ("fetal", False)):
+        pairs = train.make_pairs({**cfg, "train_data": str(tmp_path / f"{name}.csv")}, 32, 0, 1)
+        if refused:
+            with pytest.raises(ValueError, match=r"dogs\.csv: 70% of the caption tokens .* --student=mobileclip2-s0 .*--bpe="):
+                train.check_vocabulary(tokenizer, pairs, {**cfg, "train_data": str(tmp_path / "dogs.csv")}, 0)
+        else:
+            train.check_vocabulary(tokenizer, pairs, cfg, 0)
+    assert "70.0% of the tokens of 3 training captions are unknown" in capsys.readouterr().out
+    _write_shard(tmp_path / "s.tar", [("k.png", _png_bytes(9)), ("k.txt", b"golden retriever in snow")])
+    with pytest.raises(ValueError, match="75% of the caption tokens"):  # "in" is a toy word
+        train.check_vocabulary(tokenizer, data.TarShards(tmp_path / "s.tar"), cfg, 0)
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     cfg = _cfg(tmp_path, ckpt_every=1)
     calls = {"n": 0}
@@ -1162,7 +1228,7 @@ def test_selection_on_fetal_planes_train_rows(tmp_path):
     cfg = _cfg(tmp_path, epochs=1, val_every=1, kd="none", val_data=str(_write_fetal_planes(tmp_path / "fpdb")))
     train.train(cfg)
     val = [r for r in _log(cfg) if "val_class_f1" in r]
-    assert len(val) == 1 and val[0]["val_n_images"] == 4 * 3  # brain rows of the 4 Train=1 patients (6 with test)
+    assert len(val) == 1 and val[0]["val_n_images"] == 4 * 8  # planes and brain rows of the 4 Train=1 patients
     assert val[0]["val_class_f1"] == pytest.approx((5 * val[0]["val_planes_f1"] + 3 * val[0]["val_brain_f1"]) / 8)
     ckpt = torch.load(os.path.join(cfg["out_dir"], "best.pt"), weights_only=True)
     assert ckpt["best_val"] == pytest.approx(val[0]["val_class_f1"])
@@ -1206,7 +1272,10 @@ def test_val_data_is_checked_before_training(tmp_path):
                            rf"no prompts for label\(s\) 'Fetal brain' \(.*labels\.csv, line {line}\)"),
                           (dict(val_data=str(files / "captions.csv"), csv_caption_key="caption"),
                            r"captions\.csv, line 1: missing column\(s\) \['caption'\]"),
-                          (dict(val_prompts=str(files / "classes.json")), "--val_prompts is for a labelled CSV")):
+                          (dict(val_prompts=str(files / "classes.json")), "--val_prompts is for a labelled CSV"),
+                          (dict(val_data=str(files / "absent_{0..1}.tar")), r"absent_0\.tar"),
+                          (dict(val_data=str(files / "empty.tar")), "the shards hold no image-caption pairs")):
+        _write_shard(files / "empty.tar", [])
         with pytest.raises(ValueError, match=message):
             train.train(_cfg(tmp_path, **over))
         assert not os.path.exists(os.path.join(tmp_path, "run", "ckpt.pt"))  # failed before the first step
@@ -1256,7 +1325,7 @@ def test_runs_that_cannot_train_stop_at_start_up_with_the_numbers(tmp_path):
         "Image_name;Patient_num;Plane;Brain_plane;Operator;US_Machine;Train\n"
         "Patient01600_Plane6_1_of_8;1600;Fetal thorax;Not A Brain;Op. 2;Voluson E6;0 \n")  # the issue's one row
     cfg = _cfg(tmp_path, kd="none", val_data=str(fpdb), val_every=1)
-    with pytest.raises(ValueError, match=r"--val_data=.*fpdb cannot select the model: no images for task 'planes', "
+    with pytest.raises(ValueError, match=r"--val_data=.*fpdb cannot select the model: no images for task 'paper', "
                                          r"split 'train'.*Train=1 rows"):
         train.train(cfg)
     with pytest.raises(ValueError, match=r"--val_every=3 > --epochs=2: --val_data would never be read"):
@@ -1328,8 +1397,13 @@ def test_brace_patterns_outside_the_grammar_are_refused_by_name(pattern, why):
 def _ddp_worker(rank, world, port, cfg):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    train.train(cfg)
+    printed = io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(printed):
+        warnings.simplefilter("always")
+        train.train(cfg)
     torch.distributed.destroy_process_group()
+    ours = [str(w.message) for w in caught if w.filename in (train.__file__, dark.__file__)]
+    Path(cfg["out_dir"], f"rank{rank}.json").write_text(json.dumps(dict(printed=printed.getvalue(), warnings=ours)))
 
 
 def test_two_process_gloo_equals_one_process(tmp_path):
@@ -1356,6 +1430,18 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     sa = torch.load(tmp_path / "one" / "ckpt.pt", weights_only=False)["model"]
     sb = torch.load(tmp_path / "two" / "ckpt.pt", weights_only=False)["model"]
     assert all(torch.allclose(sa[k].float(), sb[k].float(), atol=1e-5) for k in sa)
+    ranks = [json.loads((tmp_path / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert "global batch 4 x 2 ranks" in ranks[0]["printed"] and ranks[1]["printed"] == ""  # rank 0 speaks
+    assert ranks[0]["warnings"] == ranks[1]["warnings"] == []  # no deprecation from our own collectives
+    # the README's rule: N ranks at --batch_size=B/N see the global batches of one process at B, in the same order
+    pairs = train.make_pairs(one, 64, 0, 1)
+    view = (64, data.CLIP_MEAN, data.CLIP_STD)
+    collate = data.Collate(data.DistillTransform(view, view, augment=False), data.ToyTokenizer())
+    whole = list(train.epoch_batches(pairs, collate, one, 0, 0, 1))
+    split = zip(*(train.epoch_batches(pairs, collate, two, 0, rank, 2) for rank in (0, 1)))
+    assert len(whole) == train.plan_steps(len(pairs), one, 1)[0] == train.plan_steps(len(pairs), two, 2)[0]
+    for a, (b0, b1) in zip(whole, split, strict=True):
+        assert all(torch.equal(x, torch.cat([y, z])) for x, y, z in zip(a, b0, b1))
 
 
 # ==================== eval.py: metrics and protocols ====================
@@ -1622,6 +1708,13 @@ def test_planes_task_is_classify_on_the_same_labels(tiny, tmp_path):
     assert np.array(got["classify_confusion"]).sum() == len(rows) == got["n_images"]
     (tmp_path / "classes.json").write_text(json.dumps({k: v for k, v in evaluation.PLANE_PROMPTS.items()
                                                        if k != "femur"}))
+    with pytest.raises(ValueError, match=r"give two classes one metric name"):  # f1_lips_nose twice
+        evaluation.class_metrics(np.eye(2), np.arange(2), ["Lips nose", "lips_nose"])
+    # labels meet class names in one form: 'Femur' with a double space and an NFD accent is the prompts' 'fémur'
+    (tmp_path / "accents.csv").write_text("path,finding\n" + f"{rows[0]['image']},Fe\u0301mur  X\n")
+    m = evaluation.evaluate(model, tok, task="classify", root=tmp_path / "accents.csv", prompts={"classify": {
+        "f\u00e9mur x": ["femur"], "other": ["other"]}}, csv=dict(csv_img_key="path", csv_label_key="finding"))
+    assert m["n_images"] == 1 and "classify_f1_f\u00e9mur_x" in m
     with pytest.raises(ValueError, match=r"no prompts for label\(s\) 'femur' \(.*labels\.csv, line 6\)"):
         evaluation.evaluate(model, tok, task="classify", root=tmp_path / "labels.csv", csv=dict(
             csv_img_key="path", csv_label_key="finding"), prompts={"classify": data.load_prompts(tmp_path / "classes.json")})
@@ -1671,8 +1764,15 @@ def test_checkpoints_cli_results_and_analysis(tiny, tmp_path, capsys):
     assert ts["ts_planes_true_prob_corr"] == pytest.approx(1) and ts["ts_planes_offdiag_prob_corr"] == pytest.approx(1)
     printed = capsys.readouterr().out
     assert "| model |" in printed and evaluation.PROTOCOL in printed and str(path) in printed
+    table = printed.split("teacher-student analysis")[1]  # the numbers the README discusses, on the terminal too
+    assert "| task | true_prob_corr | offdiag_prob_corr |" in table and "| planes | 1.0000 | 1.0000 |" in table
     with pytest.raises(SystemExit, match="--task"):
         evaluation.main(["--tsak=toy"])
+    for argv, message in ((["--task=classify", "--data=x.csv"], "--task=classify needs --prompts=classes.json"),
+                          (["--task=retrieval", "--data=x.csv", "--probe"], "--probe needs the splits"),
+                          (["--task=retrieval", "--data=x.csv", "--analysis", f"--teacher={path}"], "not with")):
+        with pytest.raises(SystemExit, match=message):  # before any model is loaded
+            evaluation.main([f"--checkpoint={tmp_path / 'absent.pt'}", *argv])
 
 
 def test_figure_or_clear_message(monkeypatch, tmp_path, capsys):
@@ -1682,7 +1782,7 @@ def test_figure_or_clear_message(monkeypatch, tmp_path, capsys):
     assert "pip install matplotlib" in capsys.readouterr().out
 
 
-def test_speed_counts_and_folds(tiny, tmp_path):
+def test_speed_counts_and_folds(tiny, tmp_path, monkeypatch, capsys):
     model, _ = tiny
     s = evaluation.speed(model, runs=1)
     assert s["image_params_m"] < s["params_m"] and s["image_gmacs"] > 0 and s["text_gmacs"] > 0
@@ -1691,6 +1791,10 @@ def test_speed_counts_and_folds(tiny, tmp_path):
     saved = evaluation.main(["--speed", f"--checkpoint={path}", f"--teacher={path}", "--runs=1", f"--out={tmp_path}"])
     result = json.loads(saved.read_text())
     assert result["metrics"]["teacher_image_gmacs"] == pytest.approx(s["image_gmacs"])
+    assert f"median of 1 CPU runs at batch 1 after 3 warm-ups, {torch.get_num_threads()} threads" in capsys.readouterr().out
+    monkeypatch.setattr(evaluation, "latency_ms", lambda fn, x, runs: (1.0, 0.3))  # a busy machine
+    evaluation.main(["--speed", f"--checkpoint={path}", f"--teacher={path}", "--runs=1", f"--out={tmp_path}"])
+    assert "warning: runs disagree by up to 30% of the median" in capsys.readouterr().out
 
 
 # ==================== eval.py: the Table 1 summary ====================
@@ -1873,6 +1977,18 @@ def test_packages_have_the_documented_interface(exported):
         assert summary["ops"]["reduce_max"] == 1  # l2_normalize's scaling before the fp16 sum of squares
         expect = "ok" if platform.system() == "Darwin" else "skipped"
         assert summary["predict"].startswith(expect)
+
+
+def test_a_second_export_refuses_to_replace_the_packages(exported):
+    ckpt, results = exported
+    out = Path(results["image"]["path"]).parent
+    stamp = os.path.getmtime(results["image"]["path"])
+    with pytest.raises(SystemExit, match=r"MobileFetalCLIPImage\.mlpackage exists: replace it with --overwrite=true, "
+                                         "or give another --out or --name"):
+        export_ios.main([f"--checkpoint={ckpt}", f"--out={out}", "--quantize=int8"])
+    with pytest.raises(SystemExit, match=r"MobileFetalCLIPText\.mlpackage exists"):
+        export_ios.main([f"--checkpoint={ckpt}", f"--out={out}", "--name=MobileFetalCLIP", "--classes=none", "--text"])
+    assert os.path.getmtime(results["image"]["path"]) == stamp
 
 
 def test_package_metadata_and_baked_class_embeddings(exported):

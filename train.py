@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # all_gather with gradient
 import torch.nn.functional as F
 
 import dark
@@ -29,7 +28,8 @@ import models
 
 # --- I/O ---
 out_dir = "out/student"     # ckpt.pt (latest, for --resume), best.pt (best validation composite), log.jsonl
-resume = False              # continue out_dir/ckpt.pt where it stopped
+resume = False              # continue out_dir/ckpt.pt where it stopped, with its saved config
+overwrite = False           # start afresh in an out_dir that holds another run, replacing its checkpoints and log
 ckpt_every = 500            # optimizer steps between checkpoints (one is always written at the end)
 log_every = 50              # optimizer steps between log lines
 seed = 0
@@ -52,7 +52,7 @@ val_size = 500              # toy: validation images (the report uses the whole 
 workers = 4                 # DataLoader worker processes for files (the toy world is made in the main process)
 augment = True              # one random affine + brightness/contrast draw per pair, shared by both views
 # --- models ---
-teacher = "out/teacher/best.pt"  # a train.py checkpoint or raw open_clip weights; toy: pretrained here when missing
+teacher = "out/teacher/best.pt"  # a train.py checkpoint or raw open_clip weights; this default: toy, made if missing
 teacher_config = ""         # for raw weights: preset name (fetalclip) or open_clip JSON (FetalCLIP_config.json)
 student = "toy-student"     # preset name or open_clip JSON of the student
 student_init = ""           # initial student weights (MobileCLIP2-S0 in the paper); empty = random init
@@ -64,7 +64,7 @@ tau = 5.0                   # teacher temperature (teacher only): a softer targe
 max_logit_scale = 100.0     # clamp of the student's exp(logit_scale), as CLIP
 # --- optimizer: AdamW, cosine with warm-up ---
 epochs = 20
-batch_size = 512            # per device and micro-batch; contrastive negatives come from the gathered micro-batch
+batch_size = 512            # per rank and micro-batch: under torchrun the global batch is batch_size x ranks
 grad_accum = 1              # micro-batches per optimizer step
 lr = 1e-5
 warmup_steps = 500
@@ -84,25 +84,56 @@ TOY_TEACHER = dict(student="toy-teacher", student_init="", kd="none", epochs=6, 
 
 KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 # what each option accepts, checked before any work (data.parse_flags): a tuple is the closed set, a string the interval
-ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)",
-               toy_train_size="[1, inf)", samples_per_epoch="[0, inf)", val_every="[1, inf)", val_size="[1, inf)",
-               workers="[0, inf)",
-               kd=("none", "static", "coupled", "dark"), tau="(0, inf)", max_logit_scale="[1, inf)",
-               epochs="[1, inf)", batch_size="[1, inf)", grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)",
-               weight_decay="[0, inf)", adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)",
-               grad_clip="(0, inf)",
-               device=data.check_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
+ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)", toy_train_size="[1, inf)", samples_per_epoch="[0, inf)",
+               val_every="[1, inf)", val_size="[1, inf)", workers="[0, inf)", kd=("none", "static", "coupled", "dark"),
+               tau="(0, inf)", max_logit_scale="[1, inf)", epochs="[1, inf)", batch_size="[1, inf)",
+               grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)", weight_decay="[0, inf)",
+               adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="(0, inf)",
+               device=data.pick_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
+# --resume=true restores the checkpoint's config: these keys may differ from it (how the run goes, not what it trains)
+RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "ckpt_every", "log_every", "workers", "device", "threads")
 
 
 # --- configuration from the command line ---
 def parse_args(argv):
     """--key=value overrides of the defaults above, checked by data.parse_flags (the grammar of every script).
     -> (config, keys given); with --train_data=toy, TOY fills the keys not given."""
-    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, __doc__ + f"\nThe toy teacher's pretraining takes TOY_TEACHER = "
-                                  f"{TOY_TEACHER}", __file__, notes={k: f"toy: {v}" for k, v in TOY.items()})
+    doc = (f"{__doc__}\nThe toy teacher's pretraining takes TOY_TEACHER = {TOY_TEACHER}.\n--resume=true restores the "
+           f"run's saved config; of the options only {', '.join(RESUME_MAY_CHANGE)} may change.")
+    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, doc, __file__, notes={k: f"toy: {v}" for k, v in TOY.items()})
     if cfg["train_data"] == "toy":
         cfg.update({k: v for k, v in TOY.items() if k not in given})
     return cfg, given
+
+
+def configure(argv):
+    """The run's config from the command line, checked before any work: the flags, the saved config that
+    --resume=true restores, an out_dir holding another run, a teacher that is not there. Raises SystemExit."""
+    cfg, given = parse_args(argv)
+    out = Path(cfg["out_dir"])
+    if cfg["resume"]:
+        if not (out / "ckpt.pt").is_file():
+            sys.exit(f"train.py: --resume=true: no checkpoint at {out / 'ckpt.pt'} (is --out_dir the run's folder?)")
+        saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["config"]
+        changed = [f"--{k}={cfg[k]} (the run has {saved[k]})" for k in sorted(given - set(RESUME_MAY_CHANGE))
+                   if k in saved and cfg[k] != saved[k]]
+        if changed:
+            sys.exit(f"train.py: --resume=true continues the run in {out} as it was trained; {', '.join(changed)} "
+                     f"would change it: drop the flag, or start a new run with another --out_dir. Only "
+                     f"{', '.join(RESUME_MAY_CHANGE)} may change at a resume")
+        cfg = {**cfg, **{k: v for k, v in saved.items() if k in cfg and k not in given}, "resume": True}
+    elif not cfg["overwrite"] and any((out / f).exists() for f in ("ckpt.pt", "best.pt")):
+        sys.exit(f"train.py: {out} holds another run's checkpoints: continue it with --resume=true, replace it with "
+                 f"--overwrite=true, or write this run to a new --out_dir")
+    if cfg["kd"] != "none" and not Path(cfg["teacher"]).is_file() and not toy_teacher_missing(cfg):
+        sys.exit(f"train.py: --teacher={cfg['teacher']}: no such file (the toy teacher is pretrained only at the "
+                 f"default --teacher={KEYS['teacher']} with --train_data=toy)")
+    return cfg
+
+
+def toy_teacher_missing(cfg):
+    """The default teacher of a toy run is pretrained here, once, when it is not there yet."""
+    return cfg["train_data"] == "toy" and cfg["teacher"] == KEYS["teacher"] and not Path(cfg["teacher"]).is_file()
 
 
 # --- schedules: pure functions of the optimizer step ---
@@ -127,7 +158,7 @@ def kd_weight(cfg, step, total_steps):
 def compute_init(cfg):
     """-> (ddp, rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    want = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    want = str(data.pick_device(cfg["device"]))
     if ddp:
         if want.startswith("cuda"):
             want = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -138,15 +169,22 @@ def compute_init(cfg):
     return False, 0, 1, torch.device(want)
 
 
-def gather(x, ddp, grad):
-    """All ranks' rows, in rank order: [B, D] -> [world * B, D]. With grad, each rank's slice keeps its graph."""
-    if not ddp:
-        return x
-    if grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x)
-    return torch.cat(out, dim=0)
+class AllGather(torch.autograd.Function):
+    """All ranks' rows in rank order: [B, D] -> [world * B, D]; a tensor without grad (the teacher's) gathers without
+    a graph. Backward: every rank's loss has a gradient for these rows; their sum over ranks (DDP then averages
+    parameter gradients over ranks). torch.distributed.nn's all_gather did this, and is deprecated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce writes in place
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def print0(*args, rank=0):
@@ -173,7 +211,8 @@ def make_pairs(cfg, size, rank, world):
 def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
     """This rank's micro-batches of one epoch as (teacher view, student view, token ids), from micro-batch `start`
     on (for --resume). Map-style data is shuffled by a generator seeded with (seed, epoch) and each global batch is
-    cut into per-rank slices, so a resumed run, and a run on any number of ranks, sees the same global batches."""
+    cut into per-rank slices: a resumed run sees the same global batches, and so does a run on N ranks at 1/N of the
+    batch_size (the global batch is batch_size x world)."""
     bs, g = cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
     # the loader gets its own generator: it draws worker seeds from one, and the global RNG belongs to --resume
     if isinstance(pairs, torch.utils.data.IterableDataset):
@@ -218,6 +257,18 @@ def plan_steps(n_pairs, cfg, world):
                          f"--warmup_steps={max(1, total // 10)} (a tenth of the run), or train ten times the warm-up: "
                          f"--epochs={math.ceil(10 * warmup / per_epoch)}, or fewer pairs per step (--batch_size)")
     return per_epoch, total
+
+
+def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
+    """Toy tokenizer, captions other than the toy world's: print the share of unknown tokens in the first n training
+    captions (the same on every rank); refuse a run where most are unknown (they would all train as one token)."""
+    captions = [row["caption"] for row in pairs.rows[:n]] if hasattr(pairs, "rows") else pairs.captions(n)
+    share = tokenizer.unknown_share(captions)
+    print0(f"toy tokenizer: {share:.1%} of the tokens of {len(captions)} training captions are unknown", rank=rank)
+    if share > 0.5:
+        raise ValueError(f"{cfg['train_data']}: {share:.0%} of the caption tokens are outside the toy vocabulary of "
+                         f"--student={cfg['student']}; use a BPE model: --student=mobileclip2-s0 (or an open_clip "
+                         "JSON) with --bpe=bpe_simple_vocab_16e6.txt.gz")
 
 
 # --- models ---
@@ -268,7 +319,7 @@ def val_setup(cfg):
         return (dict(task="toy", split="val", n=cfg["val_size"]), "composite") if cfg["train_data"] == "toy" else (
             None, None)
     if Path(cfg["val_data"]).is_dir():  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
-        return dict(task="fetal_planes", split="train", root=cfg["val_data"]), "class_f1"
+        return dict(task="paper", split="train", root=cfg["val_data"]), "class_f1"  # planes and brain
     args = dict(root=cfg["val_data"], csv={k: v for k, v in cfg.items() if k.startswith("csv_")})
     if cfg["val_prompts"]:
         return dict(args, task="classify", prompts={"classify": data.load_prompts(cfg["val_prompts"])}), "classify_f1"
@@ -278,10 +329,6 @@ def val_setup(cfg):
 def validate(model, tokenizer, cfg, device):
     """Zero-shot metrics for model selection, on data never reported as a test result."""
     args, _ = val_setup(cfg)
-    if args and args["task"] == "fetal_planes":
-        planes, brain = (evaluation.evaluate(model, tokenizer, **dict(args, task=task), device=device)
-                         for task in ("planes", "brain"))
-        return {**planes, **brain, "class_f1": evaluation.class_f1(planes["planes_f1"], brain["brain_f1"])}
     return evaluation.evaluate(model, tokenizer, **args, device=device) if args else {}
 
 
@@ -289,16 +336,14 @@ def check_val_data(cfg):
     """Read the validation data now, so that a wrong path or column, a label without prompts, data without a usable
     row for a task that validate() runs, or a --val_every that never comes fails before training, not after it."""
     args, _ = val_setup(cfg)
-    if not args:
-        return
-    for task in ("planes", "brain") if args["task"] == "fetal_planes" else (args["task"],):
+    if args and args["task"] != "toy":
         try:
-            records, suite = evaluation.task_records(**dict(args, task=task))
+            records, _ = evaluation.task_records(**args)
         except ValueError as e:  # e.g. a FETAL_PLANES_DB whose rows are all Train=0
-            raise ValueError(f"--val_data={cfg['val_data'] or 'toy'} cannot select the model: {e}"
-                             + (" (validation uses the Train=1 rows)" * (args["task"] == "fetal_planes"))) from e
-        if task == "classify":
-            evaluation.check_labels("classify", records, suite["classify"])
+            raise ValueError(f"--val_data={args['root']} cannot select the model: {e}"
+                             + " (validation uses the Train=1 rows)" * Path(args["root"]).is_dir()) from e
+        if not isinstance(records, list) and not data.TarShards(args["root"]).count_pairs():  # shards: streamed later
+            raise ValueError(f"--val_data={args['root']}: the shards hold no image-caption pairs")
     if cfg["val_data"] and cfg["val_every"] > cfg["epochs"]:
         raise ValueError(f"--val_every={cfg['val_every']} > --epochs={cfg['epochs']}: --val_data would never be read; "
                          f"set --val_every={cfg['epochs']} or less")
@@ -333,17 +378,18 @@ def train(cfg):
             print0(f"{role} input: {m.image_size} px, mean {m.image_mean}, std {m.image_std}", rank=rank)
     collate = data.Collate(data.DistillTransform(*views, augment=cfg["augment"]), tokenizer)
     pairs = make_pairs(cfg, max(student.image_size, (teacher or student).image_size), rank, world)
+    if tokenizer_kind(student) == "toy" and cfg["train_data"] != "toy":
+        check_vocabulary(tokenizer, pairs, cfg, rank)
     # tar shards have no length: --samples_per_epoch, or a count of their captions from the tar headers
     n_pairs = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or pairs.count_pairs()
     steps_per_epoch, total_steps = plan_steps(n_pairs, cfg, world)
     check_val_data(cfg)
     optimizer = make_optimizer(student, cfg)
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if cuda else None) if ddp else student
+    gather = AllGather.apply if ddp else (lambda x: x)  # [B, D] -> [world * B, D]
 
     step, best, ckpt_path = 0, -math.inf, out / "ckpt.pt"
-    if cfg["resume"]:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (is --out_dir the run's folder?)")
+    if cfg["resume"]:  # configure() has checked that it is there
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -364,12 +410,15 @@ def train(cfg):
     def last_good():  # a non-finite step stops the run before anything is written
         return f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
 
+    for stale in ("ckpt.pt", "best.pt", "results.md") if rank == 0 and not cfg["resume"] else ():
+        (out / stale).unlink(missing_ok=True)  # a new run, past every start-up check (configure() asked first)
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
     n_params = sum(p.numel() for p in student.parameters())
     select_on = val_setup(cfg)[1]
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
            f"({cfg['epochs']} epochs x {steps_per_epoch} from {n_pairs} pairs; {cfg['warmup_steps']} warm-up) on "
-           f"{world} x {dev}; best.pt: "
+           f"{world} x {dev}, global batch {cfg['batch_size']} x {world} ranks x {cfg['grad_accum']} micro-batches; "
+           "best.pt: "
            + (f"best validation {select_on}" if select_on else "the last step (no --val_data)"), rank=rank)
     t0, seen = time.time(), 0
     model.train()
@@ -391,9 +440,9 @@ def train(cfg):
                             with torch.no_grad():
                                 t_img, t_txt, t_scale = teacher(t_view, ids)
                     if teacher is not None:  # the teacher's columns are targets: gathered without a graph
-                        t_img, t_txt = gather(t_img, ddp, False), gather(t_txt, ddp, False)
+                        t_img, t_txt = gather(t_img), gather(t_txt)
                     rows = slice(rank * len(ids), (rank + 1) * len(ids))  # this rank's rows of the global batch
-                    losses = dark.dark_loss(gather(img, ddp, True), gather(txt, ddp, True), scale, t_img, t_txt,
+                    losses = dark.dark_loss(gather(img), gather(txt), scale, t_img, t_txt,
                                             t_scale, mode=cfg["kd"], weight=weight, tau=cfg["tau"], rows=rows)
                     if not torch.isfinite(losses["total"]):
                         terms = {k: round(v.item(), 4) for k, v in losses.items()}
@@ -477,22 +526,43 @@ def report(checkpoints, cfg):
     return rows
 
 
+def interrupted(run, cfg):
+    """The one line that Ctrl-C leaves: the last checkpoint and the command that resumes it."""
+    if run is not cfg:
+        return "interrupted while pretraining the toy teacher: only a finished one is kept, so run the same command"
+    ckpt = Path(cfg["out_dir"]) / "ckpt.pt"
+    if not ckpt.is_file():
+        return f"interrupted before the first checkpoint in {cfg['out_dir']}: nothing to resume; run the command again"
+    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')}" if "RANK" in os.environ else "python"
+    return f"interrupted. The last checkpoint is {ckpt}; resume with: {launcher} train.py --resume=true " \
+           f"--out_dir={cfg['out_dir']}"
+
+
 def main(argv):
-    cfg, _ = parse_args(argv)
-    t0 = time.time()
-    if cfg["train_data"] == "toy" and cfg["kd"] != "none" and not Path(cfg["teacher"]).exists():
-        # the same loop pretrains the toy teacher: CLIP loss only, teacher preset, its own folder; only a finished
-        # pretraining becomes --teacher, so a run killed half-way starts it again instead of reusing a weak teacher
-        print(f"no teacher at {cfg['teacher']}: pretraining the toy teacher first")
-        built = train({**cfg, **TOY_TEACHER, "out_dir": str(Path(cfg["teacher"]).parent / "pretrain"), "resume": False})
-        if int(os.environ.get("RANK", 0)) == 0:
-            os.replace(built, cfg["teacher"])
-        if dist.is_initialized():
-            dist.barrier()
-    best = train(cfg)
-    if int(os.environ.get("RANK", 0)) == 0 and cfg["train_data"] == "toy":
+    rank = int(os.environ.get("RANK", 0))  # under torchrun every rank runs this; rank 0 does the talking
+    try:
+        cfg = configure(argv)
+    except SystemExit as e:
+        sys.exit(e.code if rank == 0 else 1)
+    t0, run = time.time(), cfg
+    try:
+        if cfg["kd"] != "none" and toy_teacher_missing(cfg):
+            # the same loop pretrains the toy teacher: CLIP loss only, teacher preset, its own folder; only a finished
+            # pretraining becomes --teacher, so a run killed half-way starts it again instead of reusing a weak one
+            print0(f"no teacher at {cfg['teacher']}: pretraining the toy teacher first", rank=rank)
+            run = {**cfg, **TOY_TEACHER, "out_dir": str(Path(cfg["teacher"]).parent / "pretrain"), "resume": False}
+            built = train(run)
+            if rank == 0:
+                os.replace(built, cfg["teacher"])
+            if dist.is_initialized():
+                dist.barrier()
+        run = cfg
+        best = train(cfg)
+    except KeyboardInterrupt:  # each rank gets the signal; rank 0 says it once, without a traceback
+        sys.exit(interrupted(run, cfg) if rank == 0 else 130)
+    if rank == 0 and cfg["train_data"] == "toy":
         report([("teacher", cfg["teacher"])] * (cfg["kd"] != "none") + [(f"student ({cfg['kd']})", best)], cfg)
-    print(f"done in {(time.time() - t0) / 60:.1f} min")
+    print0(f"done in {(time.time() - t0) / 60:.1f} min", rank=rank)
     if dist.is_initialized():
         dist.destroy_process_group()
 
