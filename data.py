@@ -428,7 +428,8 @@ def _find_bpe(path=None):
         raise FileNotFoundError(
             f"CLIP BPE vocabulary not found ({path or 'no path given, DARK_BPE unset, open_clip not installed'}). "
             "Get bpe_simple_vocab_16e6.txt.gz from https://github.com/openai/CLIP/tree/main/clip or "
-            "https://github.com/mlfoundations/open_clip/tree/main/src/open_clip, then pass it (train.py --bpe=PATH) or set DARK_BPE=PATH.")
+            "https://github.com/mlfoundations/open_clip/tree/main/src/open_clip, then pass it (--bpe=PATH to "
+            "train.py or export_ios.py) or set DARK_BPE=PATH.")
     return path
 
 
@@ -665,7 +666,7 @@ def read_captions(path, image_col='filepath', caption_col='title', sep=None, roo
     rows = []
     for r in read_table(path, (image_col, caption_col), sep):
         if not r[caption_col]:
-            raise ValueError(f"{r['where']}: empty caption")
+            raise ValueError(f"{r['where']}: empty caption (column {caption_col!r})")
         rows.append(dict(image_path=root / r[image_col], caption=r[caption_col], where=r['where']))
     return rows
 
@@ -698,8 +699,8 @@ def load_prompts(path):
     if not isinstance(given, dict) or not given:
         raise ValueError(f"{path}: expected {{\"class name\": [\"prompt\", ...]}} or {{\"templates\": [...], "
                          f"\"classes\": [...]}}, got {type(given).__name__}")
-    if bad := [c for c, v in given.items() if not texts(v)]:
-        raise ValueError(f"{path}: classes {bad} need a non-empty list of non-empty prompt strings")
+    if bad := [c for c, v in given.items() if not texts(v) or not c.strip()]:
+        raise ValueError(f"{path}: classes {bad} need a name and a non-empty list of non-empty prompt strings")
     return given
 
 
@@ -796,10 +797,14 @@ def _expand(text, pattern):
         if c == '{' and depth == 1:
             start = i
         elif c == '}' and depth == 0:  # the first top-level group: text = head {body} tail
-            return [text[:start] + b + t for b in _group(text[start + 1:i], pattern) for t in _expand(text[i + 1:], pattern)]
+            tails = _expand(text[i + 1:], pattern)
+            return [text[:start] + b + t for b in _group(text[start + 1:i], pattern) for t in tails]
     if depth:
         raise ValueError(f"shard pattern {pattern!r}: unbalanced braces")
     return [text]
+
+
+_LETTERS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'  # braceexpand's order: {Z..b} is Z, a, b
 
 
 def _group(body, pattern):
@@ -811,16 +816,13 @@ def _group(body, pattern):
             cuts.append(i)
     if len(cuts) > 1:
         return [x for a, b in zip(cuts, cuts[1:] + [len(body)]) for x in _expand(body[a + 1:b], pattern)]
-    letters = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'  # braceexpand's order: Z..a runs on
-    if m := re.fullmatch(r'(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.-?(\d+))?', body):
-        lo, hi, step = m[1], m[2], int(m[3] or 1) or 1
-        if lo.isalpha() and hi.isalpha():
-            i, j = letters.index(lo), letters.index(hi)
-            return list(letters[i:j + 1:step] if i <= j else letters[j:i + 1][::-1][::step])
-        if not lo.isalpha() and not hi.isalpha():
-            pad = max(len(lo), len(hi)) if re.match(r'-?0\d', lo) or re.match(r'-?0\d', hi) else 0
-            return [f"{n:0{pad}d}" for n in range(int(lo), int(hi) + (1 if int(hi) >= int(lo) else -1),
-                                                    step if int(hi) >= int(lo) else -step)]
+    m = re.fullmatch(r'(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.-?(\d+))?', body)
+    if m and m[1].isalpha() == m[2].isalpha():
+        lo, hi = (_LETTERS.index(m[1]), _LETTERS.index(m[2])) if m[1].isalpha() else (int(m[1]), int(m[2]))
+        way = 1 if hi >= lo else -1
+        values = range(lo, hi + way, way * (int(m[3] or 1) or 1))
+        pad = max(len(m[1]), len(m[2])) if re.match(r'-?0\d', m[1]) or re.match(r'-?0\d', m[2]) else 0
+        return [_LETTERS[v] if m[1].isalpha() else f"{v:0{pad}d}" for v in values]
     raise ValueError(f"shard pattern {pattern!r}: '{{{body}}}' is neither a list (a,b) nor a range (1..9, a..z)")
 
 

@@ -29,6 +29,7 @@ import json
 import math
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,12 @@ def progress(what, total=None, every=5.0):
 
 
 # --- metrics: numpy functions of predictions and labels ---
+def class_key(name):
+    """The form in which labels meet class names, and metrics are named: NFC, whitespace collapsed, case folded, so a
+    CSV's 'Pleural  Effusion' is the prompts' 'pleural effusion' (and two classes that differ only so are refused)."""
+    return " ".join(unicodedata.normalize("NFC", str(name)).split()).casefold()
+
+
 def confusion_counts(pred, targets, num_classes):
     """[C, C] int counts: row = true class, column = predicted class."""
     return np.bincount(np.asarray(targets) * num_classes + np.asarray(pred),
@@ -111,7 +118,9 @@ def class_metrics(probs, targets, names, topk=(2, 3, 5)):
     cm, present = confusion_counts(probs.argmax(1), targets, probs.shape[1]), np.unique(targets)
     tp, f1 = np.diag(cm), 2 * np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1), 1)  # 2tp / (2tp + fp + fn)
     recall = tp / np.maximum(cm.sum(1), 1)
-    key = {c: str(names[c]).lower().replace(" ", "_") for c in present}  # 'Fetal abdomen' -> f1_fetal_abdomen
+    key = {c: class_key(names[c]).replace(" ", "_") for c in range(len(names))}  # 'Fetal abdomen' -> fetal_abdomen
+    if len(set(key.values())) < len(names):  # one metric would overwrite the other
+        raise ValueError(f"class names {list(names)} give two classes one metric name ({sorted(key.values())})")
     out = dict(acc=float(tp.sum() / len(targets)), f1=float(f1[present].mean()),
                balanced_acc=float(recall[present].mean()))
     ranked = np.argsort(-probs, axis=1, kind="stable")
@@ -129,7 +138,8 @@ def retrieval_metrics(img, txt, owner, ks=(1, 5, 10), chunk=2048):
     candidates that score strictly higher, in [chunk, chunk] blocks: memory stays O(chunk^2 + (M + N) D), never
     [M, N], and ties go to the true match."""
     owner = torch.as_tensor(owner)
-    pair = (img[owner].float() * txt.float()).sum(-1)  # [N] cosine of each caption with its own image
+    pair = torch.cat([(img[owner[j:j + chunk]].float() * txt[j:j + chunk].float()).sum(-1)  # [N] cosine of each
+                      for j in range(0, len(txt), chunk)])  # caption with its own image, in chunks: no [N, D] fp32 copy
     best = torch.full((len(img),), -math.inf).scatter_reduce(0, owner, pair, "amax")  # [M] an image's best caption
     i2t, t2i = torch.zeros(len(img), dtype=torch.long), torch.zeros(len(txt), dtype=torch.long)
     advance = progress("retrieval similarities (images)", len(img))
@@ -279,16 +289,15 @@ def ga_predict(model, tokenizer, feats, spacings, prompt_fn, device="cpu"):
 
 
 def check_labels(task, records, prompts):
-    """-> the class names of prompts; a record's label (under task's CLASS_TASKS key) with no prompts raises
-    ValueError naming each such label and the first row it is on."""
+    """A record's class (under task's CLASS_TASKS key) with no prompts raises ValueError naming each such label and the
+    first row it is on."""
     key, names, unknown = CLASS_TASKS[task], list(prompts), {}
     for i, r in enumerate(records):
-        if r.get(key) and r[key] not in names:
+        if r.get(key) and class_key(r[key]) not in map(class_key, names):
             unknown.setdefault(r[key], r.get("where", f"image {i}"))
     if unknown:
         raise ValueError(f"{task}: no prompts for label(s) " + ", ".join(f"{k!r} ({w})" for k, w in unknown.items())
                          + f"; the prompts name {names}")
-    return names
 
 
 def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
@@ -301,8 +310,9 @@ def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
         rows = [i for i, r in enumerate(records) if r.get(key)]
         if not rows:
             continue
-        names = check_labels(task, [records[i] for i in rows], suite[task])
-        targets = np.array([names.index(records[i][key]) for i in rows])
+        names = list(suite[task])  # task_records has checked that every label has prompts
+        index = {class_key(name): c for c, name in enumerate(names)}
+        targets = np.array([index[class_key(records[i][key])] for i in rows])
         classes = text_classifier(model, tokenizer, suite[task], device)  # once per call, for every image
         probs = (100 * feats[rows] @ classes.T).softmax(-1).numpy()  # 100: CLIP's fixed zero-shot scale
         metrics.update({f"{task}_{k}": v for k, v in class_metrics(probs, targets, names).items()})
@@ -363,18 +373,20 @@ def planes_records(root, split="all"):
 
 
 def task_records(task, split="val", n=None, root=None, csv=None, prompts=None):
-    """-> (records, prompt suite). task: toy (a ToyWorld split) | planes | brain (root: FETAL_PLANES_DB) | hc18 (root:
-    HC18; its labelled images, whatever the split) | paper (root 'FPDB,HC18': all three) | classify (root: a CSV of
-    image and label) | retrieval (root: a caption CSV, or tar shards, streamed). csv: column names and separator
-    (csv_img_key, csv_label_key, csv_caption_key, csv_separator; empty: the default). prompts {'planes' | 'brain' |
-    'classify': {class: [prompts]}, 'ga': [templates]} replace the defaults; classify has none. n: at most n per
-    source."""
+    """-> (records, prompt suite), every class label checked against its prompts. task: toy (a ToyWorld split) |
+    planes | brain (root: FETAL_PLANES_DB) | hc18 (root: HC18; its labelled images, whatever the split) | paper (root
+    'FPDB,HC18': all three; 'FPDB' alone: planes and brain in one pass) | classify (root: a CSV of image and label) |
+    retrieval (root: a caption CSV, or tar shards, streamed). csv: column names and separator (csv_img_key,
+    csv_label_key, csv_caption_key, csv_separator; empty: the default). prompts {'planes' | 'brain' | 'classify':
+    {class: [prompts]}, 'ga': [templates]} replace the defaults; classify has none. n: at most n per source."""
     records, suite = _task_records(task, split, n, root, csv)
     suite.update({k: template_prompts(v) if k == "ga" else v for k, v in (prompts or {}).items()})
     if task == "classify" and "classify" not in suite:
         raise ValueError("task classify needs class prompts: --prompts=classes.json (data.load_prompts' formats)")
     if isinstance(records, list) and not records:
         raise ValueError(f"no images for task {task!r}, split {split!r} in {root or 'the toy world'}")
+    for name in [name for name in CLASS_TASKS if isinstance(records, list) and name in suite]:
+        check_labels(name, records, suite[name])
     return records, suite
 
 
@@ -391,17 +403,17 @@ def _task_records(task, split, n, root, csv):
         if task == "classify":
             return [dict(image=r["image_path"], label=r["caption"], where=r["where"]) for r in rows], {}
         return [dict(image=r["image_path"], caption=r["caption"], key=str(r["image_path"])) for r in rows], {}
-    if task not in ("planes", "brain", "hc18", "paper") or not root or (task == "paper") != ("," in str(root)):
+    if task not in ("planes", "brain", "hc18", "paper") or not root or task != "paper" and "," in str(root):
         raise ValueError(f"task {task!r} with data {root!r}: use task=toy, or planes | brain | hc18 with data=DIR, "
-                         "or paper with data=FETAL_PLANES_DB_DIR,HC18_DIR, or classify | retrieval with data=CSV")
-    fpdb, hc18 = str(root).split(",") if task == "paper" else (root, root)
+                         "or paper with data=FETAL_PLANES_DB_DIR[,HC18_DIR], or classify | retrieval with data=CSV")
+    fpdb, hc18 = (str(root).split(",") + [None])[:2] if task == "paper" else (root, root)
     records = []
     if task != "hc18":
         if split not in ("train", "test", "all"):  # no validation rows: select checkpoints on train, never on test
             raise ValueError(f"FETAL_PLANES_DB splits are train | test | all (zero-shot papers use all), not {split!r}")
         drop = {"planes": dict(brain=None), "brain": dict(plane=None)}.get(task, {})
         records = [r for r in (dict(r, **drop) for r in planes_records(fpdb, split)) if r["plane"] or r["brain"]][:n]
-    if task in ("hc18", "paper"):
+    if task == "hc18" or task == "paper" and hc18:
         records += [dict(image=r["image_path"], hc_mm=r["hc_mm"], pixel_mm=r["pixel_mm"], where=r["where"])
                     for r in data.read_hc18(hc18)][:n]
     return records, dict(planes=PLANE_PROMPTS, brain=BRAIN_PROMPTS, ga=template_prompts(GA_TEMPLATES))
@@ -615,9 +627,15 @@ def speed(model, runs=10):
 
 # --- checkpoints, results files, command line ---
 def load_model_from_checkpoint(path, model_config=None, bpe_path=None):
-    """-> (model in eval mode, tokenizer). A train.py checkpoint carries its config: {'model': state_dict,
-    'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too). Raw open_clip weights
-    (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict."""
+    """-> (model in eval mode, tokenizer); load_model_and_tokenizer_kind says which checkpoints."""
+    model, kind = load_model_and_tokenizer_kind(path, model_config)
+    return model, data.get_tokenizer(kind, model.context_length, bpe_path)
+
+
+def load_model_and_tokenizer_kind(path, model_config=None):
+    """-> (model in eval mode, 'toy' | 'bpe'), no vocabulary file needed. A train.py checkpoint carries its config:
+    {'model': state_dict, 'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too).
+    Raw open_clip weights (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or model_config
     if cfg is None:
@@ -627,7 +645,7 @@ def load_model_from_checkpoint(path, model_config=None, bpe_path=None):
     model = models.build_model(cfg)
     models.load_checkpoint(model, ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
     kind = ckpt.get("tokenizer") or ("bpe" if model.config["text_cfg"].get("vocab_size", 49408) == 49408 else "toy")
-    return model.eval(), data.get_tokenizer(kind, model.context_length, bpe_path)
+    return model.eval(), kind
 
 
 def save_results(path, metrics, meta):
@@ -871,12 +889,15 @@ def main(argv):
         return save_results(out / f"speed_{stamp}.json", {f"{r['role']}_{k}": v for r in rows for k, v in r.items()
                                                           if k != "role"},
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))
-    if not opt["checkpoint"] or (opt["analysis"] and not opt["teacher"]):
-        sys.exit("--checkpoint=PATH is required (or --speed, or --table), --analysis needs --teacher=PATH; "
-                 "--help lists options")
-    if (opt["probe"] and opt["task"] not in ("toy", "planes", "brain", "paper")) or (
-            opt["analysis"] and opt["task"] in ("hc18", "retrieval")):
-        sys.exit("--probe needs the splits of --task=toy | planes | brain | paper; --analysis a classification task")
+    for bad, why in ((not opt["checkpoint"], "--checkpoint=PATH is required (or --speed, or --table)"),
+                     (opt["analysis"] and not opt["teacher"], "--analysis needs --teacher=PATH"),
+                     (opt["task"] == "classify" and not opt["prompts"], "--task=classify needs --prompts=classes.json"),
+                     (opt["probe"] and opt["task"] not in ("toy", "planes", "brain", "paper"),
+                      "--probe needs the splits of --task=toy | planes | brain | paper"),
+                     (opt["analysis"] and opt["task"] in ("hc18", "retrieval"), "--analysis compares classifiers: "
+                                                                              "not with --task=hc18 | retrieval")):
+        if bad:
+            sys.exit(f"eval.py: {why} (--help lists the options)")
     task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, data.pick_device(opt["device"])
     model, tokenizer = load_model_from_checkpoint(opt["checkpoint"], opt["model_config"] or None)
     model.to(device)

@@ -235,10 +235,28 @@ def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
         yield (*batch["image"], batch["ids"])
 
 
-def micro_batches_per_epoch(pairs, cfg, world):
-    """Tar shards have no length: --samples_per_epoch, or one pass that counts the captions."""
-    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or pairs.count_pairs()
-    return n // (cfg["batch_size"] * world)
+def plan_steps(n_pairs, cfg, world):
+    """-> (optimizer steps per epoch, steps in all) for n_pairs training pairs. A run that cannot train raises
+    ValueError with the numbers and what to change: a global batch of one pair (its contrastive loss is 0), fewer
+    pairs than one optimizer step takes, or a warm-up longer than the run (the learning rate would never reach lr;
+    the paper's batch 512 and 500 warm-up steps on an HC18-sized 716 pairs would peak at 4e-7)."""
+    bs, accum, epochs, warmup = cfg["batch_size"], cfg["grad_accum"], cfg["epochs"], cfg["warmup_steps"]
+    per_epoch = n_pairs // (bs * world * accum)
+    total = per_epoch * epochs
+    plan = (f"{n_pairs} pairs, batch {bs} x {world} ranks x {accum} micro-batches: {per_epoch} optimizer steps per "
+            f"epoch, {total} in {epochs} epochs")
+    if bs * world < 2:
+        raise ValueError(f"{plan}: a global batch of one pair has no negatives (its contrastive loss is 0); set "
+                         "--batch_size=2 or more")
+    if per_epoch == 0:
+        raise ValueError(f"{plan}: no optimizer step fits in an epoch; set --batch_size="
+                         f"{max(2, n_pairs // (world * accum))} or less, or give more pairs")
+    if warmup > total:
+        raise ValueError(f"{plan}, with {warmup} warm-up steps: the learning rate would peak at "
+                         f"{lr_at(total - 1, total, cfg['lr'], warmup):.1e}, not --lr={cfg['lr']:g}. Set "
+                         f"--warmup_steps={max(1, total // 10)} (a tenth of the run), or train ten times the warm-up: "
+                         f"--epochs={math.ceil(10 * warmup / per_epoch)}, or fewer pairs per step (--batch_size)")
+    return per_epoch, total
 
 
 def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
@@ -274,7 +292,8 @@ def tokenizer_kind(model):
 
 
 def make_optimizer(model, cfg):
-    """AdamW; no weight decay on parameters with ndim < 2 (norms, biases, logit_scale, layer scales)."""
+    """AdamW; no weight decay on parameters with ndim < 2 (norms, biases, logit_scale), as open_clip's rule (which
+    decays the MCi layer scales, [C, 1, 1], like any weight)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -300,7 +319,7 @@ def val_setup(cfg):
         return (dict(task="toy", split="val", n=cfg["val_size"]), "composite") if cfg["train_data"] == "toy" else (
             None, None)
     if Path(cfg["val_data"]).is_dir():  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
-        return dict(task="fetal_planes", split="train", root=cfg["val_data"]), "class_f1"
+        return dict(task="paper", split="train", root=cfg["val_data"]), "class_f1"  # planes and brain
     args = dict(root=cfg["val_data"], csv={k: v for k, v in cfg.items() if k.startswith("csv_")})
     if cfg["val_prompts"]:
         return dict(args, task="classify", prompts={"classify": data.load_prompts(cfg["val_prompts"])}), "classify_f1"
@@ -310,22 +329,24 @@ def val_setup(cfg):
 def validate(model, tokenizer, cfg, device):
     """Zero-shot metrics for model selection, on data never reported as a test result."""
     args, _ = val_setup(cfg)
-    if args and args["task"] == "fetal_planes":
-        planes, brain = (evaluation.evaluate(model, tokenizer, **dict(args, task=task), device=device)
-                         for task in ("planes", "brain"))
-        return {**planes, **brain, "class_f1": evaluation.class_f1(planes["planes_f1"], brain["brain_f1"])}
     return evaluation.evaluate(model, tokenizer, **args, device=device) if args else {}
 
 
 def check_val_data(cfg):
-    """Read the validation data now, so a wrong path or column, or a label without prompts, fails before training."""
+    """Read the validation data now, so that a wrong path or column, a label without prompts, data without a usable
+    row for a task that validate() runs, or a --val_every that never comes fails before training, not after it."""
     args, _ = val_setup(cfg)
-    if args and args["task"] == "fetal_planes":
-        data.read_fetal_planes(args["root"])
-    elif args and args["task"] in ("classify", "retrieval"):
-        records, suite = evaluation.task_records(**args)
-        if args["task"] == "classify":
-            evaluation.check_labels("classify", records, suite["classify"])
+    if args and args["task"] != "toy":
+        try:
+            records, _ = evaluation.task_records(**args)
+        except ValueError as e:  # e.g. a FETAL_PLANES_DB whose rows are all Train=0
+            raise ValueError(f"--val_data={args['root']} cannot select the model: {e}"
+                             + " (validation uses the Train=1 rows)" * Path(args["root"]).is_dir()) from e
+        if not isinstance(records, list) and not data.TarShards(args["root"]).count_pairs():  # shards: streamed later
+            raise ValueError(f"--val_data={args['root']}: the shards hold no image-caption pairs")
+    if cfg["val_data"] and cfg["val_every"] > cfg["epochs"]:
+        raise ValueError(f"--val_every={cfg['val_every']} > --epochs={cfg['epochs']}: --val_data would never be read; "
+                         f"set --val_every={cfg['epochs']} or less")
 
 
 # --- the loop ---
@@ -359,11 +380,9 @@ def train(cfg):
     pairs = make_pairs(cfg, max(student.image_size, (teacher or student).image_size), rank, world)
     if tokenizer_kind(student) == "toy" and cfg["train_data"] != "toy":
         check_vocabulary(tokenizer, pairs, cfg, rank)
-    steps_per_epoch = micro_batches_per_epoch(pairs, cfg, world) // cfg["grad_accum"]
-    total_steps = steps_per_epoch * cfg["epochs"]
-    if total_steps == 0:
-        raise ValueError(f"no optimizer step fits in an epoch: fewer pairs than batch {cfg['batch_size']} x {world} "
-                         f"ranks x {cfg['grad_accum']} micro-batches")
+    # tar shards have no length: --samples_per_epoch, or a count of their captions from the tar headers
+    n_pairs = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or pairs.count_pairs()
+    steps_per_epoch, total_steps = plan_steps(n_pairs, cfg, world)
     check_val_data(cfg)
     optimizer = make_optimizer(student, cfg)
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if cuda else None) if ddp else student
@@ -397,8 +416,9 @@ def train(cfg):
     n_params = sum(p.numel() for p in student.parameters())
     select_on = val_setup(cfg)[1]
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
-           f"({cfg['epochs']} epochs x {steps_per_epoch}) on {world} x {dev}, global batch {cfg['batch_size']} x "
-           f"{world} ranks x {cfg['grad_accum']} micro-batches; best.pt: "
+           f"({cfg['epochs']} epochs x {steps_per_epoch} from {n_pairs} pairs; {cfg['warmup_steps']} warm-up) on "
+           f"{world} x {dev}, global batch {cfg['batch_size']} x {world} ranks x {cfg['grad_accum']} micro-batches; "
+           "best.pt: "
            + (f"best validation {select_on}" if select_on else "the last step (no --val_data)"), rank=rank)
     t0, seen = time.time(), 0
     model.train()
