@@ -57,6 +57,7 @@ QUANTIZE = {"none": dict(stored={"FLOAT16"}, bytes=(1.9, 2.2), cosine=0.999),
             "int8": dict(stored={"FLOAT16", "INT8"}, bytes=(0.95, 1.5), cosine=0.99),
             "palettize4": dict(stored={"FLOAT16", "UINT8", "UINT4"}, bytes=(0.45, 1.2), cosine=0.95)}
 N_CHECK = 4  # images (and prompts) that macOS runs through Core ML and PyTorch
+N_COST = 200  # toy test images on which --quantize's accuracy cost is estimated (out of domain for a real model)
 ZERO_SHOT_SCALE = 100.0  # CLIP's fixed zero-shot scale, as eval.py scores every model (not the learned logit_scale)
 
 
@@ -178,6 +179,39 @@ def int8_scale_underflows(weight):
         return False
     scale = np.abs(weight.astype(np.float32).reshape(len(weight), -1)).max(1) / 127
     return bool(((scale > 0) & (scale < 2.0 ** -17)).any())
+
+
+def compressed_copy(model, quantize):
+    """A copy of model whose image-tower weights are what --quantize stores, for PyTorch to run (Core ML runs only
+    on macOS): fp16, and with int8 or palettize4 the tensors of 2048+ values that to_coreml compresses, quantized
+    per channel or palettized per tensor by kmeans_palette. An estimate: Core ML compresses its own graph's
+    constants, after fusions of its own (a layer scale folded into the conv before it)."""
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in [t for t in copied.visual.state_dict().values() if t.is_floating_point()]:
+            w = t.numpy().astype(np.float16)
+            if quantize == "palettize4" and w.size >= 2048:
+                lut, idx = kmeans_palette(w)
+                w = lut[idx].reshape(w.shape)
+            elif quantize == "int8" and w.size >= 2048 and not int8_scale_underflows(w):
+                scale = np.abs(w.reshape(len(w), -1)).max(1).astype(np.float32) / 127
+                scale = scale.astype(np.float16).astype(np.float32).reshape(-1, *[1] * (w.ndim - 1))
+                w = (np.round(w / np.maximum(scale, 1e-30)).clip(-127, 127) * scale).astype(np.float16)
+            t.copy_(torch.from_numpy(w.astype(np.float32)))
+    return copied
+
+
+def compression_cost(module, quantize, images):
+    """ImageEncoder with --quantize's weights vs with fp16 weights, in PyTorch, on RGB images [N, 3, S, S] in
+    [0, 1] -> a line for the summary: embedding cosine (mean, least) and how often the zero-shot answer agrees."""
+    with torch.no_grad():
+        ref, got = (as_tuple(ImageEncoder(compressed_copy(module.model, q), module.classes)(images))
+                    for q in ("none", quantize))
+    cos = (ref[0] * got[0]).sum(-1)
+    agree = "" if len(ref) == 1 else (f", zero-shot argmax agrees on "
+                                      f"{(ref[1].argmax(-1) == got[1].argmax(-1)).float().mean():.1%}")
+    return (f"{quantize} vs fp16 weights (PyTorch, {len(images)} toy test images): embedding cosine mean "
+            f"{cos.mean():.4f}, least {cos.min():.4f}{agree}")
 
 
 def to_coreml(program, ct_input, outputs, target, quantize):
@@ -359,6 +393,10 @@ def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", 
         ct.ImageType(name="image", shape=(1, 3, size, size), scale=1 / 255, color_layout=ct.colorlayout.RGB),
         io, docs, [({"image": p}, pixels(p)) for p in pictures],
         dict(meta, description=f"{name} image encoder (DARK student), batch 1"), target, quantize)
+    if quantize != "none":  # what compression costs, beside what it saves
+        toy = torch.cat([pixels(to_rgb(item["image"], size)) for item in data.ToyWorld("test", size, length=N_COST)])
+        results["image"]["compression"] = compression_cost(ImageEncoder(model, class_emb).eval(), quantize, toy)
+        print(f"  {results['image']['compression']}")
     if text:
         ids = tokenizer([p for ps in (prompts or {}).values() for p in ps][:N_CHECK] or ["fetal ultrasound"]).int()
         results["text"] = build_package(

@@ -2086,6 +2086,25 @@ def test_quantized_export(tmp_path, mode, dtype, per_param):
     head = [op.val.val for op in ops if op.op_type == "const" and getattr(op.val.val, "shape", ()) == (128, 256)]
     if mode == "int8":  # the head's scales would underflow fp16: it stays fp16, tiny rows intact
         assert len(head) == 1 and head[0].dtype == np.float16 and (np.abs(head[0][1]) > 0).any()
+    assert re.fullmatch(rf"{mode} vs fp16 weights \(PyTorch, 200 toy test images\): embedding cosine mean [01]\.\d+, "
+                        r"least [01]\.\d+, zero-shot argmax agrees on \d+\.\d%", summary["compression"])
+
+
+def test_compressed_copy_moves_what_the_package_stores():
+    model = randomize_(models.build_model("toy-student")).eval()
+    images = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    sizes = {n: t.numel() for n, t in model.visual.state_dict().items() if t.is_floating_point()}
+    moved = {}
+    for mode in ("none", "int8", "palettize4"):
+        copied = export_ios.compressed_copy(model, mode).visual.state_dict()
+        moved[mode] = {n: ((copied[n] - t).norm() / t.norm()).item() for n, t in model.visual.state_dict().items()
+                       if n in sizes}
+    big = [n for n, k in sizes.items() if k >= 2048]
+    assert big and max(moved["none"].values()) < 1e-3  # fp16 rounding only
+    assert all(moved["int8"][n] < 1e-2 for n in big) and all(0.02 < moved["palettize4"][n] < 0.3 for n in big)
+    assert all(moved["palettize4"][n] < 1e-3 for n in sizes if n not in big)  # small tensors stay fp16
+    module = export_ios.ImageEncoder(model, F.normalize(torch.randn(5, 128), dim=-1)).eval()
+    assert "zero-shot argmax agrees on" in export_ios.compression_cost(module, "palettize4", images)
 
 
 def test_int8_scale_underflow_rule():
