@@ -1086,12 +1086,17 @@ def pick_device(name):
 
 def flags_help(defaults, accepts, doc, source, notes):
     """doc, then one line per option: --key=default, its rule, the comment beside it in `source`, its note."""
-    comments = {}
+    comments, names = {}, []
     for line in Path(source).read_text().splitlines() if source else ():
+        if names and re.match(r'\s*#\s\s', line):  # an indented comment line continues the option above it
+            comments.update({n: f"{comments[n]} {line.strip(' #')}" for n in names})
+            continue
         code, _, comment = line.partition('  # ')
         names = [n.strip() for n in code.split('=')[0].split(',')]
         if comment and '=' in code and all(n in defaults for n in names):  # `key = 1  # why` or `key=1,  # why`
             comments.update(dict.fromkeys(names, comment.strip()))
+        else:
+            names = []
     shown = {k: f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in defaults.items()}
     width = min(max(map(len, shown.values())), 30)  # a longer default pushes only its own line
     return doc.strip() + '\n\noptions (--key=value, or --key value; a bare --flag sets a boolean):\n' + '\n'.join(

@@ -599,6 +599,13 @@ def latency_ms(fn, x, warmup=3, runs=10):
 NOISY = 0.1  # a spread above 10% means another process shared the CPU: such timings are not comparable
 
 
+def noise_warning(rows):
+    """'\nwarning: ...' to print after timings (speed() rows) too noisy to trust, else ''."""
+    worst = max(row["spread"] for row in rows)
+    return f"\nwarning: timed runs disagree by up to {worst:.0%} of the median: the CPU was shared, so these timings " \
+        "(and folded vs unfolded) are not to be trusted; rerun on an idle machine" if worst > NOISY else ""
+
+
 def speed(model, runs=10):
     """Params (M), GMACs and median CPU ms at batch 1 of the image tower, multi-branch and folded when it has
     branches, and of the text tower; `spread`, the largest of their latency_ms spreads."""
@@ -878,10 +885,7 @@ def main(argv):
                                ("student", opt["checkpoint"] or "mobileclip2-s0", opt["model_config"] or None)):
             model = load_model_from_checkpoint(src, cfg)[0] if Path(src).is_file() else models.build_model(src)
             rows.append(dict(role=role, source=src, **speed(model, opt["runs"])))
-        print(markdown_table(rows, list(rows[0]) + ["image_ms_folded", "image_gmacs_folded"]))
-        if max(r["spread"] for r in rows) > NOISY:
-            print(f"warning: runs disagree by up to {max(r['spread'] for r in rows):.0%} of the median: the CPU was "
-                  "shared, so these timings (folded vs not included) are not to be trusted; rerun on an idle machine")
+        print(markdown_table(rows, list(rows[0]) + ["image_ms_folded", "image_gmacs_folded"]) + noise_warning(rows))
         return save_results(out / f"speed_{stamp}.json", {f"{r['role']}_{k}": v for r in rows for k, v in r.items()
                                                           if k != "role"},
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))

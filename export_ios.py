@@ -29,6 +29,7 @@ import math
 import platform
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -456,6 +457,8 @@ ACCEPTS = dict(classes=check_classes, quantize=tuple(QUANTIZE), target=check_tar
 
 def main(argv=None):
     opt, _ = data.parse_flags(sys.argv[1:] if argv is None else argv, OPTIONS, ACCEPTS, __doc__, __file__)
+    # torch's own deprecation inside torch.export's tree handling, once per run: nothing this file can change
+    warnings.filterwarnings("ignore", re.escape("`isinstance(treespec, LeafSpec)`"), FutureWarning)
     if not opt["checkpoint"]:
         sys.exit("export_ios.py: --checkpoint=PATH is required (--help lists the options)")
     try:

@@ -511,17 +511,18 @@ def train(cfg):
 # --- the embedded story: teacher, student, both evaluated ---
 def report(checkpoints, cfg):
     """Zero-shot on the toy test split (never used for selection) plus size and speed, as a markdown table."""
-    rows = []
+    rows, speeds = [], []
     for name, path in checkpoints:
         model, tokenizer = evaluation.load_model_from_checkpoint(path)
         metrics = evaluation.evaluate(model, tokenizer, task="toy", split="test")
-        speed = evaluation.speed(model, runs=10)
+        speeds.append(speed := evaluation.speed(model, runs=10))
         rows.append(dict(model=name, params_M=sum(p.numel() for p in model.parameters()) / 1e6,
                          image_params_M=sum(p.numel() for p in model.visual.parameters()) / 1e6,
                          image_ms=speed.get("image_ms_folded", speed["image_ms"]), **{k: metrics[k] for k in (
                              "planes_f1", "brain_f1", "ga_validity", "composite")}))
     table = evaluation.markdown_table(rows, list(rows[0]))
-    print("\nzero-shot on the toy test split (image_ms: CPU, batch 1, reparameterized where foldable)\n" + table)
+    print("\nzero-shot on the toy test split (image_ms: CPU, batch 1, reparameterized where foldable)\n" + table
+          + evaluation.noise_warning(speeds))
     Path(cfg["out_dir"], "results.md").write_text(table + "\n")
     return rows
 
