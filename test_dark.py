@@ -315,9 +315,10 @@ def test_load_unwraps_containers_and_any_stack_of_wrapper_prefixes(tmp_path, con
 
 def test_compiled_submodule_and_unknown_prefix():
     source = randomize_(models.build_model('toy-student'))
-    inner = {re.sub(r'^(visual|text)\.', r'\1._orig_mod.', k): v for k, v in source.state_dict().items()}  # compile(model.visual)
-    model = models.load_checkpoint(models.build_model('toy-student'), inner)
-    assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
+    for inner in (r'\1._orig_mod.', r'\1.module.', r'\1._orig_mod.module.'):  # compile(model.visual), DataParallel
+        sd = {re.sub(r'^(visual|text)\.', inner, k): v for k, v in source.state_dict().items()}
+        model = models.load_checkpoint(models.build_model('toy-student'), {'module.' + k: v for k, v in sd.items()})
+        assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
     for prefix in ('student.', 'ema.model.', 'module.student.'):
         sd = {prefix + k: v for k, v in source.state_dict().items()}
         named = prefix.removeprefix('module.')  # module. is known and stripped: what is left is named
