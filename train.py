@@ -533,7 +533,8 @@ def interrupted(run, cfg):
         return "interrupted while pretraining the toy teacher: only a finished one is kept, so run the same command"
     ckpt = Path(cfg["out_dir"]) / "ckpt.pt"
     if not ckpt.is_file():
-        return f"interrupted before the first checkpoint in {cfg['out_dir']}: nothing to resume; run the command again"
+        return f"interrupted before the first checkpoint in {cfg['out_dir']}: nothing to resume; run the same command " \
+               "with --overwrite=true"
     launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')}" if "RANK" in os.environ else "python"
     return f"interrupted. The last checkpoint is {ckpt}; resume with: {launcher} train.py --resume=true " \
            f"--out_dir={cfg['out_dir']}"
