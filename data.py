@@ -538,8 +538,8 @@ def as_l_or_rgb(image):
     if mode in ('LA', 'PA', 'RGBA', 'P'):
         black = Image.new('RGBA', image.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, image.convert('RGBA')).convert('L' if mode == 'LA' else 'RGB')
-    x = np.asarray(image)
     top = {'F': 1.0, 'I': 65535}.get(mode, 65535 if mode.startswith('I;16') else None)
+    x = np.asarray(image) if top else None
     if top is None or not (np.isfinite(x).all() and 0 <= x.min() and x.max() <= top):
         raise ValueError(f"image mode {mode!r}{f' with values {x.min()}..{x.max()}' if top else ''} is not read here: "
                          "save it as 8-bit or 16-bit grey or RGB (PNG), or as 32-bit float in 0..1")
@@ -665,7 +665,7 @@ def read_captions(path, image_col='filepath', caption_col='title', sep=None, roo
     root = Path(root) if root else path.parent
     rows = []
     for r in read_table(path, (image_col, caption_col), sep):
-        if not r[caption_col]:
+        if not clean_text(r[caption_col]):  # nothing but whitespace, controls or invisible characters
             raise ValueError(f"{r['where']}: empty caption (column {caption_col!r})")
         rows.append(dict(image_path=root / r[image_col], caption=r[caption_col], where=r['where']))
     return rows
@@ -917,7 +917,7 @@ class TarShards(torch.utils.data.IterableDataset):
             if ext is None or 'txt' not in group:
                 raise ValueError(f"needs an image ({', '.join(IMAGE_EXTENSIONS)}) and a .txt, has {sorted(group)}")
             caption = decode_text(group['txt'], 'txt').strip()
-            if not caption:
+            if not clean_text(caption):
                 raise ValueError('empty caption')
             image = load_image(group[ext])
         except ValueError as e:
