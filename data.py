@@ -431,7 +431,8 @@ def _find_bpe(path=None):
         raise FileNotFoundError(
             f"CLIP BPE vocabulary not found ({path or 'no path given, DARK_BPE unset, open_clip not installed'}). "
             "Get bpe_simple_vocab_16e6.txt.gz from https://github.com/openai/CLIP/tree/main/clip or "
-            "https://github.com/mlfoundations/open_clip/tree/main/src/open_clip, then pass it (train.py --bpe=PATH) or set DARK_BPE=PATH.")
+            "https://github.com/mlfoundations/open_clip/tree/main/src/open_clip, then pass it (--bpe=PATH to "
+            "train.py or export_ios.py) or set DARK_BPE=PATH.")
     return path
 
 
@@ -540,8 +541,8 @@ def as_l_or_rgb(image):
     if mode in ('LA', 'PA', 'RGBA', 'P'):
         black = Image.new('RGBA', image.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, image.convert('RGBA')).convert('L' if mode == 'LA' else 'RGB')
-    x = np.asarray(image)
     top = {'F': 1.0, 'I': 65535}.get(mode, 65535 if mode.startswith('I;16') else None)
+    x = np.asarray(image) if top else None
     if top is None or not (np.isfinite(x).all() and 0 <= x.min() and x.max() <= top):
         raise ValueError(f"image mode {mode!r}{f' with values {x.min()}..{x.max()}' if top else ''} is not read here: "
                          "save it as 8-bit or 16-bit grey or RGB (PNG), or as 32-bit float in 0..1")
@@ -667,7 +668,7 @@ def read_captions(path, image_col='filepath', caption_col='title', sep=None, roo
     root = Path(root) if root else path.parent
     rows = []
     for r in read_table(path, (image_col, caption_col), sep):
-        if not r[caption_col]:
+        if not clean_text(r[caption_col]):  # nothing but whitespace, controls or invisible characters
             raise ValueError(f"{r['where']}: empty caption (column {caption_col!r})")
         rows.append(dict(image_path=root / r[image_col], caption=r[caption_col], where=r['where']))
     return rows
@@ -799,10 +800,14 @@ def _expand(text, pattern):
         if c == '{' and depth == 1:
             start = i
         elif c == '}' and depth == 0:  # the first top-level group: text = head {body} tail
-            return [text[:start] + b + t for b in _group(text[start + 1:i], pattern) for t in _expand(text[i + 1:], pattern)]
+            tails = _expand(text[i + 1:], pattern)
+            return [text[:start] + b + t for b in _group(text[start + 1:i], pattern) for t in tails]
     if depth:
         raise ValueError(f"shard pattern {pattern!r}: unbalanced braces")
     return [text]
+
+
+_LETTERS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'  # braceexpand's order: {Z..b} is Z, a, b
 
 
 def _group(body, pattern):
@@ -814,16 +819,13 @@ def _group(body, pattern):
             cuts.append(i)
     if len(cuts) > 1:
         return [x for a, b in zip(cuts, cuts[1:] + [len(body)]) for x in _expand(body[a + 1:b], pattern)]
-    letters = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'  # braceexpand's order: Z..a runs on
-    if m := re.fullmatch(r'(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.-?(\d+))?', body):
-        lo, hi, step = m[1], m[2], int(m[3] or 1) or 1
-        if lo.isalpha() and hi.isalpha():
-            i, j = letters.index(lo), letters.index(hi)
-            return list(letters[i:j + 1:step] if i <= j else letters[j:i + 1][::-1][::step])
-        if not lo.isalpha() and not hi.isalpha():
-            pad = max(len(lo), len(hi)) if re.match(r'-?0\d', lo) or re.match(r'-?0\d', hi) else 0
-            return [f"{n:0{pad}d}" for n in range(int(lo), int(hi) + (1 if int(hi) >= int(lo) else -1),
-                                                    step if int(hi) >= int(lo) else -step)]
+    m = re.fullmatch(r'(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.-?(\d+))?', body)
+    if m and m[1].isalpha() == m[2].isalpha():
+        lo, hi = (_LETTERS.index(m[1]), _LETTERS.index(m[2])) if m[1].isalpha() else (int(m[1]), int(m[2]))
+        way = 1 if hi >= lo else -1
+        values = range(lo, hi + way, way * (int(m[3] or 1) or 1))
+        pad = max(len(m[1]), len(m[2])) if re.match(r'-?0\d', m[1]) or re.match(r'-?0\d', m[2]) else 0
+        return [_LETTERS[v] if m[1].isalpha() else f"{v:0{pad}d}" for v in values]
     raise ValueError(f"shard pattern {pattern!r}: '{{{body}}}' is neither a list (a,b) nor a range (1..9, a..z)")
 
 
@@ -903,7 +905,7 @@ class TarShards(torch.utils.data.IterableDataset):
             if ext is None or 'txt' not in group:
                 raise ValueError(f"needs an image ({', '.join(IMAGE_EXTENSIONS)}) and a .txt, has {sorted(group)}")
             caption = decode_text(group['txt'], 'txt').strip()
-            if not caption:
+            if not clean_text(caption):
                 raise ValueError('empty caption')
             image = load_image(group[ext])
         except ValueError as e:
@@ -1238,12 +1240,17 @@ def pick_device(name):
 
 def flags_help(defaults, accepts, doc, source, notes):
     """doc, then one line per option: --key=default, its rule, the comment beside it in `source`, its note."""
-    comments = {}
+    comments, names = {}, []
     for line in Path(source).read_text().splitlines() if source else ():
+        if names and re.match(r'\s*#\s\s', line):  # an indented comment line continues the option above it
+            comments.update({n: f"{comments[n]} {line.strip(' #')}" for n in names})
+            continue
         code, _, comment = line.partition('  # ')
         names = [n.strip() for n in code.split('=')[0].split(',')]
         if comment and '=' in code and all(n in defaults for n in names):  # `key = 1  # why` or `key=1,  # why`
             comments.update(dict.fromkeys(names, comment.strip()))
+        else:
+            names = []
     shown = {k: f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in defaults.items()}
     width = min(max(map(len, shown.values())), 30)  # a longer default pushes only its own line
     return doc.strip() + '\n\noptions (--key=value, or --key value; a bare --flag sets a boolean):\n' + '\n'.join(

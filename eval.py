@@ -599,6 +599,13 @@ def latency_ms(fn, x, warmup=3, runs=10):
 NOISY = 0.1  # a spread above 10% means another process shared the CPU: such timings are not comparable
 
 
+def noise_warning(rows):
+    """'\nwarning: ...' to print after timings (speed() rows) too noisy to trust, else ''."""
+    worst = max(row["spread"] for row in rows)
+    return f"\nwarning: timed runs disagree by up to {worst:.0%} of the median: the CPU was shared, so these timings " \
+        "(and folded vs unfolded) are not to be trusted; rerun on an idle machine" if worst > NOISY else ""
+
+
 def speed(model, runs=10):
     """Params (M), GMACs and median CPU ms at batch 1 of the image tower, multi-branch and folded when it has
     branches, and of the text tower; `spread`, the largest of their latency_ms spreads."""
@@ -619,11 +626,17 @@ def speed(model, runs=10):
 
 
 # --- checkpoints, results files, command line ---
-def load_model_from_checkpoint(path, model_config=None, bpe_path=None, weights=True):
-    """-> (model in eval mode, tokenizer). A train.py checkpoint carries its config: {'model': state_dict,
-    'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too). Raw open_clip weights
-    (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict. weights=False reads no
-    weight and builds the model on the meta device: its sizes and preprocessing only."""
+def load_model_from_checkpoint(path, model_config=None, bpe_path=None):
+    """-> (model in eval mode, tokenizer); load_model_and_tokenizer_kind says which checkpoints."""
+    model, kind = load_model_and_tokenizer_kind(path, model_config)
+    return model, data.get_tokenizer(kind, model.context_length, bpe_path)
+
+
+def load_model_and_tokenizer_kind(path, model_config=None, weights=True):
+    """-> (model in eval mode, 'toy' | 'bpe'), no vocabulary file needed. A train.py checkpoint carries its config:
+    {'model': state_dict, 'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too).
+    Raw open_clip weights (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict.
+    weights=False reads no weight and builds the model on the meta device: its sizes and preprocessing only."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=not weights)  # mmap: tensors stay on disk
     cfg = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or model_config
     if cfg is None:
@@ -635,7 +648,7 @@ def load_model_from_checkpoint(path, model_config=None, bpe_path=None, weights=T
     if weights:
         models.load_checkpoint(model, ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
     kind = ckpt.get("tokenizer") or ("bpe" if model.config["text_cfg"].get("vocab_size", 49408) == 49408 else "toy")
-    return model.eval(), data.get_tokenizer(kind, model.context_length, bpe_path)
+    return model.eval(), kind
 
 
 def save_results(path, metrics, meta):
@@ -875,10 +888,7 @@ def main(argv):
                                ("student", opt["checkpoint"] or "mobileclip2-s0", opt["model_config"] or None)):
             model = load_model_from_checkpoint(src, cfg)[0] if Path(src).is_file() else models.build_model(src)
             rows.append(dict(role=role, source=src, **speed(model, opt["runs"])))
-        print(markdown_table(rows, list(rows[0]) + ["image_ms_folded", "image_gmacs_folded"]))
-        if max(r["spread"] for r in rows) > NOISY:
-            print(f"warning: runs disagree by up to {max(r['spread'] for r in rows):.0%} of the median: the CPU was "
-                  "shared, so these timings (folded vs not included) are not to be trusted; rerun on an idle machine")
+        print(markdown_table(rows, list(rows[0]) + ["image_ms_folded", "image_gmacs_folded"]) + noise_warning(rows))
         return save_results(out / f"speed_{stamp}.json", {f"{r['role']}_{k}": v for r in rows for k, v in r.items()
                                                           if k != "role"},
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))

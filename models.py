@@ -636,10 +636,11 @@ def resize_text_positions(state_dict, model):
     return state_dict
 
 
-# What wrappers put in front of (or inside) parameter names: DDP / DataParallel `module.` (DeepSpeed too), and
-# torch.compile's `_orig_mod.` (also inside a key when only a submodule was compiled), FSDP's and activation
-# checkpointing's wrapped-module names. They stack in any order: DDP(compile(model)), compile(DDP(model)).
-_WRAPPERS = re.compile(r'(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.|^(?:module\.)+')
+# What wrappers put in front of (or inside) parameter names: DDP and DataParallel `module.` (DeepSpeed too),
+# torch.compile's `_orig_mod.`, FSDP's and activation checkpointing's wrapped-module names; inside a key when only a
+# submodule was wrapped (model.visual = torch.compile(model.visual)); stacked in any order. No model here has a part
+# of these names, so every such component goes.
+_WRAPPERS = re.compile(r'(?:^|(?<=\.))(?:module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.')
 _CONTAINERS = ('state_dict', 'model', 'model_state_dict', 'module')  # open_clip/timm, train.py, common scripts
 
 
@@ -651,12 +652,7 @@ def unwrap_state_dict(sd):
             raise ValueError(f"no weights found: the checkpoint is a dict of {sorted(sd)[:12]}, with none of "
                              f"{list(_CONTAINERS)} holding a state_dict")
         sd = inner
-    out = {}
-    for key, value in sd.items():
-        while (bare := _WRAPPERS.sub('', key)) != key:  # stacked wrappers: strip until nothing is left to strip
-            key = bare
-        out[key] = value
-    return out
+    return {_WRAPPERS.sub('', key): value for key, value in sd.items()}
 
 
 def load_checkpoint(model, state_dict_or_path):

@@ -118,7 +118,8 @@ def configure(argv):
     if cfg["resume"]:
         if not (out / "ckpt.pt").is_file():
             sys.exit(f"train.py: --resume=true: no checkpoint at {out / 'ckpt.pt'} (is --out_dir the run's folder?)")
-        saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["config"]
+        # mmap: only the config is read from disk, not every weight of a large checkpoint
+        saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)["config"]
         changed = [f"--{k}={cfg[k]} (the run has {saved[k]})" for k in sorted(given - set(RESUME_MAY_CHANGE))
                    if k in saved and cfg[k] != saved[k]]
         if changed:
@@ -129,7 +130,7 @@ def configure(argv):
     elif not cfg["overwrite"] and any((out / f).exists() for f in ("ckpt.pt", "best.pt")):
         sys.exit(f"train.py: {out} holds another run's checkpoints: continue it with --resume=true, replace it with "
                  f"--overwrite=true, or write this run to a new --out_dir")
-    if cfg["kd"] != "none" and not Path(cfg["teacher"]).is_file() and not toy_teacher_missing(cfg):
+    if cfg["kd"] != "none" and not Path(cfg["teacher"]).is_file() and (cfg["resume"] or not toy_teacher_missing(cfg)):
         sys.exit(f"train.py: --teacher={cfg['teacher']}: no such file (the toy teacher is pretrained only at the "
                  f"default --teacher={KEYS['teacher']} with --train_data=toy)")
     return cfg
@@ -243,10 +244,28 @@ def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
     yield from batches
 
 
-def micro_batches_per_epoch(pairs, cfg, world):
-    """Tar shards have no length: --samples_per_epoch, or a pass over the shards' headers that counts the pairs."""
-    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or len(pairs.keys())
-    return n // (cfg["batch_size"] * world)
+def plan_steps(n_pairs, cfg, world):
+    """-> (optimizer steps per epoch, steps in all) for n_pairs training pairs. A run that cannot train raises
+    ValueError with the numbers and what to change: a global batch of one pair (its contrastive loss is 0), fewer
+    pairs than one optimizer step takes, or a warm-up longer than the run (the learning rate would never reach lr;
+    the paper's batch 512 and 500 warm-up steps on an HC18-sized 716 pairs would peak at 4e-7)."""
+    bs, accum, epochs, warmup = cfg["batch_size"], cfg["grad_accum"], cfg["epochs"], cfg["warmup_steps"]
+    per_epoch = n_pairs // (bs * world * accum)
+    total = per_epoch * epochs
+    plan = (f"{n_pairs} pairs, batch {bs} x {world} ranks x {accum} micro-batches: {per_epoch} optimizer steps per "
+            f"epoch, {total} in {epochs} epochs")
+    if bs * world < 2:
+        raise ValueError(f"{plan}: a global batch of one pair has no negatives (its contrastive loss is 0); set "
+                         "--batch_size=2 or more")
+    if per_epoch == 0:
+        raise ValueError(f"{plan}: no optimizer step fits in an epoch; set --batch_size="
+                         f"{max(2, n_pairs // (world * accum))} or less, or give more pairs")
+    if warmup > total:
+        raise ValueError(f"{plan}, with {warmup} warm-up steps: the learning rate would peak at "
+                         f"{lr_at(total - 1, total, cfg['lr'], warmup):.1e}, not --lr={cfg['lr']:g}. Set "
+                         f"--warmup_steps={max(1, total // 10)} (a tenth of the run), or train ten times the warm-up: "
+                         f"--epochs={math.ceil(10 * warmup / per_epoch)}, or fewer pairs per step (--batch_size)")
+    return per_epoch, total
 
 
 def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
@@ -265,8 +284,7 @@ def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
 def load_teacher(cfg, device, weights=True):
     """Frozen, eval mode: a train.py checkpoint carries its config; raw weights need --teacher_config. weights=False:
     built on the meta device, its sizes and preprocessing only (a complete --teacher_cache never loads the teacher)."""
-    model, _ = evaluation.load_model_from_checkpoint(cfg["teacher"], cfg["teacher_config"] or None, cfg["bpe"] or None,
-                                                     weights)
+    model, _ = evaluation.load_model_and_tokenizer_kind(cfg["teacher"], cfg["teacher_config"] or None, weights)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval() if weights else model
@@ -284,7 +302,8 @@ def tokenizer_kind(model):
 
 
 def make_optimizer(model, cfg):
-    """AdamW; no weight decay on parameters with ndim < 2 (norms, biases, logit_scale, layer scales)."""
+    """AdamW; no weight decay on parameters with ndim < 2 (norms, biases, logit_scale), as open_clip's rule (which
+    decays the MCi layer scales, [C, 1, 1], like any weight)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -373,12 +392,20 @@ def validate(model, tokenizer, cfg, device):
 
 
 def check_val_data(cfg):
-    """Read the validation data now, so a wrong path or column, or a label without prompts, fails before training."""
+    """Read the validation data now, so that a wrong path or column, a label without prompts, data without a usable
+    row for a task that validate() runs, or a --val_every that never comes fails before training, not after it."""
     args, _ = val_setup(cfg)
     if args and args["task"] != "toy":
-        records, _ = evaluation.task_records(**args)
+        try:
+            records, _ = evaluation.task_records(**args)
+        except ValueError as e:  # e.g. a FETAL_PLANES_DB whose rows are all Train=0
+            raise ValueError(f"--val_data={args['root']} cannot select the model: {e}"
+                             + " (validation uses the Train=1 rows)" * Path(args["root"]).is_dir()) from e
         if not isinstance(records, list) and not data.TarShards(args["root"]).keys():  # shards: streamed later
             raise ValueError(f"--val_data={args['root']}: the shards hold no image-caption pairs")
+    if cfg["val_data"] and cfg["val_every"] > cfg["epochs"]:
+        raise ValueError(f"--val_every={cfg['val_every']} > --epochs={cfg['epochs']}: --val_data would never be read; "
+                         f"set --val_every={cfg['epochs']} or less")
 
 
 # --- the loop ---
@@ -410,15 +437,13 @@ def train(cfg):
     pairs = make_pairs(cfg, max(student.image_size, spec.image_size), rank, world)
     if tokenizer_kind(student) == "toy" and cfg["train_data"] != "toy":
         check_vocabulary(tokenizer, pairs, cfg, rank)
+    # tar shards have no length: --samples_per_epoch, or a count of their pairs from the tar headers
+    n_pairs = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or len(pairs.keys())
+    steps_per_epoch, total_steps = plan_steps(n_pairs, cfg, world)
+    check_val_data(cfg)
     cache = fill_cache(cfg, cache_header(cfg, spec, pairs), views[0], tokenizer, pairs, rank, world, dev,
                        autocast) if cached else None
     transform = data.DistillTransform(*views[cached:], augment=cfg["augment"])  # cached: the student's view only
-    steps_per_epoch = micro_batches_per_epoch(pairs, cfg, world) // cfg["grad_accum"]
-    total_steps = steps_per_epoch * cfg["epochs"]
-    if total_steps == 0:
-        raise ValueError(f"no optimizer step fits in an epoch: fewer pairs than batch {cfg['batch_size']} x {world} "
-                         f"ranks x {cfg['grad_accum']} micro-batches")
-    check_val_data(cfg)
     optimizer = make_optimizer(student, cfg)
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if cuda else None) if ddp else student
     gather = AllGather.apply if ddp else (lambda x: x)  # [B, D] -> [world * B, D]
@@ -450,8 +475,9 @@ def train(cfg):
     n_params = sum(p.numel() for p in student.parameters())
     select_on = val_setup(cfg)[1]
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
-           f"({cfg['epochs']} epochs x {steps_per_epoch}) on {world} x {dev}, global batch {cfg['batch_size']} x "
-           f"{world} ranks x {cfg['grad_accum']} micro-batches; best.pt: "
+           f"({cfg['epochs']} epochs x {steps_per_epoch} from {n_pairs} pairs; {cfg['warmup_steps']} warm-up) on "
+           f"{world} x {dev}, global batch {cfg['batch_size']} x {world} ranks x {cfg['grad_accum']} micro-batches; "
+           "best.pt: "
            + (f"best validation {select_on}" if select_on else "the last step (no --val_data)"), rank=rank)
     t0, seen = time.time(), 0
     model.train()
@@ -548,17 +574,18 @@ def train(cfg):
 # --- the embedded story: teacher, student, both evaluated ---
 def report(checkpoints, cfg):
     """Zero-shot on the toy test split (never used for selection) plus size and speed, as a markdown table."""
-    rows = []
+    rows, speeds = [], []
     for name, path in checkpoints:
         model, tokenizer = evaluation.load_model_from_checkpoint(path)
         metrics = evaluation.evaluate(model, tokenizer, task="toy", split="test")
-        speed = evaluation.speed(model, runs=10)
+        speeds.append(speed := evaluation.speed(model, runs=10))
         rows.append(dict(model=name, params_M=sum(p.numel() for p in model.parameters()) / 1e6,
                          image_params_M=sum(p.numel() for p in model.visual.parameters()) / 1e6,
                          image_ms=speed.get("image_ms_folded", speed["image_ms"]), **{k: metrics[k] for k in (
                              "planes_f1", "brain_f1", "ga_validity", "composite")}))
     table = evaluation.markdown_table(rows, list(rows[0]))
-    print("\nzero-shot on the toy test split (image_ms: CPU, batch 1, reparameterized where foldable)\n" + table)
+    print("\nzero-shot on the toy test split (image_ms: CPU, batch 1, reparameterized where foldable)\n" + table
+          + evaluation.noise_warning(speeds))
     Path(cfg["out_dir"], "results.md").write_text(table + "\n")
 
 
@@ -568,7 +595,8 @@ def interrupted(run, cfg):
         return "interrupted while pretraining the toy teacher: only a finished one is kept, so run the same command"
     ckpt = Path(cfg["out_dir"]) / "ckpt.pt"
     if not ckpt.is_file():
-        return f"interrupted before the first checkpoint in {cfg['out_dir']}: nothing to resume; run the command again"
+        return f"interrupted before the first checkpoint in {cfg['out_dir']}: nothing to resume; run the same " \
+               "command with --overwrite=true"
     launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')}" if "RANK" in os.environ else "python"
     return f"interrupted. The last checkpoint is {ckpt}; resume with: {launcher} train.py --resume=true " \
            f"--out_dir={cfg['out_dir']}"
