@@ -1519,7 +1519,7 @@ def test_cached_step_equals_online_step_rounded_to_fp16(tmp_path):
 
 
 def test_mismatching_cache_is_refused_naming_the_field(tmp_path):
-    cfg = _cached(tmp_path, toy_train_size=8)
+    cfg = _cached(tmp_path, toy_train_size=16)
     train.train(cfg)
     before = {name: (tmp_path / "cache" / name).read_bytes() for name in CACHE_FILES}
     torch.manual_seed(1)
@@ -1527,7 +1527,7 @@ def test_mismatching_cache_is_refused_naming_the_field(tmp_path):
     torch.save(dict(model=other.state_dict(), model_config=other.config, tokenizer="toy"), tmp_path / "other.pt")
     for over, field in ((dict(teacher=str(tmp_path / "other.pt")), "teacher_sha256"), (dict(augment=False), "augment"),
                         (dict(cache_views=3), "cache_views"), (dict(seed=1), "seed"),
-                        (dict(toy_train_size=16), "data")):
+                        (dict(toy_train_size=24), "data")):
         with pytest.raises(ValueError, match=rf"cache .* made for {field} = .*, this run has {field} = "):
             train.train({**cfg, **over})
     assert before == {name: (tmp_path / "cache" / name).read_bytes() for name in CACHE_FILES}  # nothing touched
