@@ -5,14 +5,15 @@ Everything that turns files, or nothing at all, into images, captions and tensor
 
 The toy world, in a few lines. Item i of a split is a B-mode-like fetal ultrasound image rendered from
 (seed, split, i) alone: a fan-shaped field of view on black with speckle, depth attenuation, bright bone echoes
-that cast acoustic shadows, and one of five planes: fetal abdomen (stomach bubble, umbilical vein, spine), fetal
-brain (skull ring, midline), fetal femur (a bright bar), fetal thorax (four-chamber heart, ribs) or maternal cervix
-(canal). A brain is cut trans-thalamic (thalami), trans-cerebellum (cerebellum, cisterna magna) or
-trans-ventricular (ventricle, choroid plexus): small, faint differences, so that task is the hard one. The
-gestational age (14-40 weeks) sets sizes in mm; a head's circumference follows the WHO curve with its spread. The
-field of view has one of four widths, so a head spans HC / pixel_mm pixels around and the age can be read only from
-the image and the pixel spacing in the text together, as in HC18. A caption states some of: plane, sub-plane,
-structures seen, age in weeks and days, pixel spacing.
+that cast acoustic shadows, and one of five planes, shown near horizontal as sonographers display them: fetal
+abdomen (stomach bubble, umbilical vein, spine), fetal brain (skull ring, midline), fetal femur (a bright bar), fetal
+thorax (four-chamber heart, ribs) or maternal cervix (canal). Two scans in five are heads, cut trans-thalamic (grey
+thalami in the middle), trans-cerebellum (a bright cerebellum at the back) or trans-ventricular (a bright choroid
+plexus in the far ventricle): structures a few pixels across, inside a head of 20-50. The gestational age (14-40
+weeks) sets sizes in mm; a head's circumference follows the WHO curve with its spread. The field of view has one of
+four widths, so a head spans HC / pixel_mm pixels around and the age can be read only from the image and the pixel
+spacing in the text together, as in HC18. A caption states some of: plane, sub-plane, structures seen, age in weeks
+and days, pixel spacing; each age in weeks and each spacing is one token of the toy tokenizer.
 
 The real formats: caption CSV/TSV, webdataset tar shards, FETAL_PLANES_DB, HC18; then FetalCLIP's preprocessing.
 """
@@ -45,7 +46,7 @@ HC_COEFFS = {  # WHO fetal growth, as FetalCLIP uses it: HC(t) = exp(b0 + b1 t +
     'p2.5': (1.59317517131532, 0.29459800552433, -7.3860372566707e-3, 6.56951770216148e-5),
     'p97.5': (2.50074069629423, 0.220067854715719, -4.93623111462443e-3, 3.89066000946519e-5)}
 FIELDS_MM = (96, 128, 160, 192)  # field-of-view widths: 1.5/2/2.5/3 mm/pixel at 64 px, few enough to learn
-PLANE_MIX = (0.15, 0.4, 0.15, 0.15, 0.15)  # how often each plane is scanned: heads carry two of the three tasks
+PLANE_MIX = (0.1, 0.6, 0.1, 0.1, 0.1)  # how often each plane is scanned: heads carry two of the three tasks
 SPLITS = ('train', 'val', 'test')
 _SPLIT_STRIDE = 10 ** 9  # split s owns indices [s * stride, (s + 1) * stride): splits never share an item
 
@@ -78,8 +79,8 @@ def _sample(rng):
             hc * rng.uniform(0.78, 0.9),                                 # thoracic circumference
             rng.uniform(25, 45))[plane]                                  # cervical length
     extent = size * 1.5 if plane in (2, 4) else size / math.pi           # how much of the field it fills
-    # the sonographer zooms so the part fills 30-75% of the width (the smallest field if none does)
-    fits = [f for f in FIELDS_MM if 0.3 <= extent / f <= 0.75] or [FIELDS_MM[0]]
+    # the sonographer zooms so the part fills 50-85% of the width (the smallest field if none does)
+    fits = [f for f in FIELDS_MM if 0.5 <= extent / f <= 0.85] or [FIELDS_MM[0]]
     return dict(plane=plane, brain_plane=int(rng.integers(3)) if plane == 1 else -1, days=days,
                 hc=hc if plane == 1 else float('nan'), size=size, extent=extent, fov=float(rng.choice(fits)))
 
@@ -174,18 +175,18 @@ def _brain(c, rng, p):
     c.mark(c.line(1.7 * a, 0.4), 0.3)  # midline falx
     vis = rng.uniform(0.8, 1.0)  # how clearly the sub-plane's structures came out
     blob = lambda du, dv, ra, rb, echo: c.blob(du * a, dv * b, ra * a, rb * b, brain + vis * (echo - brain))
-    blob(0.4, 0, 0.1, 0.08, 0.02)  # cavum septi pellucidi, in all three planes: it marks the front
+    blob(0.45, 0, 0.1, 0.08, 0.02)  # cavum septi pellucidi, in all three planes: it marks the front
     if p['brain_plane'] == 0:  # trans-thalamic: two grey thalami either side of the dark third ventricle, centred
         for side in (-1, 1):
-            blob(-0.05, side * 0.2, 0.24, 0.17, 0.5)
-        blob(-0.05, 0, 0.2, 0.04, 0.0)
+            blob(-0.05, side * 0.22, 0.26, 0.2, 0.55)
+        blob(-0.05, 0, 0.24, 0.05, 0.0)
     elif p['brain_plane'] == 1:  # trans-cerebellum: the bright cerebellum at the back, the dark cisterna magna behind
         for side in (-1, 1):
-            blob(-0.55, side * 0.17, 0.15, 0.2, 0.75)
-        blob(-0.8, 0, 0.1, 0.3, 0.0)
+            blob(-0.55, side * 0.2, 0.17, 0.22, 0.85)
+        blob(-0.82, 0, 0.1, 0.35, 0.0)
     else:  # trans-ventricular: the far lateral ventricle, dark, filled by its bright choroid plexus
-        blob(-0.1, 0.5, 0.55, 0.14, 0.0)
-        blob(-0.2, 0.5, 0.35, 0.09, 0.9)
+        blob(-0.1, 0.5, 0.6, 0.18, 0.0)
+        blob(-0.2, 0.5, 0.4, 0.12, 1.0)
 
 
 def _femur(c, rng, p):
@@ -261,9 +262,9 @@ def _caption(p, pixel_mm, rng):
     k = int(rng.integers(3))
     if k:
         facts.append(pick(_SHOWING).format(' and '.join(rng.choice(seen, k, replace=False))))
-    if rng.random() < (0.95 if head else 0.5):  # heads need the age and spacing most: the GA task reads them
+    if rng.random() < 0.95:  # every part grows with age: each caption that states it teaches the age tokens
         facts.append(pick(_GA).format(*divmod(p['days'], 7)))
-    if rng.random() < (0.95 if head else 0.3):
+    if rng.random() < 0.95:
         facts.append(pick(_SPACING).format(pixel_mm))
     rng.shuffle(facts)
     return ', '.join([first] + facts) + '.'
