@@ -1,7 +1,7 @@
 """
 Everything that turns files, or nothing at all, into images, captions and tensors:
 
-    python data.py [toy_samples.png]     # save a grid of toy samples, print captions and the images/s
+    python data.py --out=toy_samples.png     # save a grid of toy samples, print captions and the images/s
 
 The toy world, in a few lines. Item i of a split is a B-mode-like fetal ultrasound image rendered from
 (seed, split, i) alone: a fan-shaped field of view on black with speckle, depth attenuation, bright bone echoes
@@ -18,17 +18,22 @@ and days, pixel spacing; each age in weeks and each spacing is one token of the 
 The real formats: caption CSV/TSV, webdataset tar shards, FETAL_PLANES_DB, HC18; then FetalCLIP's preprocessing.
 """
 import csv
+import difflib
 import gzip
 import html
 import io
 import itertools
+import json
+import lzma
 import math
 import os
 import random
 import re
+import struct
 import sys
 import tarfile
 import unicodedata
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -337,14 +342,18 @@ def save_grid(path, n=16, size=128, split='train', seed=0):
 
 
 # --- tokenizers ---
-def _pack(seqs, context_length, eot):
-    """Token lists -> LongTensor[N, context_length], zero-padded; a long one is cut but keeps its end token, since
-    the text towers pool at the end token."""
-    out = torch.zeros(len(seqs), context_length, dtype=torch.long)
-    for row, ids in zip(out, seqs):
-        ids = ids[:context_length - 1] + [eot] if len(ids) > context_length else ids
-        row[:len(ids)] = torch.tensor(ids)
-    return out
+class Tokenizer:
+    """What both tokenizers share: texts -> LongTensor[N, context_length] of start, encode(text), end, zero-padded;
+    a long one is cut but keeps its end token, since the text towers pool at the end token."""
+
+    def __call__(self, texts):
+        texts = [texts] if isinstance(texts, str) else texts
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for row, text in zip(out, texts):
+            ids = [self.sot] + self.encode(text) + [self.eot]
+            ids = ids[:self.context_length - 1] + [self.eot] if len(ids) > self.context_length else ids
+            row[:len(ids)] = torch.tensor(ids)
+        return out
 
 
 def _bytes_to_unicode():
@@ -361,8 +370,47 @@ def _bytes_to_unicode():
 
 # CLIP's pre-tokenizer. Python's re has no \p{L} / \p{N}: [^\W\d_] is letters plus the numeric characters outside
 # Nd (², ½, Ⅻ), which _words() splits off again, and (?:[^\s\w]|_) is [^\s\p{L}\p{N}].
-_CLIP_PAT = re.compile(r"<start_of_text>|<end_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
+# CLIP's pattern also matches '<start_of_text>' and '<end_of_text>' as one piece each; clean_text says why not here.
+_CLIP_PAT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
 _STRAIGHT_QUOTES = {**dict.fromkeys([0x2bc, *range(0x2018, 0x201c)], "'"), **dict.fromkeys(range(0x201c, 0x2020), '"')}
+# ECMA-48 escapes, as terminals read them: CSI (colours, cursor moves), OSC (titles, hyperlinks; ended by BEL or
+# ESC \\, or by the end of the text) and two-character escapes
+_ESCAPES = re.compile(r'\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\|$)|[ -/]*[0-~])')
+
+
+class _Invisible(dict):
+    """str.translate table, filled on first sight of a character: control (Cc) and format (Cf: byte-order mark,
+    zero-width, bidi and soft-hyphen) characters map to None (dropped), but tab, newline, form feed and carriage
+    return, which the whitespace clean-up turns into spaces; so does U+FFFC, as in ftfy."""
+
+    def __missing__(self, code):
+        drop = unicodedata.category(chr(code)) in ('Cc', 'Cf') and chr(code) not in '\t\n\f\r' or code == 0xFFFC
+        self[code] = None if drop else code
+        return self[code]
+
+
+_INVISIBLE = _Invisible()
+
+
+def clean_text(text):
+    """A caption as open_clip cleans it before BPE (ftfy.fix_text, html-unescape twice, collapse whitespace,
+    lower-case), with ftfy reduced to the fixes a file from an editor, a spreadsheet or a terminal needs. In order:
+    html entities unescaped (first, so that an escaped control is cleaned like a raw one); surrogates paired, a lone
+    one replaced by U+FFFD (as ftfy; it would crash UTF-8 encoding); C1 controls read as the Windows-1252 characters
+    they stand for (as ftfy and browsers: \\x92 -> ’); terminal escape sequences removed; control and format
+    characters dropped (_Invisible); curly quotes straightened, NFC, whitespace collapsed, lower case.
+
+    Where this differs from ftfy, on purpose (a test pins each): every ECMA-48 escape is removed, where ftfy removes
+    only colour codes and leaves an OSC title's text; all format characters are dropped, where ftfy drops only the
+    byte-order mark and a few others and keeps zero-width spaces, joiners, bidi marks and soft hyphens, which would
+    become tokens of invisible bytes; the five C1 codes Windows-1252 leaves undefined are dropped, where ftfy keeps
+    them; the literal text '<start_of_text>' or '<end_of_text>' in a caption stays text, where open_clip makes it
+    the special token, so a caption could end the sequence early and the text tower, which pools at the first end
+    token, would ignore the rest. ftfy's repairs of mojibake, ligatures and full-width forms are left out."""
+    text = html.unescape(html.unescape(text)).encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
+    text = re.sub('[\x80-\x9f]', lambda c: c[0].encode('latin-1').decode('cp1252', 'ignore'), text)
+    text = _ESCAPES.sub('', text).translate(_INVISIBLE).translate(_STRAIGHT_QUOTES)
+    return ' '.join(unicodedata.normalize('NFC', text).split()).lower()
 
 
 def _words(text):
@@ -386,14 +434,14 @@ def _find_bpe(path=None):
         raise FileNotFoundError(
             f"CLIP BPE vocabulary not found ({path or 'no path given, DARK_BPE unset, open_clip not installed'}). "
             "Get bpe_simple_vocab_16e6.txt.gz from https://github.com/openai/CLIP/tree/main/clip or "
-            "https://github.com/mlfoundations/open_clip/tree/main/src/open_clip, then pass it (train.py --bpe=PATH) or set DARK_BPE=PATH.")
+            "https://github.com/mlfoundations/open_clip/tree/main/src/open_clip, then pass it (--bpe=PATH to "
+            "train.py or export_ios.py) or set DARK_BPE=PATH.")
     return path
 
 
-class SimpleTokenizer:
+class SimpleTokenizer(Tokenizer):
     """CLIP's byte-level BPE (openai/CLIP simple_tokenizer.py), giving open_clip's ids: start 49406, end 49407,
-    pad 0. Cleaning is open_clip's (html-unescape twice, collapse whitespace, lower-case) with ftfy.fix_text
-    reduced to straight quotes and NFC; its repairs of mojibake, ligatures and full-width forms are left out."""
+    pad 0, after clean_text (open_clip's cleaning, with the differences listed there)."""
 
     def __init__(self, bpe_path=None, context_length=77):
         merges = gzip.open(_find_bpe(bpe_path)).read().decode('utf-8').split('\n')[1:49152 - 256 - 2 + 1]
@@ -428,16 +476,10 @@ class SimpleTokenizer:
         return self.cache[token]
 
     def encode(self, text):
-        text = html.unescape(html.unescape(text)).translate(_STRAIGHT_QUOTES)  # ftfy's fixes that clean text needs:
-        text = ' '.join(unicodedata.normalize('NFC', text).split()).lower()  # straight quotes, composed accents
         ids = []
-        for word in _words(text):
+        for word in _words(clean_text(text)):
             ids += [self.encoder[t] for t in self.bpe(''.join(self.byte_encoder[b] for b in word.encode('utf-8')))]
         return ids
-
-    def __call__(self, texts):
-        texts = [texts] if isinstance(texts, str) else texts
-        return _pack([[self.sot] + self.encode(t) + [self.eot] for t in texts], self.context_length, self.eot)
 
 
 TOY_WORDS = tuple((  # everything the toy world says, one token each; new words go at the end so old ids keep their meaning
@@ -454,10 +496,10 @@ TOY_VOCAB_SIZE = 160  # 0 pad, 1 start, 2 unknown, then TOY_WORDS and TOY_NUMBER
 TOY_CONTEXT = 44  # the longest toy caption is 42 tokens with start and end
 
 
-class ToyTokenizer:
-    """The toy world's word-level tokenizer: lower-case words, punctuation marks, and numbers: one token for each of
-    TOY_NUMBERS, any other number spelled out digit by digit. No file. An unknown word gets id 2. End-of-text is
-    TOY_VOCAB_SIZE - 1, the largest id, because the text towers pool at argmax(token id), as CLIP's do."""
+class ToyTokenizer(Tokenizer):
+    """The toy world's word-level tokenizer: lower-case words, punctuation marks, and numbers, after clean_text: one
+    token for each of TOY_NUMBERS, any other number spelled out digit by digit. No file. An unknown word gets id 2.
+    End-of-text is TOY_VOCAB_SIZE - 1, the largest id, because the text towers pool at argmax(token id), as CLIP's do."""
 
     def __init__(self, context_length=TOY_CONTEXT):
         self.ids = {word: i for i, word in enumerate(TOY_WORDS + TOY_NUMBERS, start=3)}
@@ -465,13 +507,14 @@ class ToyTokenizer:
         self.vocab_size, self.context_length = TOY_VOCAB_SIZE, context_length
 
     def encode(self, text):
-        words = re.findall(r'[a-z]+|\d+(?:\.\d+)?|[^\sa-z\d]', text.lower())
+        words = re.findall(r'[a-z]+|\d+(?:\.\d+)?|[^\sa-z\d]', clean_text(text))
         spelled = lambda w: w[0].isdigit() and w not in self.ids  # a number without its own token: digit by digit
         return [self.ids.get(c, self.unk) for w in words for c in (w if spelled(w) else [w])]
 
-    def __call__(self, texts):
-        texts = [texts] if isinstance(texts, str) else texts
-        return _pack([[self.sot] + self.encode(t) + [self.eot] for t in texts], self.context_length, self.eot)
+    def unknown_share(self, texts):
+        """The share of the tokens of texts that are unknown words (0 for no tokens)."""
+        ids = [i for text in texts for i in self.encode(text)]
+        return ids.count(self.unk) / max(len(ids), 1)
 
 
 def get_tokenizer(kind, context_length, bpe_path=None):
@@ -484,54 +527,192 @@ def get_tokenizer(kind, context_length, bpe_path=None):
 
 
 # --- the real formats ---
-def load_image(path, where=''):
-    """Open and decode an image now, so a missing or corrupt file fails here, naming the file and the row."""
+# Every way Pillow reports an image it cannot decode: missing, zero bytes or an unknown format (OSError, of which
+# UnidentifiedImageError), cut short or corrupt (OSError, SyntaxError, EOFError, struct.error, ValueError, IndexError
+# from its format plugins), too many pixels (DecompressionBombError: Pillow's guard against a small file that
+# decodes to gigabytes, an Exception only), and a mode as_l_or_rgb refuses (ValueError).
+DECODE_ERRORS = (OSError, SyntaxError, EOFError, struct.error, ValueError, IndexError, Image.DecompressionBombError)
+
+
+def as_l_or_rgb(image):
+    """Any image a dataset holds -> mode 'L' (grey) or 'RGB', 8 bits, each value meaning what it meant: '1' -> L
+    (0, 255); P, CMYK, YCbCr, RGBX -> RGB (Pillow's conversion); an alpha channel (LA, PA, RGBA, P with
+    transparency) is composited over black, the colour of the padding; 16-bit grey (I;16, I;16B, I;16L, I;16N, as
+    ultrasound and DICOM exports are saved, and I holding 0..65535, as older Pillow opened them) -> L = value / 257
+    rounded, the 16-bit range scaled to 8 bits; F holding 0..1 -> L = 255 * value rounded. Anything else (LAB, HSV,
+    I or F outside those ranges) raises ValueError naming the mode: there is no one right scale."""
+    mode = image.mode
+    if mode in ('L', 'RGB'):
+        return image
+    if mode in ('1', 'CMYK', 'YCbCr', 'RGBX') or mode == 'P' and 'transparency' not in image.info:
+        return image.convert('L' if mode == '1' else 'RGB')
+    if mode in ('LA', 'PA', 'RGBA', 'P'):
+        black = Image.new('RGBA', image.size, (0, 0, 0, 255))
+        return Image.alpha_composite(black, image.convert('RGBA')).convert('L' if mode == 'LA' else 'RGB')
+    top = {'F': 1.0, 'I': 65535}.get(mode, 65535 if mode.startswith('I;16') else None)
+    x = np.asarray(image) if top else None
+    if top is None or not (np.isfinite(x).all() and 0 <= x.min() and x.max() <= top):
+        raise ValueError(f"image mode {mode!r}{f' with values {x.min()}..{x.max()}' if top else ''} is not read here: "
+                         "save it as 8-bit or 16-bit grey or RGB (PNG), or as 32-bit float in 0..1")
+    return Image.fromarray(np.round(x.astype(np.float64) * (255 / top)).astype(np.uint8))
+
+
+def load_image(source, where='', header_only=False):
+    """Decode an image now -> PIL image in mode 'L' or 'RGB' (as_l_or_rgb). source: a path, or the bytes of a shard
+    member. Anything in DECODE_ERRORS raises ValueError naming where (the file and row) and the cause; the readers
+    skip on it or stop. header_only: open without decoding the pixels (size and mode; a bomb is still refused)."""
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            if header_only:
+                return image
             image.load()
-            return image
-    except (OSError, ValueError) as e:  # missing, unreadable, not an image, truncated
-        raise ValueError(f"{where + ': ' if where else ''}cannot read image {path}: {e}") from e
+            return as_l_or_rgb(image)
+    except DECODE_ERRORS as e:
+        name = f"({len(source)} bytes)" if isinstance(source, bytes) else source
+        raise ValueError(f"{where + ': ' if where else ''}cannot read image {name}: {type(e).__name__}: {e}") from e
 
 
-def _read_table(path, columns, sep):
-    """Rows of a delimited text file as dicts with 'where' = 'file, line N'. Stray whitespace around headers and
-    values is dropped (published files have it: FETAL_PLANES_DB's header says 'Train '); nothing else is forgiven."""
-    path = Path(path)
-    with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: a spreadsheet's byte-order mark is no header
-        reader = csv.reader(f, delimiter=sep, skipinitialspace=True)
-        header = [h.strip() for h in next(reader, [])]
-        while header and not header[-1]:  # a trailing separator
-            header.pop()
-        missing = [c for c in columns if c not in header]
-        if missing:
-            raise ValueError(f"{path}: missing column(s) {missing}; the header has {header}")
-        rows = []
-        for values in reader:
-            values = [v.strip() for v in values]
-            while len(values) > len(header) and not values[-1]:
-                values.pop()
-            if not any(values):
-                continue
-            where = f"{path}, line {reader.line_num}"
-            if len(values) != len(header):
-                raise ValueError(f"{where}: {len(values)} fields where the header has {len(header)}")
-            rows.append(dict(zip(header, values), where=where))
+def _skip(skipped, where, why):
+    """Count a skipped sample and say so on stderr, with this process's running count."""
+    skipped.append((where, str(why)))
+    print(f"data: skipped {where}: {why} [{len(skipped)} skipped so far]", file=sys.stderr)
+
+
+_BOMS = ((b'\xef\xbb\xbf', 'utf-8-sig'), (b'\xff\xfe\x00\x00', 'utf-32'), (b'\x00\x00\xfe\xff', 'utf-32'),
+         (b'\xff\xfe', 'utf-16'), (b'\xfe\xff', 'utf-16'))  # utf-32's mark starts like utf-16's: test it first
+_SEPARATORS = {',': 'comma', ';': 'semicolon', '\t': 'tab', '|': 'pipe'}
+
+
+def _line_of(text):
+    """1-based number of the line that text's end sits on, counting \\n, \\r\\n and a lone \\r as csv does."""
+    return text.count('\n') + text.count('\r') - text.count('\r\n') + 1
+
+
+def decode_text(raw, name):
+    """Bytes of a caption file or shard caption -> str: UTF-8, or UTF-8, UTF-16 or UTF-32 with a byte-order mark
+    (Excel's 'CSV UTF-8' and 'Unicode text'). Anything else (Windows-1252 'ANSI', Latin-1, UTF-16 without a mark)
+    raises ValueError naming name and the line: such bytes decode as *some* text in almost any single-byte encoding,
+    so a guess would silently change captions."""
+    encoding = next((enc for bom, enc in _BOMS if raw.startswith(bom)), 'utf-8')
+    if encoding == 'utf-8' and b'\0' in raw:  # UTF-8 text has no NUL; UTF-16/32 text of Latin letters is half NULs
+        raise ValueError(f"{name}, line {_line_of(raw[:raw.index(0)].decode('latin-1'))}: a NUL byte (UTF-16 without "
+                         "a byte-order mark?); save it as UTF-8")
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = _line_of(raw[:e.start].decode(encoding, 'replace'))
+        raise ValueError(f"{name}, line {line}: not {encoding.removesuffix('-sig')} (bytes {raw[e.start:e.start + 4]!r})."
+                         " Save it as UTF-8 (Excel: 'CSV UTF-8'; or iconv -f cp1252 -t utf-8): other encodings are "
+                         "not guessed") from None
+    return text
+
+
+def read_table(path, columns, sep=None):
+    """Rows of a delimited text file (CSV, TSV, FETAL_PLANES_DB's ';' file) -> [dict(header -> value, where)], where
+    'where' is 'PATH, line N' with N the line each row starts on (a quoted caption may span lines). sep: one
+    character, or '\\t' for a tab; None: tab for .tsv/.tab, else ',', unless the header holds every name in columns
+    only when split at one other of , ; tab | (detected: a spreadsheet saves ';' where ',' is the decimal mark).
+    Every name in columns must be in the header.
+
+    The encoding is decode_text's. Stray whitespace and byte-order marks around headers and values are dropped
+    (published files have them: FETAL_PLANES_DB's header says 'Train '), as are trailing separators and blank lines;
+    nothing else is forgiven: another encoding, a wrong field count, a quote never closed, a missing or doubled
+    column raise ValueError naming the file and line. Quoting is csv's (Excel's): '"a" ,' reads as a; a quote inside
+    an unquoted field (5" probe) is a character."""
+    path, raw, detect = Path(path), Path(path).read_bytes(), sep is None
+    sep = {None: '\t' if path.suffix.lower() in ('.tsv', '.tab') else ',', '\\t': '\t'}.get(sep, sep)
+    if len(sep) != 1:
+        raise ValueError(f"separator must be one character (or '\\t'), got {sep!r}")
+    text = decode_text(raw, path)
+    lines = io.StringIO(text, newline='').readlines()  # split as csv splits: at \\n, \\r\\n and a lone \\r
+    reader = csv.reader(lines, delimiter=sep, skipinitialspace=True)  # not strict: '"a" ,' is a, as spreadsheets read it
+    header, rows = None, []
+    while True:
+        start = reader.line_num + 1  # the line this record starts on
+        where = f"{path}, line {start}"
+        try:
+            values = [v.replace('\ufeff', '').strip() for v in next(reader)]
+        except StopIteration:
+            break
+        except csv.Error as e:  # NUL is caught above; what is left is csv.field_size_limit
+            raise ValueError(f"{where}: {e} (a quote opened here and never closed?)") from None
+        while values and not values[-1] and (header is None or len(values) > len(header)):
+            values.pop()  # a trailing separator
+        if not any(values):
+            continue
+        quote = f" (a quote opened on line {start} and closed on line {reader.line_num}?)" * (reader.line_num > start)
+        if reader.line_num == len(lines) > start:  # the last record spans lines: was its quote ever closed?
+            try:
+                list(csv.reader(lines[start - 1:], delimiter=sep, skipinitialspace=True, strict=True))
+            except csv.Error as e:
+                if 'end of data' in str(e):
+                    raise ValueError(f"{where}: a quote opened here is never closed") from None
+        if header is None:
+            header, missing = values, [c for c in columns if c not in values]
+            fits = [s for s in _SEPARATORS if s != sep and set(columns) <= {v.strip() for v in sep.join(values).split(s)}]
+            if missing and detect and len(fits) == 1:
+                return read_table(path, columns, fits[0])
+            if missing:
+                guess = next((f"; it looks {name}-separated: pass sep={s!r} (train.py --csv_separator)"
+                              for s, name in _SEPARATORS.items() if s != sep and s in ''.join(values)), '')
+                raise ValueError(f"{where}: missing column(s) {missing}; the header has {values}, split at {sep!r}{guess}")
+            if any(values.count(c) > 1 for c in columns):
+                raise ValueError(f"{where}: a column of {list(columns)} appears twice in the header {values}")
+            continue
+        if len(values) != len(header):
+            raise ValueError(f"{where}: {len(values)} fields where the header has {len(header)} (split at "
+                             f"{sep!r}){quote}")
+        rows.append(dict(zip(header, values), where=where))
+    if header is None:
+        raise ValueError(f"{path}: empty file; expected a header with {list(columns)}")
     return rows
 
 
 def read_captions(path, image_col='filepath', caption_col='title', sep=None, root=None):
-    """Image-caption pairs from a CSV (',') or TSV ('\\t', by extension) with open_clip's column names by default.
-    Relative image paths are taken from root, else from the file's own folder. -> [dict(image_path, caption, where)]"""
+    """Image-caption pairs from a CSV or TSV (read_table) with open_clip's column names by default (open_clip's
+    --csv-img-key, --csv-caption-key). Relative image paths are taken from root, else from the file's own folder.
+    -> [dict(image_path, caption, where)]; an empty caption raises ValueError naming file and line."""
     path = Path(path)
-    sep = sep or ('\t' if path.suffix.lower() in ('.tsv', '.tab') else ',')
     root = Path(root) if root else path.parent
     rows = []
-    for r in _read_table(path, (image_col, caption_col), sep):
-        if not r[caption_col]:
-            raise ValueError(f"{r['where']}: empty caption")
+    for r in read_table(path, (image_col, caption_col), sep):
+        if not clean_text(r[caption_col]):  # nothing but whitespace, controls or invisible characters
+            raise ValueError(f"{r['where']}: empty caption (column {caption_col!r})")
         rows.append(dict(image_path=root / r[image_col], caption=r[caption_col], where=r['where']))
     return rows
+
+
+def load_prompts(path):
+    """A class-prompts JSON -> {class name: [prompt, ...]}, in the file's order. Either FetalCLIP's format,
+    {"class name": ["prompt", ...], ...}, or open_clip's templates, {"templates": ["a photo of a {}.", ...],
+    "classes": ["name", ...]}, where '{}' (or CLIP_benchmark's '{c}') marks the class name. The one loader behind
+    eval.py --prompts, train.py --val_prompts and export_ios.py --classes. Raises ValueError naming the file and the
+    class, key or template at fault (a class given twice too, which json.loads would quietly merge)."""
+    def unique(pairs):
+        if dup := sorted({k for k, _ in pairs if [k for k, _ in pairs].count(k) > 1}):
+            raise ValueError(f"{path}: {dup} given more than once")
+        return dict(pairs)
+
+    try:
+        given = json.loads(Path(path).read_text(encoding='utf-8-sig'), object_pairs_hook=unique)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read prompts {path}: {e}") from e
+    texts = lambda v: isinstance(v, list) and v and all(isinstance(s, str) and s.strip() for s in v)
+    if isinstance(given, dict) and given.keys() & {'templates', 'classes'}:  # open_clip's templates x classes
+        if given.keys() != {'templates', 'classes'} or not texts(given['templates']) or not texts(given['classes']):
+            raise ValueError(f"{path}: a templates file has exactly two keys, 'templates' and 'classes', each a "
+                             f"non-empty list of strings; it has {sorted(given)}")
+        if bad := [t for t in given['templates'] if '{}' not in t and '{c}' not in t]:
+            raise ValueError(f"{path}: templates {bad} have no '{{}}' (or '{{c}}') where the class name goes")
+        if dup := sorted({c for c in given['classes'] if given['classes'].count(c) > 1}):
+            raise ValueError(f"{path}: classes {dup} listed more than once")
+        return {c: [t.replace('{c}', c).replace('{}', c) for t in given['templates']] for c in given['classes']}
+    if not isinstance(given, dict) or not given:
+        raise ValueError(f"{path}: expected {{\"class name\": [\"prompt\", ...]}} or {{\"templates\": [...], "
+                         f"\"classes\": [...]}}, got {type(given).__name__}")
+    if bad := [c for c, v in given.items() if not texts(v) or not c.strip()]:
+        raise ValueError(f"{path}: classes {bad} need a name and a non-empty list of non-empty prompt strings")
+    return given
 
 
 def _label(row, column, allowed):
@@ -549,7 +730,7 @@ def read_fetal_planes(root):
     root = Path(root)
     columns = ('Image_name', 'Patient_num', 'Plane', 'Brain_plane', 'Operator', 'US_Machine', 'Train')
     rows = []
-    for r in _read_table(root / 'FETAL_PLANES_DB_data.csv', columns, ';'):
+    for r in read_table(root / 'FETAL_PLANES_DB_data.csv', columns, ';'):
         plane = _label(r, 'Plane', PLANES + ('Other',))
         brain = _label(r, 'Brain_plane', BRAIN_PLANES + ('Other', 'Not A Brain'))
         if brain in BRAIN_PLANES and plane != 'Fetal brain':
@@ -568,53 +749,107 @@ def read_hc18(root):
     file fails early; the pixel spacing of a model's input is max(width, height) / input_size * pixel_mm."""
     root = Path(root)
     rows = []
-    for r in _read_table(root / 'training_set_pixel_size_and_HC.csv',
+    for r in read_table(root / 'training_set_pixel_size_and_HC.csv',
                          ('filename', 'pixel size(mm)', 'head circumference (mm)'), ','):
         try:
             pixel_mm, hc_mm = float(r['pixel size(mm)']), float(r['head circumference (mm)'])
         except ValueError as e:
             raise ValueError(f"{r['where']}: {e}") from e
         path = root / 'training_set' / r['filename']
-        try:
-            with Image.open(path) as image:
-                width, height = image.size
-        except OSError as e:
-            raise ValueError(f"{r['where']}: cannot read image {path}: {e}") from e
+        width, height = load_image(path, r['where'], header_only=True).size
         rows.append(dict(image_path=path, pixel_mm=pixel_mm, hc_mm=hc_mm, width=width, height=height,
                          where=r['where']))
     return rows
 
 
 class ImageRows(torch.utils.data.Dataset):
-    """A reader's rows as a dataset: item i is row i plus its decoded image."""
+    """A reader's rows as a dataset: item i is row i plus its decoded image. skip_bad=True: a row whose image does not
+    decode (DECODE_ERRORS) is skipped, counted in .skipped and reported on stderr, and the next row that decodes
+    takes its place, so that every batch keeps its size on every rank (that row appears twice in the epoch)."""
 
-    def __init__(self, rows):
-        self.rows = rows
+    def __init__(self, rows, skip_bad=False):
+        self.rows, self.skip_bad, self.skipped = rows, skip_bad, []
 
     def __len__(self):
         return len(self.rows)
 
     def __getitem__(self, i):
-        row = self.rows[i]
-        return dict(row, image=load_image(row['image_path'], row['where']))
+        for j in range(i, i + len(self.rows)):
+            row = self.rows[j % len(self.rows)]
+            try:
+                return dict(row, image=load_image(row['image_path']))
+            except ValueError as e:
+                if not self.skip_bad:
+                    raise ValueError(f"{row['where']}: {e}") from e.__cause__
+                _skip(self.skipped, row['where'], e)
+        raise ValueError(f"no row of {len(self.rows)} has an image that decodes")
 
 
 def expand_braces(pattern):
-    """'shard_{0001..0003}.tar' -> shard_0001.tar, shard_0002.tar, shard_0003.tar (zero padding kept), and
-    '{a,b}' -> a, b, as webdataset expands them; several groups multiply."""
-    m = re.search(r'\{([^{}]*)\}', pattern)
-    if not m:
-        return [pattern]
-    span = re.fullmatch(r'(\d+)\.\.(\d+)', m[1])
-    items = [str(i).zfill(len(span[1])) for i in range(int(span[1]), int(span[2]) + 1)] if span else m[1].split(',')
-    return [p for item in items for p in expand_braces(pattern[:m.start()] + item + pattern[m.end():])]
+    """Shard names from a pattern, as webdataset and open_clip expand them: '::' joins patterns ('a/{0..1}.tar::b.tar'),
+    braces nest and multiply, left to right, as in bash: lists ('{a,b}', '{,x}' with an empty item), integer ranges
+    ('{1..3}', '{3..1}', '{-1..1}', step '{0..8..4}'; a leading zero pads every number to the wider end: '{08..10}'),
+    letter ranges ('{a..c}'). Refused with ValueError naming the pattern: unbalanced braces, a group that is neither a
+    list nor a range ('{a}', '{}', '{1..x}'), an empty pattern, a name given twice. A backslash is a character (a
+    Windows path), not an escape, so braces cannot be part of a shard's name."""
+    names = [name for part in str(pattern).split('::') for name in _expand(part, pattern)]
+    doubled = sorted({n for n in names if names.count(n) > 1})
+    if '' in names or doubled:
+        raise ValueError(f"shard pattern {pattern!r} gives {'an empty name' if '' in names else f'{doubled[:3]} twice'}")
+    return names
+
+
+def _expand(text, pattern):
+    depth = start = 0
+    for i, c in enumerate(text):
+        depth += (c == '{') - (c == '}')
+        if depth < 0:
+            break
+        if c == '{' and depth == 1:
+            start = i
+        elif c == '}' and depth == 0:  # the first top-level group: text = head {body} tail
+            tails = _expand(text[i + 1:], pattern)
+            return [text[:start] + b + t for b in _group(text[start + 1:i], pattern) for t in tails]
+    if depth:
+        raise ValueError(f"shard pattern {pattern!r}: unbalanced braces")
+    return [text]
+
+
+_LETTERS = 'ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz'  # braceexpand's order: {Z..b} is Z, a, b
+
+
+def _group(body, pattern):
+    """The expansions of one brace group's inside: a list at its top-level commas, else a range."""
+    depth, cuts = 0, [-1]
+    for i, c in enumerate(body):
+        depth += (c == '{') - (c == '}')
+        if c == ',' and depth == 0:
+            cuts.append(i)
+    if len(cuts) > 1:
+        return [x for a, b in zip(cuts, cuts[1:] + [len(body)]) for x in _expand(body[a + 1:b], pattern)]
+    m = re.fullmatch(r'(-?\d+|[A-Za-z])\.\.(-?\d+|[A-Za-z])(?:\.\.-?(\d+))?', body)
+    if m and m[1].isalpha() == m[2].isalpha():
+        lo, hi = (_LETTERS.index(m[1]), _LETTERS.index(m[2])) if m[1].isalpha() else (int(m[1]), int(m[2]))
+        way = 1 if hi >= lo else -1
+        values = range(lo, hi + way, way * (int(m[3] or 1) or 1))
+        pad = max(len(m[1]), len(m[2])) if re.match(r'-?0\d', m[1]) or re.match(r'-?0\d', m[2]) else 0
+        return [_LETTERS[v] if m[1].isalpha() else f"{v:0{pad}d}" for v in values]
+    raise ValueError(f"shard pattern {pattern!r}: '{{{body}}}' is neither a list (a,b) nor a range (1..9, a..z)")
+
+
+# How a shard fails to read: cut short or not a tar (TarError; EOFError from a cut .tar.gz or .tar.xz), corrupt
+# compressed data (zlib.error, lzma.LZMAError), missing or unreadable (OSError)
+SHARD_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
+IMAGE_EXTENSIONS = ('png', 'jpg', 'jpeg', 'webp')  # open_clip's webdataset image keys
 
 
 class TarShards(torch.utils.data.IterableDataset):
-    """Image-caption pairs streamed from webdataset-style tar shards (members KEY.png|jpg|jpeg and KEY.txt, next to
-    each other), so a corpus never has to fit in memory. The shards are dealt out over ranks (shard_by) and then over
-    DataLoader workers; give each rank at least num_workers shards. skip_bad=True skips a bad sample or unreadable
-    shard instead of raising, and reports each skip on stderr with its process's running count (also in .skipped)."""
+    """Image-caption pairs streamed from webdataset-style tar shards (members KEY.png|jpg|jpeg|webp and KEY.txt, next
+    to each other), so a corpus never has to fit in memory. The shards (expand_braces) are dealt out over ranks
+    (shard_by) and then over DataLoader workers; give each rank at least num_workers shards. A bad sample (an image
+    in DECODE_ERRORS, a caption decode_text refuses or that is empty, a missing part) or an unreadable shard
+    (SHARD_ERRORS: what came before the break is kept) raises ValueError naming the shard and the key; skip_bad=True
+    skips it instead, counted in .skipped and reported on stderr with this process's running count."""
 
     def __init__(self, pattern, skip_bad=False, shuffle=False, seed=0):
         self.shards = expand_braces(str(pattern))
@@ -629,6 +864,37 @@ class TarShards(torch.utils.data.IterableDataset):
     def set_epoch(self, epoch):  # a new shard order each epoch, the same on every rank
         self.epoch = epoch
 
+    def count_pairs(self):
+        """Captions (KEY.txt members) in all shards, read from the tar headers (train.py's epoch length). An
+        unreadable shard counts what came before the break and is skipped or named, as when streaming."""
+        n = 0
+        for shard in self.shards:
+            try:
+                with tarfile.open(shard) as tar:  # random access: seeks over the members' data
+                    for member in tar:
+                        n += member.isfile() and member.name.endswith('.txt')
+                    # tarfile takes a plain tar cut short for its end: a whole one ends in two zero blocks
+                    if isinstance(tar.fileobj, io.BufferedReader) and os.path.getsize(shard) < tar.offset + 1024:
+                        raise tarfile.ReadError("unexpected end of data (no end-of-archive blocks)")
+            except SHARD_ERRORS as e:
+                self._bad(shard, f"unreadable shard ({type(e).__name__}: {e})")
+        return n
+
+    def captions(self, n):
+        """Up to n captions from the first shards, text only (train.py's vocabulary check); a bad shard or caption
+        is left to the stream, which names or skips it."""
+        out = []
+        for shard in self.shards:
+            try:
+                with tarfile.open(shard) as tar:
+                    out += [tar.extractfile(m).read().decode('utf-8', 'replace') for m in tar
+                            if m.isfile() and m.name.endswith('.txt')]
+            except SHARD_ERRORS:
+                continue
+            if len(out) >= n:
+                break
+        return out[:n]
+
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -636,9 +902,9 @@ class TarShards(torch.utils.data.IterableDataset):
         if self.shuffle:
             random.Random(self.seed * 100_003 + self.epoch).shuffle(shards)
         for shard in shards[self.rank * workers + worker::self.world_size * workers]:
+            key, group = None, {}
             try:
                 with tarfile.open(shard, 'r|*') as tar:  # stream mode: one pass, no index
-                    key, group = None, {}
                     for member in tar:
                         if not member.isfile():
                             continue
@@ -648,23 +914,24 @@ class TarShards(torch.utils.data.IterableDataset):
                             yield from self._sample(f"{shard}: {key}", group)
                             key, group = os.path.join(folder, stem), {}
                         group[ext.lower()] = tar.extractfile(member).read()
-                    yield from self._sample(f"{shard}: {key}", group)
-            except (tarfile.TarError, OSError) as e:
-                self._bad(shard, f"unreadable shard ({e})")
+            except SHARD_ERRORS as e:
+                self._bad(shard, f"unreadable shard ({type(e).__name__}: {e})")
+                if 'txt' not in group or not group.keys() & set(IMAGE_EXTENSIONS):
+                    group = {}  # the sample the break cut into: counted with the shard
+            yield from self._sample(f"{shard}: {key}", group)
 
     def _sample(self, where, group):
         if not group:
             return
         try:
-            ext = next((e for e in ('png', 'jpg', 'jpeg') if e in group), None)
+            ext = next((e for e in IMAGE_EXTENSIONS if e in group), None)
             if ext is None or 'txt' not in group:
-                raise ValueError(f"needs an image (.png/.jpg/.jpeg) and a .txt, has {sorted(group)}")
-            caption = group['txt'].decode('utf-8').strip()
-            if not caption:
+                raise ValueError(f"needs an image ({', '.join(IMAGE_EXTENSIONS)}) and a .txt, has {sorted(group)}")
+            caption = decode_text(group['txt'], 'txt').strip()
+            if not clean_text(caption):
                 raise ValueError('empty caption')
-            image = Image.open(io.BytesIO(group[ext]))
-            image.load()
-        except (OSError, ValueError) as e:  # UnicodeDecodeError is a ValueError, a corrupt image an OSError
+            image = load_image(group[ext])
+        except ValueError as e:
             self._bad(where, e)
             return
         yield dict(image=image, caption=caption, where=where)
@@ -672,16 +939,14 @@ class TarShards(torch.utils.data.IterableDataset):
     def _bad(self, where, why):
         if not self.skip_bad:
             raise ValueError(f"{where}: {why} (TarShards(skip_bad=True) skips and counts such samples)")
-        self.skipped.append((where, str(why)))
-        print(f"data: skipped {where}: {why} [{len(self.skipped)} skipped so far]", file=sys.stderr)
+        _skip(self.skipped, where, why)
 
 
 # --- preprocessing, as FetalCLIP and MobileFetalCLIP do it ---
 def pad_square(image):
     """Zero-pad to a centred black square (FetalCLIP's make_image_square_with_zero_padding): resizing then keeps
     the anatomy's proportions."""
-    if image.mode not in ('L', 'RGB'):
-        image = image.convert('RGB')
+    image = as_l_or_rgb(image)
     w, h = image.size
     square = Image.new(image.mode, (max(w, h),) * 2)
     square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
@@ -745,10 +1010,117 @@ class Collate:
         return batch
 
 
+# --- the command line: one grammar for train.py, eval.py, export_ios.py and this file ---
+def parse_flags(argv, defaults, accepts=None, doc='', source=None, notes=None):
+    """Command-line flags over `defaults` {key: default}, the default's type being the flag's type.
+    -> (config dict, set of keys given). The grammar of every script: --key=value, or --key value for all but
+    booleans; a bare --flag sets a boolean (--flag=true|false also). -h/--help prints `doc`, then each option with
+    the comment beside its default in the file `source` and its note in `notes` {key: text}. `accepts` {key: rule}
+    is checked here, before any work: a tuple is the closed set of values, a string such as '[1, inf)' or '(0, 1)'
+    an interval, a function a check that raises ValueError saying what it accepts (its docstring's first line is
+    the rule --help shows).
+    Raises SystemExit with a message naming the flag: unknown key (listing the valid keys), wrong type, bad value."""
+    prog, cfg, given, args, accepts = Path(source or sys.argv[0]).name, dict(defaults), set(), list(argv), accepts or {}
+    while args:
+        arg = args.pop(0)
+        if arg in ('-h', '--help'):
+            print(flags_help(defaults, accepts, doc, source, notes or {}))
+            sys.exit(0)
+        key, has_value, value = arg[2:].partition('=')
+        if not arg.startswith('--') or key not in defaults:
+            near = difflib.get_close_matches(key, defaults, 1)
+            sys.exit(f"{prog}: unknown argument {arg!r}" + (f" (did you mean --{near[0]}?)" if near else '') +
+                     f"; the options are --{', --'.join(defaults)} (given as --key=value; --help explains each)")
+        kind = type(defaults[key])
+        if not has_value and kind is not bool:
+            if not args or args[0].startswith('--'):
+                sys.exit(f"{prog}: --{key} needs a value: --{key}=VALUE")
+            value = args.pop(0)
+        try:
+            cfg[key] = flag_value(value if has_value or kind is not bool else 'true', kind)
+            check_flag(cfg[key], accepts.get(key))
+        except ValueError as e:
+            sys.exit(f"{prog}: --{key}={value}: {e}")
+        given.add(key)
+    return cfg, given
+
+
+def flag_value(text, kind):
+    """'--key=text' -> a value of the default's type. Raises ValueError saying what the flag takes."""
+    if kind is bool:
+        if text.lower() not in ('true', 'false', '1', '0', 'yes', 'no'):
+            raise ValueError('takes true or false (or a bare --flag for true)')
+        return text.lower() in ('true', '1', 'yes')
+    try:
+        value = kind(text)
+    except ValueError:
+        raise ValueError(f"takes {'an integer' if kind is int else 'a number'}") from None
+    if kind is float and not math.isfinite(value):
+        raise ValueError('takes a finite number')
+    return value
+
+
+def check_flag(value, rule):
+    """Raises ValueError unless value meets its rule (see parse_flags)."""
+    if isinstance(rule, tuple) and value not in rule:
+        raise ValueError(f"takes {show_rule(rule)}")
+    if isinstance(rule, str):  # an interval: [ or ] includes the bound, ( or ) excludes it
+        lo, hi = (float(b) for b in rule[1:-1].split(','))
+        if not ((lo < value or rule[0] == '[' and lo == value) and (value < hi or rule[-1] == ']' and value == hi)):
+            raise ValueError(f"takes a value {show_rule(rule)}")
+    if callable(rule):
+        rule(value)
+
+
+def show_rule(rule):
+    """A closed set as 'a | b', an interval as written, a check function by its docstring's first line."""
+    return ' | '.join(str(v) or "''" for v in rule) if isinstance(rule, tuple) else f"in {rule}" if isinstance(
+        rule, str) else rule.__doc__.splitlines()[0]
+
+
+def pick_device(name):
+    """auto | cpu | cuda | cuda:N present here
+    -> torch.device (auto: cuda when there is one). Raises ValueError saying what is accepted or present."""
+    if name == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ('cpu', 'cuda'):
+        raise ValueError(f"takes {show_rule(pick_device)}")
+    if device.type == 'cuda' and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"this machine has {torch.cuda.device_count()} CUDA devices (torch {torch.__version__}); "
+                         "--device=cpu runs anywhere")
+    return device
+
+
+def flags_help(defaults, accepts, doc, source, notes):
+    """doc, then one line per option: --key=default, its rule, the comment beside it in `source`, its note."""
+    comments, names = {}, []
+    for line in Path(source).read_text().splitlines() if source else ():
+        if names and re.match(r'\s*#\s\s', line):  # an indented comment line continues the option above it
+            comments.update({n: f"{comments[n]} {line.strip(' #')}" for n in names})
+            continue
+        code, _, comment = line.partition('  # ')
+        names = [n.strip() for n in code.split('=')[0].split(',')]
+        if comment and '=' in code and all(n in defaults for n in names):  # `key = 1  # why` or `key=1,  # why`
+            comments.update(dict.fromkeys(names, comment.strip()))
+        else:
+            names = []
+    shown = {k: f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in defaults.items()}
+    width = min(max(map(len, shown.values())), 30)  # a longer default pushes only its own line
+    return doc.strip() + '\n\noptions (--key=value, or --key value; a bare --flag sets a boolean):\n' + '\n'.join(
+        (f"  {shown[k]:<{width}}  " + '; '.join(filter(None, (k in accepts and show_rule(accepts[k]), comments.get(k))))
+         + (f" ({notes[k]})" if k in notes else '')).rstrip() for k in defaults)
+
+
 if __name__ == '__main__':
     import time
+    opt, _ = parse_flags(sys.argv[1:], dict(out='toy_samples.png'), doc=__doc__, notes=dict(out='a PNG grid of 16 '
+                         'toy training images; then captions and the images/s of the toy world are printed'))
     torch.set_num_threads(1)
-    out = sys.argv[1] if len(sys.argv) > 1 else 'toy_samples.png'
+    out = opt['out']
     save_grid(out)
     print(f"saved {out}")
     for i in range(6):

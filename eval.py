@@ -6,6 +6,8 @@ choosing a checkpoint is train.py's business, on validation data.
     python eval.py --checkpoint=ckpt.pt --task=paper --data=FETAL_PLANES_DB,HC18   # all three + the composite
     python eval.py --checkpoint=FetalCLIP_weights.pt --model_config=fetalclip --task=hc18 --data=HC18
     python eval.py --checkpoint=student.pt --probe --analysis --teacher=teacher.pt
+    python eval.py --checkpoint=ckpt.pt --task=classify --data=labels.csv --prompts=classes.json  # any labelled images
+    python eval.py --checkpoint=ckpt.pt --task=retrieval --data=pairs.csv     # or tar shards: recall@1/5/10, mean rank
     python eval.py --speed                                    # FetalCLIP vs MobileCLIP2-S0: params, GMACs, CPU ms
     python eval.py --table=out/table1     # a folder of train.py runs -> Table 1 (table1.md, .json), dynamics.png
 
@@ -17,13 +19,17 @@ Zero-shot, as FetalCLIP's released evaluation (reused by MobileFetalCLIP):
 - Gestational age on HC18: 175 daily candidates, each scored by the mean over its prompts of 100 * cosine; the
   median by age of the 15 best is the prediction; valid when P2.5(age) <= true HC <= P97.5(age).
 - Class F1 = (5 F1_planes + 3 F1_brain) / 8; composite = (class F1 + validity / 100) / 2, the paper's "Avg".
+The planes and brain tasks are the generic `classify` with fixed prompts and FETAL_PLANES_DB's labels. Long loops
+report progress on stderr (silent with --quiet).
 """
 import copy
 import functools
+import itertools
 import json
 import math
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +39,9 @@ import torch.nn.functional as F
 import data
 import models
 
-PROTOCOL = "dark-eval-1"  # bump when a metric, prompt or filter changes, so results files stay comparable
+PROTOCOL = "dark-eval-2"  # bump when a metric, prompt or filter changes, so results files stay comparable
+# (2: acc and top-k count images; the mean recall over the classes present, once 'acc', is balanced_acc)
+QUIET = False  # --quiet: no progress lines
 
 # --- prompts: our own wording; a {class: [prompts]} JSON (FetalCLIP's files too) can replace them ---
 PLANE_PROMPTS = {  # 9 classes, as FetalCLIP's classifier, though FETAL_PLANES_DB labels only 5 of them
@@ -60,30 +68,92 @@ GA_TEMPLATES = [  # FetalCLIP's placeholders, so its template files work too
 FPDB_CLASS = {"Fetal abdomen": "abdomen", "Fetal brain": "brain", "Fetal femur": "femur", "Fetal thorax": "heart",
               "Maternal cervix": "cervix", "Trans-thalamic": "trans-thalamic", "Trans-cerebellum": "trans-cerebellum",
               "Trans-ventricular": "trans-ventricular"}  # FETAL_PLANES_DB label -> class of the prompt sets
+CLASS_TASKS = dict(planes="plane", brain="brain", classify="label")  # zero-shot task -> key of its records' class
 GA_DAYS = np.array([w * 7 + d for w in range(14, 39) for d in range(7)])  # 14w0d..38w6d: FetalCLIP's 175 candidates
 TOP_N = 15  # the median of the 15 best candidates, not the argmax: scores of neighbouring days are flat and noisy
 HC_WINDOW = (100.0, 342.0)  # mm, the median HC at 14 and at 40 weeks: HC18's younger heads (down to 44 mm) are
 #                             outside the ages any candidate states, so they are not scored
 
 
+# --- progress: done / total, rate and time left on stderr, for anything that can take minutes ---
+def progress(what, total=None, every=5.0):
+    """-> advance(n): count n more of `total` done. Prints 'what: done/total, rate/s, m:ss left' to stderr at most
+    every `every` seconds and once more at the end (only if it printed before: short work stays silent); nothing
+    when QUIET. total None (a stream): done and rate only."""
+    start = last = time.monotonic()
+    done = 0
+
+    def advance(n=1):
+        nonlocal done, last
+        done += n
+        now, finished = time.monotonic(), total is not None and done >= total
+        if QUIET or now - last < every and not (finished and last > start):
+            return
+        last, rate = now, done / max(now - start, 1e-9)
+        left = f", {int((total - done) / rate) // 60}:{int((total - done) / rate) % 60:02d} left" if total else ""
+        print(f"{what}: {done}/{total or '?'}, {rate:.1f}/s{left}", file=sys.stderr, flush=True)
+    return advance
+
+
 # --- metrics: numpy functions of predictions and labels ---
-def class_metrics(probs, targets, names, topk=(1, 2, 3)):
-    """probs [N, C] over the classifier's C classes, targets [N]. Per-class F1 and accuracy (recall, as torchmetrics'
-    average='none'), and top-k accuracy, each averaged over the classes present in targets only."""
+def class_key(name):
+    """The form in which labels meet class names, and metrics are named: NFC, whitespace collapsed, case folded, so a
+    CSV's 'Pleural  Effusion' is the prompts' 'pleural effusion' (and two classes that differ only so are refused)."""
+    return " ".join(unicodedata.normalize("NFC", str(name)).split()).casefold()
+
+
+def confusion_counts(pred, targets, num_classes):
+    """[C, C] int counts: row = true class, column = predicted class."""
+    return np.bincount(np.asarray(targets) * num_classes + np.asarray(pred),
+                       minlength=num_classes ** 2).reshape(num_classes, num_classes)
+
+
+def class_metrics(probs, targets, names, topk=(2, 3, 5)):
+    """probs [N, C] over the classifier's C classes, targets [N] class indices. -> acc (fraction of images right),
+    top{k} (true class among the k best; k < C only), f1_<class> and acc_<class> (recall, as torchmetrics'
+    average='none') for each class present, then over the classes present in targets only (a prediction of an
+    absent class is simply a miss, as the paper's protocol): f1 (macro F1) and balanced_acc (mean recall); confusion,
+    the [C, C] counts as nested lists (rows: true class) in the order of names."""
     probs, targets = np.asarray(probs), np.asarray(targets)
-    pred, present, out = probs.argmax(1), np.unique(targets), {}
+    cm, present = confusion_counts(probs.argmax(1), targets, probs.shape[1]), np.unique(targets)
+    tp, f1 = np.diag(cm), 2 * np.diag(cm) / np.maximum(cm.sum(0) + cm.sum(1), 1)  # 2tp / (2tp + fp + fn)
+    recall = tp / np.maximum(cm.sum(1), 1)
+    key = {c: class_key(names[c]).replace(" ", "_") for c in range(len(names))}  # 'Fetal abdomen' -> fetal_abdomen
+    if len(set(key.values())) < len(names):  # one metric would overwrite the other
+        raise ValueError(f"class names {list(names)} give two classes one metric name ({sorted(key.values())})")
+    out = dict(acc=float(tp.sum() / len(targets)), f1=float(f1[present].mean()),
+               balanced_acc=float(recall[present].mean()))
     ranked = np.argsort(-probs, axis=1, kind="stable")
-    key = {c: str(names[c]).lower().replace(" ", "_") for c in present}  # 'Fetal abdomen' -> f1_fetal_abdomen
+    out.update({f"top{k}": float((ranked[:, :k] == targets[:, None]).any(1).mean()) for k in topk if k < len(names)})
     for c in present:
-        tp, fp, fn = [int(np.sum(m)) for m in ((pred == c) & (targets == c), (pred == c) & (targets != c),
-                                               (pred != c) & (targets == c))]
-        out[f"f1_{key[c]}"], out[f"acc_{key[c]}"] = 2 * tp / (2 * tp + fp + fn), tp / (tp + fn)
-    for metric in ("f1", "acc"):
-        out[metric] = float(np.mean([out[f"{metric}_{key[c]}"] for c in present]))
-    for k in topk[1:]:
-        hit = (ranked[:, :k] == targets[:, None]).any(1)
-        out[f"top{k}"] = float(np.mean([hit[targets == c].mean() for c in present]))
-    return out
+        out[f"f1_{key[c]}"], out[f"acc_{key[c]}"] = float(f1[c]), float(recall[c])
+    return dict(out, confusion=cm.tolist())
+
+
+def retrieval_metrics(img, txt, owner, ks=(1, 5, 10), chunk=2048):
+    """img [M, D], txt [N, D] L2-normalised embeddings (fp16 is enough: they are compared in fp32 blocks), owner [N]
+    the image of each caption (an image may have several, as in COCO). -> i2t_r{k}, t2i_r{k} (fraction with the
+    true match among the k best), i2t_mean_rank, t2i_mean_rank (1 = first) and mean_recall (of the six recalls, the
+    number a caption-only validation selects on). An image ranks by its best caption. A rank counts the wrong
+    candidates that score strictly higher, in [chunk, chunk] blocks: memory stays O(chunk^2 + (M + N) D), never
+    [M, N], and ties go to the true match."""
+    owner = torch.as_tensor(owner)
+    pair = torch.cat([(img[owner[j:j + chunk]].float() * txt[j:j + chunk].float()).sum(-1)  # [N] cosine of each
+                      for j in range(0, len(txt), chunk)])  # caption with its own image, in chunks: no [N, D] fp32 copy
+    best = torch.full((len(img),), -math.inf).scatter_reduce(0, owner, pair, "amax")  # [M] an image's best caption
+    i2t, t2i = torch.zeros(len(img), dtype=torch.long), torch.zeros(len(txt), dtype=torch.long)
+    advance = progress("retrieval similarities (images)", len(img))
+    for i in range(0, len(img), chunk):
+        a = img[i:i + chunk].float()
+        for j in range(0, len(txt), chunk):
+            sim = a @ txt[j:j + chunk].float().T  # [chunk, chunk]
+            wrong = owner[None, j:j + chunk] != torch.arange(i, i + len(a))[:, None]
+            i2t[i:i + len(a)] += ((sim > best[i:i + len(a), None]) & wrong).sum(1)
+            t2i[j:j + chunk] += ((sim > pair[None, j:j + chunk]) & wrong).sum(0)
+        advance(len(a))
+    out = {f"{d}_r{k}": float((rank < k).float().mean()) for d, rank in (("i2t", i2t), ("t2i", t2i)) for k in ks}
+    return dict(out, mean_recall=float(np.mean(list(out.values()))), i2t_mean_rank=float(i2t.float().mean() + 1),
+                t2i_mean_rank=float(t2i.float().mean() + 1))
 
 
 def class_f1(planes_f1, brain_f1):
@@ -162,23 +232,34 @@ def ga_metrics(pred_days, hc_mm):
 
 # --- zero-shot: image embeddings, text classifiers, age scores ---
 @torch.no_grad()
-def embed_images(model, images, batch_size=64, device="cpu"):
-    """PIL images or paths -> (raw image embeddings [N, D], each image's original (W, H)), preprocessed for model."""
+def embed_images(model, records, batch_size=64, device="cpu", normalize=False, dtype=torch.float32):
+    """Records (a list, or any iterable: a stream of tar samples) of dicts with 'image' (PIL or path) and optionally
+    'where' (named if the file cannot be read) -> (image embeddings [N, D] in dtype, raw unless normalize, each
+    image's original (W, H)), preprocessed for model."""
     prep = data.Preprocess(model.image_size, model.image_mean, model.image_std)
-    feats, sizes = [], []
-    for i in range(0, len(images), batch_size):
-        batch = [data.load_image(x) if isinstance(x, (str, Path)) else x for x in images[i:i + batch_size]]
+    feats, sizes, advance = [], [], progress("images", len(records) if hasattr(records, "__len__") else None)
+    records = iter(records)
+    while batch := list(itertools.islice(records, batch_size)):
+        batch = [data.load_image(r["image"], r.get("where", "")) if isinstance(r["image"], (str, Path))
+                 else r["image"] for r in batch]
         sizes += [im.size for im in batch]
-        feats.append(model.encode_image(torch.stack([prep(im) for im in batch]).to(device)).float().cpu())
+        x = model.encode_image(torch.stack([prep(im) for im in batch]).to(device), normalize=normalize)
+        feats.append(x.float().cpu().to(dtype))
+        advance(len(batch))
+    if not feats:
+        raise ValueError("no images: the data yielded none")
     return torch.cat(feats), sizes
 
 
 @torch.no_grad()
-def encode_texts(model, tokenizer, texts, batch_size=256, device="cpu"):
-    """-> normalised text embeddings [len(texts), D]."""
-    parts = [model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float().cpu()
-             for i in range(0, len(texts), batch_size)]
-    return F.normalize(torch.cat(parts), dim=-1)
+def encode_texts(model, tokenizer, texts, batch_size=256, device="cpu", dtype=torch.float32):
+    """-> normalised text embeddings [len(texts), D] in dtype."""
+    parts, advance = [], progress("texts", len(texts))
+    for i in range(0, len(texts), batch_size):
+        parts.append(F.normalize(model.encode_text(tokenizer(texts[i:i + batch_size]).to(device)).float(), dim=-1)
+                     .cpu().to(dtype))
+        advance(len(parts[-1]))
+    return torch.cat(parts)
 
 
 def text_classifier(model, tokenizer, prompts, device="cpu"):
@@ -196,31 +277,45 @@ def template_prompts(templates):
 def ga_predict(model, tokenizer, feats, spacings, prompt_fn, device="cpu"):
     """feats [N, D] normalised, spacings [N] (2-decimal text) -> predicted age in days [N]. The 175 x P candidate
     prompts depend on the spacing only, so they are encoded once per distinct spacing: that is the cost."""
-    pred = np.zeros(len(feats), dtype=int)
+    pred, advance = np.zeros(len(feats), dtype=int), progress("gestational age (heads)", len(feats))
     for s in sorted(set(spacings)):
         rows = [i for i, x in enumerate(spacings) if x == s]
         texts = [prompt_fn(int(d) // 7, int(d) % 7, float(s)) for d in GA_DAYS]
         emb = encode_texts(model, tokenizer, [p for ps in texts for p in ps], device=device)
         emb = emb.view(len(GA_DAYS), len(texts[0]), -1).mean(1)  # mean of 100*cos over prompts = 100*cos to the mean
         pred[rows] = GA_DAYS[[median_of_top(row) for row in (100 * feats[rows] @ emb.T).numpy()]]  # scores [n, 175]
+        advance(len(rows))
     return pred
 
 
+def check_labels(task, records, prompts):
+    """A record's class (under task's CLASS_TASKS key) with no prompts raises ValueError naming each such label and the
+    first row it is on."""
+    key, names, unknown = CLASS_TASKS[task], list(prompts), {}
+    for i, r in enumerate(records):
+        if r.get(key) and class_key(r[key]) not in map(class_key, names):
+            unknown.setdefault(r[key], r.get("where", f"image {i}"))
+    if unknown:
+        raise ValueError(f"{task}: no prompts for label(s) " + ", ".join(f"{k!r} ({w})" for k, w in unknown.items())
+                         + f"; the prompts name {names}")
+
+
 def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
-    """records: dicts of image, plane and brain (class names or None), hc_mm (None: no age task), pixel_mm.
-    suite: {'planes': {class: [prompts]}, 'brain': {...}, 'ga': prompt_fn}. -> (metrics, outputs per task)."""
-    raw, sizes = embed_images(model, [r["image"] for r in records], batch_size, device)
-    feats, metrics, outputs = F.normalize(raw, dim=-1), {"n_images": len(records)}, {}
-    for task, key, topk in (("planes", "plane", (1, 2, 3)), ("brain", "brain", (1,))):
-        rows, names = [i for i, r in enumerate(records) if r.get(key)], list(suite[task])
+    """records: dicts of image, a class name (or None) under each CLASS_TASKS key (plane, brain, label), hc_mm (None:
+    no age task), pixel_mm, where (optional, named in errors). suite: {'planes' | 'brain' | 'classify': {class:
+    [prompts]}, 'ga': prompt_fn}. -> (metrics, outputs per task). A label with no prompts raises, naming its row."""
+    feats, sizes = embed_images(model, records, batch_size, device, normalize=True)
+    metrics, outputs = {"n_images": len(records)}, {}
+    for task, key in CLASS_TASKS.items():
+        rows = [i for i, r in enumerate(records) if r.get(key)]
         if not rows:
             continue
-        if unknown := sorted({records[i][key] for i in rows} - set(names)):
-            raise ValueError(f"{task}: labels {unknown} are not classes of the prompt set {names}")
-        targets = np.array([names.index(records[i][key]) for i in rows])
+        names = list(suite[task])  # task_records has checked that every label has prompts
+        index = {class_key(name): c for c, name in enumerate(names)}
+        targets = np.array([index[class_key(records[i][key])] for i in rows])
         classes = text_classifier(model, tokenizer, suite[task], device)  # once per call, for every image
         probs = (100 * feats[rows] @ classes.T).softmax(-1).numpy()  # 100: CLIP's fixed zero-shot scale
-        metrics.update({f"{task}_{k}": v for k, v in class_metrics(probs, targets, names, topk).items()})
+        metrics.update({f"{task}_{k}": v for k, v in class_metrics(probs, targets, names).items()})
         outputs[task] = dict(probs=probs, targets=targets, names=names, feats=feats[rows].numpy())
     if any(r.get("hc_mm") is not None for r in records):  # heads outside the HC window are not even scored
         rows = [i for i, r in enumerate(records) if r.get("hc_mm") is not None and in_hc_window(r["hc_mm"])]
@@ -232,6 +327,25 @@ def zero_shot(model, tokenizer, records, suite, batch_size=64, device="cpu"):
         if "ga_validity" in metrics:
             metrics["composite"] = composite(metrics["class_f1"], metrics["ga_validity"])
     return metrics, outputs
+
+
+def retrieval(model, tokenizer, pairs, batch_size=64, device="cpu"):
+    """pairs: dicts of image (PIL or path), caption and optionally key (rows with one key share one image, which is
+    embedded once) -> retrieval_* (retrieval_metrics) on L2-normalised fp16 embeddings: 50k pairs take 2 x 50 MB at
+    D = 512. Pairs may be a stream (tar shards): it is read once."""
+    index, owner, captions = {}, [], []
+
+    def images():  # each distinct image once; every caption and the index of its image on the way
+        for i, pair in enumerate(pairs):
+            if (key := pair.get("key", i)) not in index:
+                index[key] = len(index)
+                yield pair
+            owner.append(index[key])
+            captions.append(pair["caption"])
+    img, _ = embed_images(model, images(), batch_size, device, normalize=True, dtype=torch.float16)
+    txt = encode_texts(model, tokenizer, captions, device=device, dtype=torch.float16)
+    metrics = {f"retrieval_{k}": v for k, v in retrieval_metrics(img, txt, owner).items()}
+    return dict(metrics, n_images=len(img), n_captions=len(txt))
 
 
 # --- tasks: records from the toy world or from the real files ---
@@ -253,42 +367,68 @@ def planes_records(root, split="all"):
         plane = FPDB_CLASS[data.PLANES[r["plane"]]] if r["plane"] >= 0 else None
         brain = FPDB_CLASS[data.BRAIN_PLANES[r["brain_plane"]]] if r["brain_plane"] >= 0 else None
         if (plane or brain) and split in ("all", "train" if r["train"] else "test"):
-            out.append(dict(image=r["image_path"], plane=plane, brain=brain, patient=r["patient"], train=r["train"]))
+            out.append(dict(image=r["image_path"], plane=plane, brain=brain, patient=r["patient"], train=r["train"],
+                            where=r["where"]))
     return out
 
 
-def task_records(task, split="val", n=None, root=None):
-    """-> (records, prompt suite). task: toy (a ToyWorld split) | planes | brain (root: FETAL_PLANES_DB) | hc18 (root:
-    HC18; its labelled images, whatever the split) | paper (root 'FPDB,HC18': all three). n: at most n per source."""
+def task_records(task, split="val", n=None, root=None, csv=None, prompts=None):
+    """-> (records, prompt suite), every class label checked against its prompts. task: toy (a ToyWorld split) |
+    planes | brain (root: FETAL_PLANES_DB) | hc18 (root: HC18; its labelled images, whatever the split) | paper (root
+    'FPDB,HC18': all three; 'FPDB' alone: planes and brain in one pass) | classify (root: a CSV of image and label) |
+    retrieval (root: a caption CSV, or tar shards, streamed). csv: column names and separator (csv_img_key,
+    csv_label_key, csv_caption_key, csv_separator; empty: the default). prompts {'planes' | 'brain' | 'classify':
+    {class: [prompts]}, 'ga': [templates]} replace the defaults; classify has none. n: at most n per source."""
+    records, suite = _task_records(task, split, n, root, csv)
+    suite.update({k: template_prompts(v) if k == "ga" else v for k, v in (prompts or {}).items()})
+    if task == "classify" and "classify" not in suite:
+        raise ValueError("task classify needs class prompts: --prompts=classes.json (data.load_prompts' formats)")
+    if isinstance(records, list) and not records:
+        raise ValueError(f"no images for task {task!r}, split {split!r} in {root or 'the toy world'}")
+    for name in [name for name in CLASS_TASKS if isinstance(records, list) and name in suite]:
+        check_labels(name, records, suite[name])
+    return records, suite
+
+
+def _task_records(task, split, n, root, csv):
     if task == "toy":
         return toy_records(split, n), dict(planes=data.TOY_PLANE_PROMPTS, brain=data.TOY_BRAIN_PROMPTS,
                                            ga=data.toy_ga_prompts)
-    if task not in ("planes", "brain", "hc18", "paper") or not root or (task == "paper") != ("," in str(root)):
+    if task in ("classify", "retrieval") and root:
+        if task == "retrieval" and not str(root).lower().endswith((".csv", ".tsv")):
+            return itertools.islice(data.TarShards(root), n), {}
+        csv = {k: v for k, v in (csv or {}).items() if v}
+        value = csv.get("csv_label_key", "label") if task == "classify" else csv.get("csv_caption_key", "title")
+        rows = data.read_captions(root, csv.get("csv_img_key", "filepath"), value, csv.get("csv_separator"))[:n]
+        if task == "classify":
+            return [dict(image=r["image_path"], label=r["caption"], where=r["where"]) for r in rows], {}
+        return [dict(image=r["image_path"], caption=r["caption"], key=str(r["image_path"])) for r in rows], {}
+    if task not in ("planes", "brain", "hc18", "paper") or not root or task != "paper" and "," in str(root):
         raise ValueError(f"task {task!r} with data {root!r}: use task=toy, or planes | brain | hc18 with data=DIR, "
-                         "or paper with data=FETAL_PLANES_DB_DIR,HC18_DIR")
-    fpdb, hc18 = str(root).split(",") if task == "paper" else (root, root)
+                         "or paper with data=FETAL_PLANES_DB_DIR[,HC18_DIR], or classify | retrieval with data=CSV")
+    fpdb, hc18 = (str(root).split(",") + [None])[:2] if task == "paper" else (root, root)
     records = []
     if task != "hc18":
         if split not in ("train", "test", "all"):  # no validation rows: select checkpoints on train, never on test
             raise ValueError(f"FETAL_PLANES_DB splits are train | test | all (zero-shot papers use all), not {split!r}")
         drop = {"planes": dict(brain=None), "brain": dict(plane=None)}.get(task, {})
         records = [r for r in (dict(r, **drop) for r in planes_records(fpdb, split)) if r["plane"] or r["brain"]][:n]
-    if task in ("hc18", "paper"):
-        records += [dict(image=r["image_path"], hc_mm=r["hc_mm"], pixel_mm=r["pixel_mm"])
+    if task == "hc18" or task == "paper" and hc18:
+        records += [dict(image=r["image_path"], hc_mm=r["hc_mm"], pixel_mm=r["pixel_mm"], where=r["where"])
                     for r in data.read_hc18(hc18)][:n]
     return records, dict(planes=PLANE_PROMPTS, brain=BRAIN_PROMPTS, ga=template_prompts(GA_TEMPLATES))
 
 
-def evaluate(model, tokenizer, task="toy", split="val", n=None, root=None, prompts=None, batch_size=64, device="cpu"):
-    """Zero-shot metrics (train.py calls this): planes_f1, brain_f1, class_f1, ga_validity, composite and more.
-    prompts {'planes' | 'brain': {class: [prompts]}, 'ga': [templates]} replaces defaults; train/eval mode is kept."""
-    records, suite = task_records(task, split, n, root)
-    if not records:
-        raise ValueError(f"no images for task {task!r}, split {split!r} in {root or 'the toy world'}")
-    suite.update({k: template_prompts(v) if k == "ga" else v for k, v in (prompts or {}).items()})
+def evaluate(model, tokenizer, task="toy", split="val", n=None, root=None, prompts=None, batch_size=64, device="cpu",
+             csv=None):
+    """Zero-shot metrics (train.py calls this): planes_f1, brain_f1, class_f1, ga_validity, composite, classify_*,
+    retrieval_* and more. prompts {'planes' | 'brain' | 'classify': {class: [prompts]}, 'ga': [templates]} replaces
+    the defaults (classify has none); csv as task_records. The caller's train/eval mode is kept."""
+    records, suite = task_records(task, split, n, root, csv, prompts)
     training, t0 = model.training, time.perf_counter()
     try:
-        metrics, _ = zero_shot(model.eval(), tokenizer, records, suite, batch_size, device)
+        metrics = (retrieval(model.eval(), tokenizer, records, batch_size, device) if task == "retrieval" else
+                   zero_shot(model.eval(), tokenizer, records, suite, batch_size, device)[0])
     finally:
         model.train(training)
     return {**metrics, "eval_seconds": time.perf_counter() - t0}
@@ -304,7 +444,8 @@ def patient_split(patients, val_fraction=0.2, seed=0):
 
 def linear_probe(train, val, test, num_classes, epochs=50, lr=3e-4, weight_decay=0.01, batch_size=64, seed=0):
     """train/val/test: (embeddings [N, D], labels [N]). AdamW for `epochs`, keeping the weights of the epoch with
-    the lowest validation loss. -> f1 (macro over the classes in test), acc, best_epoch, auroc when binary."""
+    the lowest validation loss. -> f1 (macro over the classes in test), acc, balanced_acc, best_epoch, auroc when
+    binary."""
     torch.manual_seed(seed)
     (x, y), (xv, yv), (xt, yt) = [(torch.as_tensor(a).float(), torch.as_tensor(b).long()) for a, b in
                                   (train, val, test)]
@@ -322,8 +463,8 @@ def linear_probe(train, val, test, num_classes, epochs=50, lr=3e-4, weight_decay
     head.load_state_dict(best[1])
     with torch.no_grad():
         probs = head(xt).softmax(-1).numpy()
-    m = class_metrics(probs, yt.numpy(), list(range(num_classes)), topk=(1,))
-    return dict(f1=m["f1"], acc=m["acc"], best_epoch=best[2], **(
+    m = class_metrics(probs, yt.numpy(), list(range(num_classes)), topk=())
+    return dict(f1=m["f1"], acc=m["acc"], balanced_acc=m["balanced_acc"], best_epoch=best[2], **(
         dict(auroc=auroc(probs[:, 1], yt.numpy())) if num_classes == 2 else {}))
 
 
@@ -338,7 +479,7 @@ def probe(model, task, n=None, root=None, batch_size=64, device="cpu"):
         val = patient_split([r["patient"] for r in train])
         splits = dict(train=[r for r, v in zip(train, val) if not v], val=[r for r, v in zip(train, val) if v],
                       test=[r for r in rows if not r["train"]])
-    feats = {s: embed_images(model.eval(), [r["image"] for r in recs], batch_size, device)[0]
+    feats = {s: embed_images(model.eval(), recs, batch_size, device)[0]
              for s, recs in splits.items()}
     out = {}
     for key in ("plane", "brain"):
@@ -362,9 +503,9 @@ def separation(feats, targets):
 
 def confusion(probs, targets):
     """Row-normalised confusion matrix of argmax predictions: rows = classes present, columns = all classes."""
-    present, pred = np.unique(targets), np.asarray(probs).argmax(1)
-    cm = np.stack([np.bincount(pred[targets == c], minlength=probs.shape[1]) / (targets == c).sum() for c in present])
-    return cm, present
+    present = np.unique(targets)
+    cm = confusion_counts(np.asarray(probs).argmax(1), targets, probs.shape[1])[present]
+    return cm / cm.sum(1, keepdims=True), present
 
 
 def teacher_student(t_probs, s_probs, targets, t_feats, s_feats):
@@ -415,18 +556,20 @@ def plot_teacher_student(path, t_probs, s_probs, targets, names):
     return str(path)
 
 
-def analysis(teacher, student, task, split, n=None, root=None, out_dir="runs/eval", device="cpu"):
-    """teacher, student: (model, tokenizer), on the same images -> ts_planes_*, ts_brain_*; PNG of the planes task."""
-    records, suite = task_records(task, split, n, root)
+def analysis(teacher, student, task, split, n=None, root=None, out_dir="runs/eval", device="cpu", csv=None,
+             prompts=None):
+    """teacher, student: (model, tokenizer), on the same images (task_records' arguments) -> ts_planes_*, ts_brain_*,
+    ts_classify_*; a PNG of the first of those tasks."""
+    records, suite = task_records(task, split, n, root, csv, prompts)
     (_, t), (_, s) = [zero_shot(m.eval(), tok, records, suite, device=device) for m, tok in (teacher, student)]
-    out = {}
-    for name in [name for name in ("planes", "brain") if name in s]:
+    out, tasks = {}, [name for name in CLASS_TASKS if name in s]
+    for name in tasks:
         ts = teacher_student(t[name]["probs"], s[name]["probs"], s[name]["targets"], t[name]["feats"], s[name]["feats"])
         out.update({f"ts_{name}_{k}": v for k, v in ts.items()})
-    if "planes" in s:
+    if tasks:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        if png := plot_teacher_student(Path(out_dir) / f"teacher_student_{task}.png", t["planes"]["probs"],
-                                       s["planes"]["probs"], s["planes"]["targets"], s["planes"]["names"]):
+        if png := plot_teacher_student(Path(out_dir) / f"teacher_student_{task}.png", t[tasks[0]]["probs"],
+                                       s[tasks[0]]["probs"], s[tasks[0]]["targets"], s[tasks[0]]["names"]):
             print(f"figure: {png}")
     return out
 
@@ -441,6 +584,7 @@ def count_gmacs(fn, x):
 
 @torch.no_grad()
 def latency_ms(fn, x, warmup=3, runs=10):
+    """-> (median ms, spread): the spread is the interquartile range over the median, how far runs disagree."""
     for _ in range(warmup):
         fn(x)
     times = []
@@ -448,32 +592,50 @@ def latency_ms(fn, x, warmup=3, runs=10):
         t0 = time.perf_counter()
         fn(x)
         times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+    q1, median, q3 = np.percentile(times, [25, 50, 75])
+    return 1000 * float(median), float((q3 - q1) / median)
+
+
+NOISY = 0.1  # a spread above 10% means another process shared the CPU: such timings are not comparable
+
+
+def noise_warning(rows):
+    """'\nwarning: ...' to print after timings (speed() rows) too noisy to trust, else ''."""
+    worst = max(row["spread"] for row in rows)
+    return f"\nwarning: timed runs disagree by up to {worst:.0%} of the median: the CPU was shared, so these timings " \
+        "(and folded vs unfolded) are not to be trusted; rerun on an idle machine" if worst > NOISY else ""
 
 
 def speed(model, runs=10):
     """Params (M), GMACs and median CPU ms at batch 1 of the image tower, multi-branch and folded when it has
-    branches, and of the text tower."""
+    branches, and of the text tower; `spread`, the largest of their latency_ms spreads."""
     model = model.eval()
     image = torch.randn(1, 3, model.image_size, model.image_size)
     ids = torch.randint(1, model.config["text_cfg"].get("vocab_size", 49408), (1, model.context_length))
     foldable = any(hasattr(m, "reparameterize") for m in model.visual.modules())
     tower = copy.deepcopy(model.visual).train() if foldable else model.visual  # train mode runs every branch (eval
+    (image_ms, a), (text_ms, b) = latency_ms(tower, image, runs=runs), latency_ms(model.encode_text, ids, runs=runs)
     out = dict(params_m=models.count_params(model) / 1e6,                     # mode sums them into one conv)
                image_params_m=models.count_params(model.visual) / 1e6, image_gmacs=count_gmacs(tower, image),
-               text_gmacs=count_gmacs(model.encode_text, ids), image_ms=latency_ms(tower, image, runs=runs),
-               text_ms=latency_ms(model.encode_text, ids, runs=runs))
+               text_gmacs=count_gmacs(model.encode_text, ids), image_ms=image_ms, text_ms=text_ms, spread=max(a, b))
     if foldable:
         folded = models.reparameterize(copy.deepcopy(model.visual))
-        out.update(image_ms_folded=latency_ms(folded, image, runs=runs), image_gmacs_folded=count_gmacs(folded, image))
+        (ms, c), gmacs = latency_ms(folded, image, runs=runs), count_gmacs(folded, image)
+        out.update(image_ms_folded=ms, image_gmacs_folded=gmacs, spread=max(a, b, c))
     return out
 
 
 # --- checkpoints, results files, command line ---
 def load_model_from_checkpoint(path, model_config=None, bpe_path=None):
-    """-> (model in eval mode, tokenizer). A train.py checkpoint carries its config: {'model': state_dict,
-    'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too). Raw open_clip weights
-    (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict."""
+    """-> (model in eval mode, tokenizer); load_model_and_tokenizer_kind says which checkpoints."""
+    model, kind = load_model_and_tokenizer_kind(path, model_config)
+    return model, data.get_tokenizer(kind, model.context_length, bpe_path)
+
+
+def load_model_and_tokenizer_kind(path, model_config=None):
+    """-> (model in eval mode, 'toy' | 'bpe'), no vocabulary file needed. A train.py checkpoint carries its config:
+    {'model': state_dict, 'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too).
+    Raw open_clip weights (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     cfg = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or model_config
     if cfg is None:
@@ -483,7 +645,7 @@ def load_model_from_checkpoint(path, model_config=None, bpe_path=None):
     model = models.build_model(cfg)
     models.load_checkpoint(model, ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
     kind = ckpt.get("tokenizer") or ("bpe" if model.config["text_cfg"].get("vocab_size", 49408) == 49408 else "toy")
-    return model.eval(), data.get_tokenizer(kind, model.context_length, bpe_path)
+    return model.eval(), kind
 
 
 def save_results(path, metrics, meta):
@@ -509,8 +671,8 @@ def describe(model):
 TABLE1_ROWS = ("No KD", "Static logit KD", "Coupled repulsive KD (lambda 1 -> -0.8)", "DARK (beta 2 -> -0.8)")
 ANALYSED = ("No KD", "Static logit KD", "DARK (beta 2 -> -0.8)")  # the paper's teacher-student comparison
 TABLE1_METRICS = dict(planes_f1=4, brain_f1=4, ga_validity=2, composite=4)  # digits shown: validity is a percent
-TS_PLANES = [f"ts_planes_{k}" for k in ("true_prob_corr", "offdiag_prob_corr", "confusion_corr", "separation_teacher",
-                                        "separation_student")]  # analysis() keys for the 5-plane task
+TS_COLUMNS = ("true_prob_corr", "offdiag_prob_corr", "confusion_corr", "separation_teacher", "separation_student")
+TS_PLANES = [f"ts_planes_{k}" for k in TS_COLUMNS]  # analysis() keys for the 5-plane task
 
 
 def table1_row(cfg):
@@ -532,6 +694,30 @@ def mean_std(values):
     v = np.array([math.nan if x is None else x for x in values], dtype=float)
     finite = lambda x: float(x) if math.isfinite(x) else None
     return finite(v.mean()), finite(v.std(ddof=1)) if len(v) > 1 else None
+
+
+def t_quantile(p, df):
+    """Student's t quantile for p in (0.5, 1) with df degrees of freedom: bisection on the CDF, whose density is
+    integrated numerically (numpy only, no scipy). t_quantile(0.975, 4) = 2.776, as printed t tables give."""
+    log_c = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    def cdf(t):
+        x = np.linspace(0.0, t, 4001)
+        return 0.5 + np.trapezoid(np.exp(log_c - (df + 1) / 2 * np.log1p(x * x / df)), x)
+    lo, hi = 0.0, 1e3
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def paired_difference(a, b, level=0.95):
+    """{seed: metric} of two rows -> the difference a - b over the seeds both rows have: dict(seeds, mean, lo, hi),
+    lo/hi the two-sided t interval of the mean difference (None with fewer than two seeds, or an undefined metric).
+    Pairing by seed removes what the rows share (the same data order and initial weights for one seed)."""
+    d = np.array([a[s] - b[s] for s in sorted(set(a) & set(b)) if a[s] is not None and b[s] is not None], float)
+    if len(d) < 2:
+        return dict(seeds=len(d), mean=float(d.mean()) if len(d) else None, lo=None, hi=None)
+    half = t_quantile(0.5 + level / 2, len(d) - 1) * d.std(ddof=1) / math.sqrt(len(d))
+    return dict(seeds=len(d), mean=float(d.mean()), lo=float(d.mean() - half), hi=float(d.mean() + half))
 
 
 def cached(path, sources, meta, compute):
@@ -579,7 +765,8 @@ def plot_dynamics(path, curves):
 def table1(root, out=None, n=None, device="cpu"):
     """root/<run>/{best.pt, log.jsonl}, one folder per train.py run -> Table 1 on the toy test split (mean and sample
     std over seeds, beside the teacher) in out/table1.md and table1.json (out defaults to root), Figure 2 in
-    dynamics.png, and the teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON.
+    dynamics.png, the differences DARK - Static KD and DARK - No KD paired by seed with 95% t intervals, and the
+    teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON.
     Each checkpoint's metrics are cached beside it (test_metrics.json, analysis.json): a rerun is cheap."""
     root, out = Path(root), Path(out or root)
 
@@ -610,11 +797,13 @@ def table1(root, out=None, n=None, device="cpu"):
     for run in sorted(runs, key=lambda run: run["cfg"]["seed"]):  # lowest seed first: the one analysed
         groups.setdefault(table1_row(run["cfg"]), []).append(run)
     result = dict(teacher=dict(path=str(teacher), **{k: test(teacher)[k] for k in TABLE1_METRICS}), rows=[],
-                  analysis={})
+                  paired={}, analysis={})
+    by_seed = {}  # label -> {seed: test metrics}, for the paired differences
     for (_, label), members in sorted(groups.items()):
         row = dict(row=label, seeds=len(members), runs=[m["name"] for m in members])
+        by_seed[label] = {m["cfg"]["seed"]: test(m["dir"] / "best.pt") for m in members}
         for k in TABLE1_METRICS:
-            row[k], row[f"{k}_std"] = mean_std([test(m["dir"] / "best.pt")[k] for m in members])
+            row[k], row[f"{k}_std"] = mean_std([metrics[k] for metrics in by_seed[label].values()])
         result["rows"].append(row)
         if label in TABLE1_ROWS:
             curves[label] = dynamics_curves([m["dir"] for m in members])
@@ -624,12 +813,23 @@ def table1(root, out=None, n=None, device="cpu"):
                         lambda: analysis(load(teacher), load(ckpt), "toy", "test", n, out_dir=first["dir"],
                                          device=device))
             result["analysis"][label] = dict(run=first["name"], **ts)
+    dark_row = TABLE1_ROWS[-1]
+    for other in (r for r in TABLE1_ROWS[:2] if r in by_seed and dark_row in by_seed):
+        result["paired"][f"DARK - {other}"] = {k: paired_difference(
+            {s: m[k] for s, m in by_seed[dark_row].items()}, {s: m[k] for s, m in by_seed[other].items()})
+            for k in TABLE1_METRICS}
     fmt = lambda x, digits: "-" if x is None else f"{x:.{digits}f}"
+    interval = lambda d, digits: (f"{fmt(d['mean'], digits)} [{fmt(d['lo'], digits)}, {fmt(d['hi'], digits)}]"
+                                  f" (n={d['seeds']})")
     lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in TABLE1_METRICS.items()})]
     lines += [dict(row=r["row"], seeds=r["seeds"], **{k: f"{fmt(r[k], d)} +/- {fmt(r[k + '_std'], d)}"
                                                       for k, d in TABLE1_METRICS.items()}) for r in result["rows"]]
     md = (f"Zero-shot on the toy test split: mean +/- sample std over seeds ({PROTOCOL})\n\n"
-          + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS]) + "\n\nTeacher-student analysis, 5 planes, "
+          + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS])
+          + "\n\nPaired by seed: mean difference [95% t interval over seeds] (seeds paired)\n\n"
+          + markdown_table([dict(difference=name, **{k: interval(d[k], TABLE1_METRICS[k]) for k in TABLE1_METRICS})
+                            for name, d in result["paired"].items()], ["difference", *TABLE1_METRICS])
+          + "\n\nTeacher-student analysis, 5 planes, "
           "lowest seed\n\n" + markdown_table([dict(row=label, **a) for label, a in result["analysis"].items()],
                                                ["row", "run", *TS_PLANES]) + "\n")
     out.mkdir(parents=True, exist_ok=True)
@@ -640,70 +840,94 @@ def table1(root, out=None, n=None, device="cpu"):
     return result
 
 
-OPTIONS = dict(checkpoint="", model_config="", task="toy", data="", split="", n=0, batch_size=64, device="cpu",
-               prompts="", out="runs/eval", probe=False, analysis=False, teacher="", teacher_config="", speed=False,
-               runs=10,  # timed runs per tower for --speed, after 3 warm-up runs
-               table="")  # a folder of train.py runs (one per row and seed) -> Table 1, Figure 2, the analysis
-
-
-def parse_options(argv):
-    """--key=value over OPTIONS (a bare --flag sets a boolean); a bad key or value exits listing the valid ones."""
-    opt, usage = dict(OPTIONS), "options: " + " ".join(f"--{k}={v}" for k, v in OPTIONS.items())
-    for arg in argv:
-        key, has_value, value = arg.removeprefix("--").partition("=")
-        if key in ("h", "help"):
-            print(__doc__ + "\n" + usage)
-            sys.exit(0)
-        if key not in opt:
-            sys.exit(f"unknown option {arg!r}; {usage}")
-        kind = type(OPTIONS[key])
-        try:
-            opt[key] = (not has_value or value.lower() in ("1", "true", "yes")) if kind is bool else kind(value)
-        except ValueError:
-            sys.exit(f"--{key} takes a {kind.__name__}, not {value!r}; {usage}")
-    return opt
+# --- the command line: python eval.py --key=value (data.parse_flags: the grammar, --help, the checks) ---
+OPTIONS = dict(
+    checkpoint="",          # a train.py checkpoint, or raw open_clip weights with --model_config
+    model_config="",        # for raw weights: a preset name (fetalclip, mobileclip2-s0) or an open_clip JSON
+    task="toy",             # --data: planes, brain FETAL_PLANES_DB; hc18 HC18; paper FPDB,HC18; classify, retrieval CSV
+    data="",                # the dataset folder(s) of --task, a CSV (classify, retrieval) or tar shards (retrieval)
+    split="",               # empty: test for toy, all for FETAL_PLANES_DB (as the zero-shot papers); no val there
+    n=0,                    # at most n images per source (0 = all)
+    batch_size=64,
+    device="cpu",
+    prompts="",             # a prompts JSON (data.load_prompts): classify's classes, or replacing planes/brain/hc18's
+    out="runs/eval",        # folder for the results JSON (and the analysis figure)
+    probe=False,            # also fit a linear probe on the image embeddings
+    analysis=False,         # also compare with --teacher: per-image agreement, correlations, a figure
+    teacher="",             # the teacher checkpoint for --analysis (and --speed)
+    teacher_config="",      # for raw teacher weights: a preset name or an open_clip JSON
+    speed=False,            # params, GMACs, CPU ms of --teacher and --checkpoint (default: the paper's two models)
+    runs=10,                # timed runs per tower for --speed, after 3 warm-up runs
+    table="",               # a folder of train.py runs (one per row and seed) -> Table 1, Figure 2, the analysis
+    csv_img_key="filepath",  # classify, retrieval: the CSV's image-path column (relative to the CSV's folder)
+    csv_label_key="label",  # classify: the CSV's class-name column
+    csv_caption_key="title",  # retrieval: the CSV's caption column
+    csv_separator="",       # one character, or \t; empty = detected (, ; tab |)
+    quiet=False,            # no progress lines on stderr
+)
+ACCEPTS = dict(task=("toy", "planes", "brain", "hc18", "paper", "classify", "retrieval"),
+               split=("", "train", "val", "test", "all"), n="[0, inf)", batch_size="[1, inf)", device=data.pick_device,
+               runs="[1, inf)")
 
 
 def main(argv):
-    opt = parse_options(argv)
+    global QUIET
+    opt, _ = data.parse_flags(argv, OPTIONS, ACCEPTS, __doc__, __file__)
+    QUIET = opt["quiet"]
     stamp, out = time.strftime("%Y%m%d_%H%M%S"), Path(opt["out"])
     if opt["table"]:
-        return table1(opt["table"], n=opt["n"] or None, device=opt["device"])
+        return table1(opt["table"], n=opt["n"] or None, device=data.pick_device(opt["device"]))
     if opt["speed"]:  # the checkpoints given, else FetalCLIP and MobileCLIP2-S0 with random weights: same speed
+        print(f"speed: parameters, GMACs, and the median of {opt['runs']} CPU runs at batch 1 after 3 warm-ups, "
+              f"{torch.get_num_threads()} threads (OMP_NUM_THREADS sets them); spread = interquartile range / median")
         rows = []
         for role, src, cfg in (("teacher", opt["teacher"] or "fetalclip", opt["teacher_config"] or None),
                                ("student", opt["checkpoint"] or "mobileclip2-s0", opt["model_config"] or None)):
             model = load_model_from_checkpoint(src, cfg)[0] if Path(src).is_file() else models.build_model(src)
             rows.append(dict(role=role, source=src, **speed(model, opt["runs"])))
-        print(markdown_table(rows, list(rows[0]) + ["image_ms_folded", "image_gmacs_folded"]))
+        print(markdown_table(rows, list(rows[0]) + ["image_ms_folded", "image_gmacs_folded"]) + noise_warning(rows))
         return save_results(out / f"speed_{stamp}.json", {f"{r['role']}_{k}": v for r in rows for k, v in r.items()
                                                           if k != "role"},
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))
-    if not opt["checkpoint"] or (opt["analysis"] and not opt["teacher"]):
-        sys.exit("--checkpoint=PATH is required (or --speed, or --table), --analysis needs --teacher=PATH; "
-                 "--help lists options")
-    task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, opt["device"]
+    for bad, why in ((not opt["checkpoint"], "--checkpoint=PATH is required (or --speed, or --table)"),
+                     (opt["analysis"] and not opt["teacher"], "--analysis needs --teacher=PATH"),
+                     (opt["task"] == "classify" and not opt["prompts"], "--task=classify needs --prompts=classes.json"),
+                     (opt["probe"] and opt["task"] not in ("toy", "planes", "brain", "paper"),
+                      "--probe needs the splits of --task=toy | planes | brain | paper"),
+                     (opt["analysis"] and opt["task"] in ("hc18", "retrieval"), "--analysis compares classifiers: "
+                                                                              "not with --task=hc18 | retrieval")):
+        if bad:
+            sys.exit(f"eval.py: {why} (--help lists the options)")
+    task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, data.pick_device(opt["device"])
     model, tokenizer = load_model_from_checkpoint(opt["checkpoint"], opt["model_config"] or None)
     model.to(device)
     split = opt["split"] or ("test" if opt["task"] == "toy" else "all")
     prompts = None
-    if opt["prompts"]:  # a FetalCLIP-style file {class: [prompts]}; for hc18 {anything: [templates]}
-        if opt["task"] not in ("planes", "brain", "hc18"):
-            sys.exit("--prompts replaces the prompts of one task: use it with --task=planes | brain | hc18")
-        given = json.loads(Path(opt["prompts"]).read_text())
+    if opt["prompts"]:  # data.load_prompts' formats; for hc18 {anything: [templates]}
+        if opt["task"] not in ("planes", "brain", "hc18", "classify"):
+            sys.exit("--prompts gives the prompts of one task: use it with --task=classify | planes | brain | hc18")
+        given = data.load_prompts(opt["prompts"])
         prompts = {"ga": [p for ps in given.values() for p in ps]} if opt["task"] == "hc18" else {opt["task"]: given}
-    metrics = evaluate(model, tokenizer, task, split, n, root, prompts, opt["batch_size"], device)
+    csv = {k: v for k, v in opt.items() if k.startswith("csv_")}
+    metrics = evaluate(model, tokenizer, task, split, n, root, prompts, opt["batch_size"], device, csv)
     if opt["probe"]:
         metrics.update(probe(model, task, n, root, opt["batch_size"], device))
     if opt["analysis"]:
         teacher, teacher_tokenizer = load_model_from_checkpoint(opt["teacher"], opt["teacher_config"] or None)
-        metrics.update(analysis((teacher.to(device), teacher_tokenizer), (model, tokenizer), task, split, n, root, out,
-                                device))
+        ts = analysis((teacher.to(device), teacher_tokenizer), (model, tokenizer), task, split, n, root, out, device,
+                      csv, prompts)
+        metrics.update(ts)
+        print("teacher-student analysis (r: Pearson correlation; separation: between / within class distance)\n" +
+              markdown_table([dict(task=t, **{k: ts[f"ts_{t}_{k}"] for k in TS_COLUMNS}) for t in CLASS_TASKS
+                              if f"ts_{t}_true_prob_corr" in ts], ["task", *TS_COLUMNS]))
     meta = dict(model=describe(model), checkpoint=opt["checkpoint"], dataset=opt["data"] or "toy world",
                 task=opt["task"], split=split)
     path = save_results(out / f"results_{opt['task']}_{split}_{stamp}.json", metrics, meta)
+    shown = dict(classify=["classify_acc", "classify_balanced_acc", "classify_f1", "classify_top5"],
+                 retrieval=[f"retrieval_{k}" for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_recall")]).get(
+        task, ["planes_f1", "brain_f1", "class_f1", "ga_validity", "composite", "probe_plane_f1"])
     print(markdown_table([dict(meta, protocol=PROTOCOL, **metrics)], ["model", "checkpoint", "dataset", "split",
-          "protocol", "planes_f1", "brain_f1", "class_f1", "ga_validity", "composite", "probe_plane_f1"]))
+                                                                      "protocol", *shown]))
     print(f"all {len(metrics)} metrics: {path}")
     return path
 

@@ -1,6 +1,6 @@
 """Export a trained student as Core ML packages for an iPhone app. The only file that imports coremltools.
 
-    python export_ios.py --checkpoint=out/student.pt                    # image encoder + 5-plane zero-shot head
+    python export_ios.py --checkpoint=out/student.pt                    # image encoder + planes zero-shot head
     python export_ios.py --checkpoint=out/student.pt --classes=brain --text --quantize=int8
     python export_ios.py --checkpoint=out/student.pt --classes=my_prompts.json --target=iOS18 --out=ios/
     python export_ios.py --checkpoint=mobileclip2_s0.pt --model_config=mobileclip2-s0   # raw open_clip weights
@@ -21,18 +21,21 @@ works with any numpy. Checked on every run: the exported program equals the eage
 reloads; inputs, outputs and shapes are as documented; weights are stored as fp16 (about 2 bytes per parameter) or as
 int8 / 4-bit with --quantize; every op is in ALLOWED_OPS. On macOS also MLModel.predict against PyTorch.
 """
-import argparse
 import collections
 import copy
 import hashlib
 import json
 import math
 import platform
+import re
+import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import data
 import eval as evaluation
@@ -41,9 +44,9 @@ import models
 # MIL ops that the toy models and MobileCLIP2-S0 convert to (targets iOS 15-18). Anything else means a layer took a
 # conversion path nobody has looked at (a decomposed op, a fallback, an int64 detour): look before adding it here.
 ALLOWED_OPS = frozenset("""
-const cast add sub mul real_div maximum conv linear matmul reshape transpose squeeze expand_dims tile split concat
-slice_by_index gather gather_nd reduce_mean reduce_l2_norm reduce_argmax layer_norm batch_norm softmax gelu relu
-sigmoid stack select greater_equal scaled_dot_product_attention
+const cast add sub mul real_div maximum abs conv linear matmul reshape transpose squeeze expand_dims tile split concat
+slice_by_index gather gather_nd reduce_mean reduce_max reduce_l2_norm reduce_argmax layer_norm batch_norm softmax gelu
+relu sigmoid stack select greater_equal scaled_dot_product_attention
 constexpr_affine_dequantize constexpr_blockwise_shift_scale constexpr_lut_to_dense
 """.split())  # scaled_dot_product_attention: one fused op from iOS 18 on; the last line: weight decompression
 # Per --quantize: the dtypes weight.bin may hold (4-bit indices are packed bytes up to iOS 17, uint4 from iOS 18);
@@ -54,6 +57,7 @@ QUANTIZE = {"none": dict(stored={"FLOAT16"}, bytes=(1.9, 2.2), cosine=0.999),
             "int8": dict(stored={"FLOAT16", "INT8"}, bytes=(0.95, 1.5), cosine=0.99),
             "palettize4": dict(stored={"FLOAT16", "UINT8", "UINT4"}, bytes=(0.45, 1.2), cosine=0.95)}
 N_CHECK = 4  # images (and prompts) that macOS runs through Core ML and PyTorch
+N_COST = 200  # toy test images on which --quantize's accuracy cost is estimated (out of domain for a real model)
 ZERO_SHOT_SCALE = 100.0  # CLIP's fixed zero-shot scale, as eval.py scores every model (not the learned logit_scale)
 
 
@@ -67,29 +71,34 @@ class ExportCheckError(RuntimeError):
 
 # --- checkpoint -> eager modules to export ---
 def load_student(path, model_config=None):
-    """-> (model, tokenizer, sha256 of the file), through eval.py's loader (train.py's checkpoint layout, or raw
-    open_clip weights with model_config), with every failure raised as a CheckpointError that names the file."""
+    """-> (model, tokenizer kind 'toy' | 'bpe', sha256 of the file), through eval.py's loader (train.py's checkpoint
+    layout, or raw open_clip weights with model_config), every failure raised as a CheckpointError naming the file."""
     try:
-        model, tokenizer = evaluation.load_model_from_checkpoint(path, model_config)
+        model, kind = evaluation.load_model_and_tokenizer_kind(path, model_config)
     except Exception as e:  # torch.load raises pickle, zip and runtime errors alike for a damaged file
         raise CheckpointError(f"cannot export {path}: {type(e).__name__}: {e}") from e
     with open(path, "rb") as f:
-        return model, tokenizer, hashlib.file_digest(f, "sha256").hexdigest()
+        return model, kind, hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def class_prompts(classes, tokenizer):
-    """'planes' | 'brain' | 'none' | a {class: [prompts]} JSON path -> prompts (None for no head). The defaults are
-    eval.py's: the toy world's wording for a toy-tokenizer model, the clinical prompts otherwise."""
+def class_prompts(classes, kind):
+    """'planes' | 'brain' | 'none' | a prompts JSON (data.load_prompts: {class: [prompts]} or {"templates": [...],
+    "classes": [...]}) -> {class: [prompts]} (None for no head). The defaults are eval.py's: for a toy-tokenizer
+    model (kind 'toy') the toy world's wording, five planes; otherwise FetalCLIP's nine plane classes."""
     if classes == "none":
         return None
     if classes in ("planes", "brain"):
-        toy = isinstance(tokenizer, data.ToyTokenizer)
+        toy = kind == "toy"
         return {"planes": data.TOY_PLANE_PROMPTS if toy else evaluation.PLANE_PROMPTS,
                 "brain": data.TOY_BRAIN_PROMPTS if toy else evaluation.BRAIN_PROMPTS}[classes]
-    prompts = json.loads(Path(classes).read_text())
-    if not isinstance(prompts, dict) or not all(isinstance(v, list) and v for v in prompts.values()):
-        raise ValueError(f"{classes}: expected a JSON object {{class name: [prompt, ...]}}")
-    return prompts
+    return data.load_prompts(classes)  # the same file, and the same reading of it, as eval.py --prompts
+
+
+def l2_normalize(x):
+    """x / ||x|| over the last axis [B, D], safe where Core ML computes it, in fp16: the sum of squares overflows fp16
+    (largest value 65504) once ||x|| passes 256, so x is first divided by its largest |value| (the direction stays;
+    the clamp keeps an all-zero row finite)."""
+    return F.normalize(x / x.abs().amax(dim=-1, keepdim=True).clamp_min(1e-4), dim=-1)
 
 
 class ImageEncoder(nn.Module):
@@ -104,7 +113,7 @@ class ImageEncoder(nn.Module):
         self.register_buffer("classes", classes)  # None: no zero-shot head
 
     def forward(self, image):
-        emb = self.model.encode_image((image - self.mean) / self.std, normalize=True)
+        emb = l2_normalize(self.model.encode_image((image - self.mean) / self.std))
         if self.classes is None:
             return emb
         return emb, (ZERO_SHOT_SCALE * emb @ self.classes.t()).softmax(dim=-1)
@@ -118,7 +127,7 @@ class TextEncoder(nn.Module):
         self.model = model
 
     def forward(self, input_ids):
-        return self.model.encode_text(input_ids.long(), normalize=True)
+        return l2_normalize(self.model.encode_text(input_ids.long()))
 
 
 def as_tuple(x):
@@ -161,6 +170,50 @@ def kmeans_palette(weight, nbits=4, iters=12):
     return lut.astype(weight.dtype), idx.astype(np.uint8)
 
 
+def int8_scale_underflows(weight):
+    """True if an output channel (axis 0) of weight [C, ...] would get a per-channel int8 scale, max |w| / 127, that
+    fp16 (where Core ML stores it) holds with fewer significant bits than int8 itself: below 2^-17, where fp16's
+    spacing is 2^-24, and below 2^-25 it is rounded to zero (a channel folded with a tiny layer scale or BatchNorm
+    gain)."""
+    if weight.ndim < 2:
+        return False
+    scale = np.abs(weight.astype(np.float32).reshape(len(weight), -1)).max(1) / 127
+    return bool(((scale > 0) & (scale < 2.0 ** -17)).any())
+
+
+def compressed_copy(model, quantize):
+    """A copy of model whose image-tower weights are what --quantize stores, for PyTorch to run (Core ML runs only
+    on macOS): fp16, and with int8 or palettize4 the tensors of 2048+ values that to_coreml compresses, quantized
+    per channel or palettized per tensor by kmeans_palette. An estimate: Core ML compresses its own graph's
+    constants, after fusions of its own (a layer scale folded into the conv before it)."""
+    copied = copy.deepcopy(model)
+    with torch.no_grad():
+        for t in [t for t in copied.visual.state_dict().values() if t.is_floating_point()]:
+            w = t.numpy().astype(np.float16)
+            if quantize == "palettize4" and w.size >= 2048:
+                lut, idx = kmeans_palette(w)
+                w = lut[idx].reshape(w.shape)
+            elif quantize == "int8" and w.size >= 2048 and not int8_scale_underflows(w):
+                scale = np.abs(w.reshape(len(w), -1)).max(1).astype(np.float32) / 127
+                scale = scale.astype(np.float16).astype(np.float32).reshape(-1, *[1] * (w.ndim - 1))
+                w = (np.round(w / np.maximum(scale, 1e-30)).clip(-127, 127) * scale).astype(np.float16)
+            t.copy_(torch.from_numpy(w.astype(np.float32)))
+    return copied
+
+
+def compression_cost(module, quantize, images):
+    """ImageEncoder with --quantize's weights vs with fp16 weights, in PyTorch, on RGB images [N, 3, S, S] in
+    [0, 1] -> a line for the summary: embedding cosine (mean, least) and how often the zero-shot answer agrees."""
+    with torch.no_grad():
+        ref, got = (as_tuple(ImageEncoder(compressed_copy(module.model, q), module.classes)(images))
+                    for q in ("none", quantize))
+    cos = (ref[0] * got[0]).sum(-1)
+    agree = "" if len(ref) == 1 else (f", zero-shot argmax agrees on "
+                                      f"{(ref[1].argmax(-1) == got[1].argmax(-1)).float().mean():.1%}")
+    return (f"{quantize} vs fp16 weights (PyTorch, {len(images)} toy test images): embedding cosine mean "
+            f"{cos.mean():.4f}, least {cos.min():.4f}{agree}")
+
+
 def to_coreml(program, ct_input, outputs, target, quantize):
     import coremltools as ct
     import coremltools.optimize.coreml as cto
@@ -171,9 +224,11 @@ def to_coreml(program, ct_input, outputs, target, quantize):
         return mlmodel
     config = cto.OpLinearQuantizerConfig() if quantize == "int8" else cto.OpPalettizerConfig(  # int8: per channel
         mode="custom", lut_function=kmeans_palette)  # 4-bit: one 16-entry LUT per tensor (finer LUTs need iOS 18)
-    # every tensor of 2048+ values except those holding -inf (a causal attention mask), which stay fp16
+    # every tensor of 2048+ values except those holding -inf (a causal attention mask), or, for int8, a channel whose
+    # scale would underflow fp16 (a folded channel with a tiny BatchNorm gain: stored as scale 0, it reads as zeros)
     keep = {op.name: None for op in mlmodel._mil_program.functions["main"].operations if op.op_type == "const"
-            and isinstance(op.val.val, np.ndarray) and not np.isfinite(op.val.val).all()}
+            and isinstance(op.val.val, np.ndarray) and (not np.isfinite(op.val.val).all()
+                                                         or quantize == "int8" and int8_scale_underflows(op.val.val))}
     config = cto.OptimizationConfig(global_config=config, op_name_configs=keep)
     return (cto.linear_quantize_weights if quantize == "int8" else cto.palettize_weights)(mlmodel, config)
 
@@ -278,21 +333,50 @@ def build_package(path, module, example, ct_input, io, docs, feeds, meta, target
     return summary
 
 
+def import_coremltools():
+    """coremltools, with the warnings it logs at its first import (about a dozen: an untested torch version, one per
+    Core ML runtime class missing off macOS) said once, each kind in one line."""
+    import logging.handlers
+    log, kept = logging.getLogger("coremltools"), logging.handlers.BufferingHandler(capacity=1000)
+    log.addHandler(kept)  # a logger with a handler of its own: Python's last-resort stderr printing stays quiet
+    try:
+        import coremltools as ct
+    finally:
+        log.removeHandler(kept)
+    said = dict.fromkeys(re.sub(r"^Failed to load \w+", "The Core ML runtime is absent", r.getMessage())
+                         for r in kept.buffer)
+    if said:
+        print(f"coremltools {ct.__version__} at start-up (predictions need macOS; every other check runs here):\n  "
+              + "\n  ".join(said))
+    return ct
+
+
 def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", text=False, quantize="none",
-           target="iOS17", model_config=None, author="DARK export_ios.py", license="the licence of the checkpoint"):
-    """Write the packages -> {'image': summary, 'text': summary}. Raises CheckpointError or ExportCheckError."""
-    import coremltools as ct
+           target="iOS17", model_config=None, author="DARK export_ios.py", license="the licence of the checkpoint",
+           overwrite=False, bpe=None):
+    """Write the packages -> {'image': summary, 'text': summary}. Raises CheckpointError, ExportCheckError, or
+    FileExistsError, before any work, when a package of that name is in `out` and overwrite is False; for a BPE
+    checkpoint with a head or --text, FileNotFoundError without a vocabulary (bpe, else $DARK_BPE)."""
+    there = [str(p) for p in (Path(out) / f"{name}{part}.mlpackage" for part in ("Image", "Text")[:1 + text])
+             if p.exists()]
+    if there and not overwrite:
+        raise FileExistsError(f"{', '.join(there)} exists: replace it with --overwrite=true, or give another --out "
+                              "or --name")
+    ct = import_coremltools()
     if quantize not in QUANTIZE or not hasattr(ct.target, target):
         raise ValueError(f"quantize must be one of {list(QUANTIZE)} and target a coremltools ct.target name "
                          f"(iOS16, iOS17, iOS18, macOS14, ...); got {quantize!r}, {target!r}")
-    model, tokenizer, sha = load_student(checkpoint, model_config)
+    model, kind, sha = load_student(checkpoint, model_config)
     model = models.reparameterize(copy.deepcopy(model)).eval()
-    prompts = class_prompts(classes, tokenizer)
+    prompts = class_prompts(classes, kind)
+    # the tokenizer (for BPE, its vocabulary file) only where text is encoded: a head's prompts, or --text
+    tokenizer = data.get_tokenizer(kind, model.context_length, bpe or None) if prompts or text else None
+    tokenizer_name = (data.ToyTokenizer if kind == "toy" else data.SimpleTokenizer).__name__
     names, size, dim = list(prompts or ()), model.image_size, model.config["embed_dim"]
     class_emb = evaluation.text_classifier(model, tokenizer, prompts) if prompts else None
     meta = dict(author=author, license=license, version=Path(checkpoint).name, checkpoint_sha256=sha,
                 image_size=size, image_mean=list(model.image_mean), image_std=list(model.image_std),
-                context_length=model.context_length, tokenizer=type(tokenizer).__name__, classes=names,
+                context_length=model.context_length, tokenizer=tokenizer_name, classes=names,
                 zero_shot="probs = softmax(100 * cosine(embedding, class embedding))", quantize=quantize,
                 model_config=model.config)
     out, results = Path(out), {}
@@ -309,13 +393,17 @@ def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", 
         ct.ImageType(name="image", shape=(1, 3, size, size), scale=1 / 255, color_layout=ct.colorlayout.RGB),
         io, docs, [({"image": p}, pixels(p)) for p in pictures],
         dict(meta, description=f"{name} image encoder (DARK student), batch 1"), target, quantize)
+    if quantize != "none":  # what compression costs, beside what it saves
+        toy = torch.cat([pixels(to_rgb(item["image"], size)) for item in data.ToyWorld("test", size, length=N_COST)])
+        results["image"]["compression"] = compression_cost(ImageEncoder(model, class_emb).eval(), quantize, toy)
+        print(f"  {results['image']['compression']}")
     if text:
         ids = tokenizer([p for ps in (prompts or {}).values() for p in ps][:N_CHECK] or ["fetal ultrasound"]).int()
         results["text"] = build_package(
             out / f"{name}Text.mlpackage", TextEncoder(model).eval(), ids[:1],
             ct.TensorType(name="input_ids", shape=(1, model.context_length), dtype=np.int32),
             {"input_ids": f"int32 [1, {model.context_length}]", "embedding": f"float32 [1, {dim}]"},
-            {"input_ids": f"token ids from {type(tokenizer).__name__} (the training tokenizer), zero-padded",
+            {"input_ids": f"token ids from {tokenizer_name} (the training tokenizer), zero-padded",
              "embedding": "L2-normalised text embedding"},
             [({"input_ids": ids[i:i + 1].numpy()}, ids[i:i + 1]) for i in range(len(ids))],
             dict(meta, description=f"{name} text encoder (DARK student), batch 1"), target, quantize)
@@ -334,19 +422,49 @@ def pixels(image):
     return torch.from_numpy(np.array(image)).permute(2, 0, 1)[None].float() / 255
 
 
+# --- the command line: python export_ios.py --key=value (data.parse_flags: the grammar, --help, the checks) ---
+OPTIONS = dict(
+    checkpoint="",          # a checkpoint written by train.py (or raw open_clip weights with --model_config)
+    model_config="",        # for raw weights only: a preset name or an open_clip JSON
+    bpe="",                 # CLIP BPE vocabulary for a BPE checkpoint's head prompts or --text (else $DARK_BPE)
+    out="out/ios",          # folder for the .mlpackage files
+    name="MobileFetalCLIP",  # package prefix; Xcode names the Swift class after it
+    classes="planes",       # the zero-shot head: planes | brain (eval.py's prompts) | none | a prompts JSON, as eval.py's
+    text=False,             # also export the text encoder
+    quantize="none",        # weight compression
+    target="iOS17",         # minimum deployment target
+    author="DARK export_ios.py",
+    license="the licence of the checkpoint",
+    overwrite=False,        # replace packages of the same --name in --out
+)
+
+
+def check_classes(classes):
+    """planes | brain | none | an existing JSON file"""  # --help shows the docstring as the rule
+    if classes not in ("planes", "brain", "none") and not Path(classes).is_file():
+        raise ValueError(f"takes {check_classes.__doc__}; there is no file {classes}")
+
+
+def check_target(target):
+    """a coremltools ct.target name: iOS16 | iOS17 | iOS18 | macOS14 | ..."""
+    ct = import_coremltools()
+    if not hasattr(ct.target, target):
+        raise ValueError(f"takes one of {', '.join(t for t in vars(ct.target) if not t.startswith('_'))}")
+
+
+ACCEPTS = dict(classes=check_classes, quantize=tuple(QUANTIZE), target=check_target)
+
+
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a checkpoint written by train.py (or raw open_clip weights)")
-    p.add_argument("--model_config", default=None, help="for raw weights only: a preset name or an open_clip JSON")
-    p.add_argument("--out", default="out/ios", help="folder for the .mlpackage files")
-    p.add_argument("--name", default="MobileFetalCLIP", help="package prefix; Xcode names the Swift class after it")
-    p.add_argument("--classes", default="planes", help="planes | brain | none | a {class: [prompts]} JSON file")
-    p.add_argument("--text", action="store_true", help="also export the text encoder")
-    p.add_argument("--quantize", default="none", choices=list(QUANTIZE), help="weight compression")
-    p.add_argument("--target", default="iOS17", help="minimum deployment target, a coremltools ct.target name")
-    p.add_argument("--author", default="DARK export_ios.py")
-    p.add_argument("--license", default="the licence of the checkpoint")
-    return export(**vars(p.parse_args(argv)))
+    opt, _ = data.parse_flags(sys.argv[1:] if argv is None else argv, OPTIONS, ACCEPTS, __doc__, __file__)
+    # torch's own deprecation inside torch.export's tree handling, once per run: nothing this file can change
+    warnings.filterwarnings("ignore", re.escape("`isinstance(treespec, LeafSpec)`"), FutureWarning)
+    if not opt["checkpoint"]:
+        sys.exit("export_ios.py: --checkpoint=PATH is required (--help lists the options)")
+    try:
+        return export(**{**opt, "model_config": opt["model_config"] or None, "bpe": opt["bpe"] or None})
+    except FileExistsError as e:
+        sys.exit(f"export_ios.py: {e}")
 
 
 if __name__ == "__main__":

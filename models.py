@@ -12,8 +12,10 @@ model_configs/*.json); `load_checkpoint` reads open_clip, timm and Apple ml-mobi
 """
 import bisect
 import copy
+import itertools
 import json
 import math
+import os
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -92,16 +94,41 @@ def get_config(name_or_path):
                      "or the path of an open_clip model-config JSON")
 
 
+# keys of open_clip model families this file does not implement, and what they are, for the refusal message
+_FAMILIES = {'init_logit_bias': "SigLIP's sigmoid loss", 'text_cfg.hf_model_name': 'a Hugging Face text tower',
+             'multimodal_cfg': "CoCa's caption decoder", 'vision_cfg.layers': 'a ResNet image tower (layers per stage)'}
+
+
 def _check_config(cfg):
+    """Refuse, naming each key, a config this file would build wrongly: any key it does not read (which would be
+    ignored silently), the open_clip families of _FAMILIES, a timm tower other than MCi0/1/2, other pooling."""
     vision = cfg['vision_cfg']
-    bad = [f"{part}.{key}" for part, known in _KNOWN_KEYS.items()
+    bad = [f"{part}.{key}".removeprefix('top.') for part, known in _KNOWN_KEYS.items()
            for key in (cfg if part == 'top' else cfg.get(part, {})) if key not in known]
+    if not isinstance(vision.get('layers', 12), int):
+        bad.append('vision_cfg.layers')
     if vision.get('timm_model_name') not in (None, *MCI_ARCHS):
-        bad.append(f"vision_cfg.timm_model_name={vision['timm_model_name']!r} (known: {sorted(MCI_ARCHS)})")
+        bad.append(f"vision_cfg.timm_model_name={vision['timm_model_name']!r} (the timm towers here: {sorted(MCI_ARCHS)})")
     if vision.get('timm_pool', 'avg') != 'avg' or vision.get('timm_proj'):
         bad.append("vision_cfg.timm_pool/timm_proj (only 'avg' pooling into the trunk's own linear head)")
     if bad:
-        raise ValueError("model config has settings this file does not implement: " + ", ".join(bad))
+        raise ValueError("model config keys not supported (ViT and MCi0/1/2 image towers, open_clip's text tower, "
+                         "the CLIP loss): " + ", ".join(f"{b} ({_FAMILIES[b]})" if b in _FAMILIES else b for b in bad))
+
+
+def preprocess_of(cfg):
+    """(mean, std) per RGB channel of [0, 1] pixels, from cfg['preprocess_cfg']; a config that leaves it out (as
+    open_clip's model_configs/*.json do: open_clip keeps it with the pretrained tag) gets its family's tag default
+    from open_clip's pretrained.py: an MCi tower (MobileCLIP-S1/S2, MobileCLIP2-S0/S2, `_mccfg`) takes raw pixels,
+    mean 0 and std 1; open_clip's own ViT (FetalCLIP, OpenAI CLIP) OpenAI's mean and std. A preprocess_cfg with only
+    one of the two, or without three values each, raises ValueError."""
+    given = cfg.get('preprocess_cfg') or {}
+    if 'mean' not in given and 'std' not in given:  # a hub config's preprocess_cfg may hold only the resize mode
+        return ((0.0,) * 3, (1.0,) * 3) if cfg['vision_cfg'].get('timm_model_name') else (OPENAI_MEAN, OPENAI_STD)
+    mean, std = tuple(given.get('mean', ())), tuple(given.get('std', ()))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"preprocess_cfg needs 'mean' and 'std', three numbers each (std > 0), got {given}")
+    return mean, std
 
 
 # --- transformer (shared by the ViT and the text tower) ---
@@ -481,9 +508,7 @@ class CLIP(nn.Module):
         act_layer = QuickGELU if cfg.get('quick_gelu') else nn.GELU
         self.image_size = vision.get('image_size', 224)
         self.context_length = text.get('context_length', 77)
-        preprocess = cfg.get('preprocess_cfg', {})
-        self.image_mean = tuple(preprocess.get('mean', OPENAI_MEAN))
-        self.image_std = tuple(preprocess.get('std', OPENAI_STD))
+        self.image_mean, self.image_std = preprocess_of(cfg)
         self.custom_text = bool(cfg.get('custom_text'))
 
         if vision.get('timm_model_name'):
@@ -552,10 +577,35 @@ _APPLE_RENAMES = [  # ml-mobileclip mci.py name -> timm fastvit name (the rules 
     ('se.reduce.', 'se.fc1.'), ('se.expand.', 'se.fc2.')]
 
 
-def from_ml_mobileclip(state_dict):
-    """Map Apple ml-mobileclip image-tower keys (`image_encoder.model.*` or `visual.trunk.*` with `network.N`) to
-    the timm layout. The flat `network` list interleaves stages with downsamplers (`network.N.proj`) and positional
-    encodings (`network.N.pe`): every downsampler opens the next stage."""
+_APPLE_TEXT_RENAMES = [  # ml-mobileclip text_encoder.py + modules/common/transformer.py -> open_clip text tower
+    (r'embedding_layer\.', 'token_embedding.'), (r'positional_embedding\.pos_embed\.pos_embed$', 'positional_embedding'),
+    (r'transformer\.(\d+)\.pre_norm_mha\.0\.', r'transformer.resblocks.\1.ln_1.'),
+    (r'transformer\.(\d+)\.pre_norm_mha\.1\.qkv_proj\.', r'transformer.resblocks.\1.attn.in_proj_'),  # q, k, v rows
+    (r'transformer\.(\d+)\.pre_norm_mha\.1\.out_proj\.', r'transformer.resblocks.\1.attn.out_proj.'),
+    (r'transformer\.(\d+)\.pre_norm_ffn\.0\.', r'transformer.resblocks.\1.ln_2.'),
+    (r'transformer\.(\d+)\.pre_norm_ffn\.1\.', r'transformer.resblocks.\1.mlp.c_fc.'),  # .2 GELU, .3 dropout
+    (r'transformer\.(\d+)\.pre_norm_ffn\.4\.', r'transformer.resblocks.\1.mlp.c_proj.'),
+    (r'final_layer_norm\.', 'ln_final.'), (r'projection_layer$', 'text_projection')]
+
+
+def from_ml_mobileclip(state_dict, text_prefix='text.'):
+    """Map Apple ml-mobileclip keys to open_clip's. Image tower: `image_encoder.model.*` or `visual.trunk.*` with
+    `network.N` -> timm fastvit names. The flat `network` list interleaves stages with downsamplers (`network.N.proj`)
+    and positional encodings (`network.N.pe`): every downsampler opens the next stage. Text tower ('base' variant,
+    MobileCLIP2's): `text_encoder.*` -> open_clip names under text_prefix ('text.' for custom_text, '' for the
+    top-level layout); its positional embedding [1, 1, context, width] becomes [context, width]. Its 'mct' variant
+    (RepMixer text blocks, MobileCLIP-S0) has no counterpart here and is refused by name."""
+    text = [k for k in state_dict if k.startswith('text_encoder.')]
+    if any('.token_mixer.' in k or '.convffn.' in k for k in text):
+        raise ValueError("ml-mobileclip 'mct' text tower (RepMixer text blocks, MobileCLIP-S0 v1) is not implemented: "
+                         "only the plain transformer text tower of MobileCLIP2 loads")
+    state_dict = dict(state_dict)
+    for key in text:
+        new = key.removeprefix('text_encoder.')
+        for old, repl in _APPLE_TEXT_RENAMES:
+            new = re.sub('^' + old, repl, new)
+        value = state_dict.pop(key)
+        state_dict[text_prefix + new] = value.reshape(value.shape[-2:]) if new == 'positional_embedding' else value
     if not any(re.search(r'(^|\.)network\.\d+\.', k) for k in state_dict):
         return state_dict
     stage_starts = sorted({int(m.group(1)) for k in state_dict if (m := re.search(r'network\.(\d+)\.proj\.', k))})
@@ -591,30 +641,56 @@ def resize_text_positions(state_dict, model):
     return state_dict
 
 
+# What wrappers put in front of (or inside) parameter names: DDP and DataParallel `module.` (DeepSpeed too),
+# torch.compile's `_orig_mod.`, FSDP's and activation checkpointing's wrapped-module names; inside a key when only a
+# submodule was wrapped (model.visual = torch.compile(model.visual)); stacked in any order. No model here has a part
+# of these names, so every such component goes.
+_WRAPPERS = re.compile(r'(?:^|(?<=\.))(?:module|_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.')
+_CONTAINERS = ('state_dict', 'model', 'model_state_dict', 'module')  # open_clip/timm, train.py, common scripts
+
+
+def unwrap_state_dict(sd):
+    """A checkpoint as saved -> {name: tensor}: the weights inside a container dict, wrapper names removed."""
+    while not all(torch.is_tensor(v) for v in sd.values()):
+        inner = next((sd[k] for k in _CONTAINERS if isinstance(sd.get(k), dict)), None)
+        if inner is None:
+            raise ValueError(f"no weights found: the checkpoint is a dict of {sorted(sd)[:12]}, with none of "
+                             f"{list(_CONTAINERS)} holding a state_dict")
+        sd = inner
+    return {_WRAPPERS.sub('', key): value for key, value in sd.items()}
+
+
 def load_checkpoint(model, state_dict_or_path):
-    """Load weights strictly: a raw state_dict or {'state_dict': ...} (a dict or a file read with
-    torch.load(weights_only=True), so no code is unpickled), `module.` prefixes stripped, ml-mobileclip names mapped,
-    text positions resized. Any missing, unexpected or mis-shaped key raises a ValueError naming it. Half-precision
-    weights are cast to the model's dtype."""
+    """Load weights strictly from a state_dict or a file read with torch.load(weights_only=True) (no code is
+    unpickled), in any layout the project's models are published in: open_clip's, Apple ml-mobileclip's (both
+    towers mapped), inside {'state_dict': ...} or a train.py checkpoint, with any stack of wrapper names (`module.`,
+    `_orig_mod.`); text positions resized. Missing, unexpected or mis-shaped keys raise a ValueError naming them (the
+    first 10 of each kind) and the likely cause. Half-precision weights are cast to the model's dtype."""
     sd = state_dict_or_path
     if not isinstance(sd, dict):
         sd = torch.load(sd, map_location='cpu', weights_only=True)
-    sd = sd.get('state_dict', sd)
-    sd = sd['model'] if isinstance(sd.get('model'), dict) else sd  # a train.py checkpoint: its weights
-    sd = {k.removeprefix('module.'): v for k, v in sd.items()}
-    sd = resize_text_positions(from_ml_mobileclip(sd), model)
+    sd = from_ml_mobileclip(unwrap_state_dict(sd), 'text.' if model.custom_text else '')
+    sd = resize_text_positions(sd, model)
     expected = model.state_dict()
-    problems = [f"  missing: {k} {tuple(v.shape)}" for k, v in expected.items() if k not in sd]
-    problems += [f"  unexpected: {k} {tuple(v.shape) if torch.is_tensor(v) else type(v).__name__}"
-                 for k, v in sd.items() if k not in expected]
-    problems += [f"  wrong shape: {k} is {tuple(v.shape)}, model has {tuple(expected[k].shape)}"
-                 for k, v in sd.items() if k in expected and torch.is_tensor(v) and v.shape != expected[k].shape]
-    if problems:
+    problems = {'missing': [f"{k} {tuple(v.shape)}" for k, v in expected.items() if k not in sd],
+                'unexpected': [f"{k} {tuple(v.shape)}" for k, v in sd.items() if k not in expected],
+                'wrong shape': [f"{k} is {tuple(v.shape)}, model has {tuple(expected[k].shape)}"
+                                for k, v in sd.items() if k in expected and v.shape != expected[k].shape]}
+    if any(problems.values()):
         image = "timm fastvit names under 'visual.trunk.'" if hasattr(model.visual, 'trunk') else "ViT names"
         text = "under 'text.' (custom_text)" if model.custom_text else "at the top level"
-        hint = ("call reparameterize(model) before loading folded weights" if any('reparam_conv' in k for k in sd)
-                else "build the model from the checkpoint's own config")
+        ours = {k.split('.')[0] for k in expected}
+        common = os.path.commonprefix([k.split('.') for k in sd])  # components every key starts with
+        prefix = '.'.join(itertools.takewhile(lambda part: part not in ours, common[:-1] if len(sd) == 1 else common))
+        if any('reparam_conv' in k for k in sd):
+            hint = "the weights are folded: call reparameterize(model) before loading them"
+        elif prefix:
+            hint = f"every key starts with '{prefix}.', which this model has no part named: a wrapper's prefix? Remove it"
+        else:
+            hint = "a different architecture? Build the model from the checkpoint's own config"
+        lines = [f"  {kind}: {item}" for kind, items in problems.items() for item in items[:10]]
+        lines += [f"  ... and {len(items) - 10} more {kind}" for kind, items in problems.items() if len(items) > 10]
         raise ValueError(f"checkpoint does not match the model, which expects the open_clip layout (image tower: "
-                         f"{image}; text tower {text}); {hint}:\n" + "\n".join(problems))
+                         f"{image}; text tower {text}); {hint}:\n" + "\n".join(lines))
     model.load_state_dict(sd, strict=True)  # copy_ casts fp16 weights to the model's fp32
     return model

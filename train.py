@@ -13,7 +13,6 @@ import json
 import math
 import os
 import sys
-import tarfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn  # all_gather with gradient
 import torch.nn.functional as F
 
 import dark
@@ -31,7 +29,8 @@ import models
 
 # --- I/O ---
 out_dir = "out/student"     # ckpt.pt (latest, for --resume), best.pt (best validation composite), log.jsonl
-resume = False              # continue out_dir/ckpt.pt where it stopped
+resume = False              # continue out_dir/ckpt.pt where it stopped, with its saved config
+overwrite = False           # start afresh in an out_dir that holds another run, replacing its checkpoints and log
 ckpt_every = 500            # optimizer steps between checkpoints (one is always written at the end)
 log_every = 50              # optimizer steps between log lines
 seed = 0
@@ -39,28 +38,34 @@ seed = 0
 train_data = "toy"          # 'toy' (built-in world) | image-caption .csv/.tsv | tar shards 'dir/shard_{0001..0025}.tar'
 toy_train_size = 6000       # toy world: training pairs (rendered once, then kept in memory)
 image_root = ""             # prefix for relative image paths in a caption CSV
+csv_separator = ""          # caption CSV/TSV: one character, or \t for a tab; empty = detected (, ; tab |)
+csv_img_key = "filepath"    # caption CSV/TSV: the image path column (open_clip's --csv-img-key)
+csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's --csv-caption-key)
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
-skip_bad = False            # tar shards: skip unreadable samples (counted and reported) instead of stopping
+skip_bad = False            # skip undecodable images, bad shard samples, cut shards (counted, reported); else stop
 bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
-val_data = ""               # model selection: toy -> toy val split; else a FETAL_PLANES_DB folder (Train=1 rows only)
+val_data = ""               # selection: FETAL_PLANES_DB, labelled CSV + val_prompts, or caption CSV/shards (toy: val split)
+#                             on class F1 (Train=1 rows only), macro F1, mean retrieval recall; always printed and logged
+val_prompts = ""            # a labelled val_data CSV: the classes' prompts JSON (eval.py --prompts' formats)
+csv_label_key = "label"     # a labelled val_data CSV: the class-name column (its image column is csv_img_key)
 val_every = 1               # epochs between validations
 val_size = 500              # toy: validation images (the report uses the whole test split)
 workers = 4                 # DataLoader worker processes for files (the toy world is made in the main process)
 augment = True              # one random affine + brightness/contrast draw per pair, shared by both views
 # --- models ---
-teacher = "out/teacher/best.pt"  # a train.py checkpoint or raw open_clip weights; toy: pretrained here when missing
+teacher = "out/teacher/best.pt"  # a train.py checkpoint or raw open_clip weights; this default: toy, made if missing
 teacher_config = ""         # for raw weights: preset name (fetalclip) or open_clip JSON (FetalCLIP_config.json)
 student = "toy-student"     # preset name or open_clip JSON of the student
 student_init = ""           # initial student weights (MobileCLIP2-S0 in the paper); empty = random init
 # --- loss: L = L_CLIP + L_diag + beta(t) L_off ---
-kd = "dark"                 # none | static | coupled | dark: the four rows of the paper's Table 1
+kd = "dark"                 # the four rows of the paper's Table 1
 beta0, beta_r = 2.0, -0.4   # dark: beta goes 2 -> -0.8, crossing zero at 71% of training
 lambda0, lambda_r = 1.0, -0.8  # static: constant lambda0; coupled: lambda goes 1 -> -0.8
 tau = 5.0                   # teacher temperature (teacher only): a softer target exposes its non-target structure
 max_logit_scale = 100.0     # clamp of the student's exp(logit_scale), as CLIP
 # --- optimizer: AdamW, cosine with warm-up ---
 epochs = 20
-batch_size = 512            # per device and micro-batch; contrastive negatives come from the gathered micro-batch
+batch_size = 512            # per rank and micro-batch: under torchrun the global batch is batch_size x ranks
 grad_accum = 1              # micro-batches per optimizer step
 lr = 1e-5
 warmup_steps = 500
@@ -68,8 +73,8 @@ weight_decay = 0.1          # not on parameters with ndim < 2 (norms, biases, lo
 adam_beta1, adam_beta2, adam_eps = 0.9, 0.98, 1e-6
 grad_clip = 1.0
 # --- system ---
-device = "auto"             # auto | cpu | cuda | cuda:N
-dtype = "bf16"              # CUDA autocast: bf16 | fp16 (with a GradScaler) | fp32; the CPU always runs fp32
+device = "auto"             # auto: cuda when there is one
+dtype = "bf16"              # CUDA autocast (fp16 with a GradScaler); the CPU always runs fp32
 threads = 0                 # CPU threads (0 = torch's default)
 
 # The built-in toy world: sized so that `python train.py` finishes in minutes on a laptop CPU.
@@ -80,32 +85,57 @@ TOY = dict(epochs=4, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05,
 TOY_TEACHER = dict(student="toy-teacher", student_init="", kd="none", epochs=4, lr=2e-3, toy_train_size=7200)
 
 KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
+# what each option accepts, checked before any work (data.parse_flags): a tuple is the closed set, a string the interval
+ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)", toy_train_size="[1, inf)", samples_per_epoch="[0, inf)",
+               val_every="[1, inf)", val_size="[1, inf)", workers="[0, inf)", kd=("none", "static", "coupled", "dark"),
+               tau="(0, inf)", max_logit_scale="[1, inf)", epochs="[1, inf)", batch_size="[1, inf)",
+               grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)", weight_decay="[0, inf)",
+               adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="(0, inf)",
+               device=data.pick_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
+# --resume=true restores the checkpoint's config: these keys may differ from it (how the run goes, not what it trains)
+RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "ckpt_every", "log_every", "workers", "device", "threads")
 
 
 # --- configuration from the command line ---
-def parse_args(argv, base=KEYS):
-    """--key=value overrides of the defaults above, type-checked. Returns (config, keys given)."""
-    cfg, given = dict(base), set()
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\n" + "\n".join(f"  --{k}={v!r}" for k, v in base.items()) +
-                  f"\nwith --train_data=toy, keys not given take TOY = {TOY}\nand the toy teacher's pretraining "
-                  f"takes TOY_TEACHER = {TOY_TEACHER}")
-            sys.exit(0)
-        key, sep, value = arg.removeprefix("--").partition("=")
-        if not arg.startswith("--") or not sep or key not in base:
-            sys.exit(f"train.py: bad argument {arg!r}; use --key=value with key one of: {', '.join(base)}")
-        kind = type(base[key])
-        try:
-            cfg[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-            if kind is bool and value.lower() not in ("0", "1", "true", "false", "yes", "no"):
-                raise ValueError(value)
-        except ValueError:
-            sys.exit(f"train.py: --{key} takes a {kind.__name__} (default {base[key]!r}), got {value!r}")
-        given.add(key)
+def parse_args(argv):
+    """--key=value overrides of the defaults above, checked by data.parse_flags (the grammar of every script).
+    -> (config, keys given); with --train_data=toy, TOY fills the keys not given."""
+    doc = (f"{__doc__}\nThe toy teacher's pretraining takes TOY_TEACHER = {TOY_TEACHER}.\n--resume=true restores the "
+           f"run's saved config; of the options only {', '.join(RESUME_MAY_CHANGE)} may change.")
+    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, doc, __file__, notes={k: f"toy: {v}" for k, v in TOY.items()})
     if cfg["train_data"] == "toy":
         cfg.update({k: v for k, v in TOY.items() if k not in given})
     return cfg, given
+
+
+def configure(argv):
+    """The run's config from the command line, checked before any work: the flags, the saved config that
+    --resume=true restores, an out_dir holding another run, a teacher that is not there. Raises SystemExit."""
+    cfg, given = parse_args(argv)
+    out = Path(cfg["out_dir"])
+    if cfg["resume"]:
+        if not (out / "ckpt.pt").is_file():
+            sys.exit(f"train.py: --resume=true: no checkpoint at {out / 'ckpt.pt'} (is --out_dir the run's folder?)")
+        saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["config"]
+        changed = [f"--{k}={cfg[k]} (the run has {saved[k]})" for k in sorted(given - set(RESUME_MAY_CHANGE))
+                   if k in saved and cfg[k] != saved[k]]
+        if changed:
+            sys.exit(f"train.py: --resume=true continues the run in {out} as it was trained; {', '.join(changed)} "
+                     f"would change it: drop the flag, or start a new run with another --out_dir. Only "
+                     f"{', '.join(RESUME_MAY_CHANGE)} may change at a resume")
+        cfg = {**cfg, **{k: v for k, v in saved.items() if k in cfg and k not in given}, "resume": True}
+    elif not cfg["overwrite"] and any((out / f).exists() for f in ("ckpt.pt", "best.pt")):
+        sys.exit(f"train.py: {out} holds another run's checkpoints: continue it with --resume=true, replace it with "
+                 f"--overwrite=true, or write this run to a new --out_dir")
+    if cfg["kd"] != "none" and not Path(cfg["teacher"]).is_file() and not toy_teacher_missing(cfg):
+        sys.exit(f"train.py: --teacher={cfg['teacher']}: no such file (the toy teacher is pretrained only at the "
+                 f"default --teacher={KEYS['teacher']} with --train_data=toy)")
+    return cfg
+
+
+def toy_teacher_missing(cfg):
+    """The default teacher of a toy run is pretrained here, once, when it is not there yet."""
+    return cfg["train_data"] == "toy" and cfg["teacher"] == KEYS["teacher"] and not Path(cfg["teacher"]).is_file()
 
 
 # --- schedules: pure functions of the optimizer step ---
@@ -130,7 +160,7 @@ def kd_weight(cfg, step, total_steps):
 def compute_init(cfg):
     """-> (ddp, rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    want = cfg["device"] if cfg["device"] != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    want = str(data.pick_device(cfg["device"]))
     if ddp:
         if want.startswith("cuda"):
             want = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -141,15 +171,22 @@ def compute_init(cfg):
     return False, 0, 1, torch.device(want)
 
 
-def gather(x, ddp, grad):
-    """All ranks' rows, in rank order: [B, D] -> [world * B, D]. With grad, each rank's slice keeps its graph."""
-    if not ddp:
-        return x
-    if grad:
-        return torch.cat(torch.distributed.nn.functional.all_gather(x), dim=0)
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x)
-    return torch.cat(out, dim=0)
+class AllGather(torch.autograd.Function):
+    """All ranks' rows in rank order: [B, D] -> [world * B, D]; a tensor without grad (the teacher's) gathers without
+    a graph. Backward: every rank's loss has a gradient for these rows; their sum over ranks (DDP then averages
+    parameter gradients over ranks). torch.distributed.nn's all_gather did this, and is deprecated."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone(memory_format=torch.contiguous_format)  # all_reduce writes in place
+        dist.all_reduce(grad)
+        return grad.chunk(dist.get_world_size())[dist.get_rank()]
 
 
 def print0(*args, rank=0):
@@ -162,8 +199,10 @@ def make_pairs(cfg, size, rank, world):
     """The training image-caption pairs: the toy world or a caption CSV (map-style), or tar shards (streamed)."""
     if cfg["train_data"] == "toy":
         return data.ToyWorld(split="train", size=size, seed=cfg["seed"], length=cfg["toy_train_size"], cache=True)
-    if cfg["train_data"].endswith((".csv", ".tsv")):
-        return data.ImageRows(data.read_captions(cfg["train_data"], root=cfg["image_root"] or None))
+    if cfg["train_data"].lower().endswith((".csv", ".tsv")):
+        return data.ImageRows(data.read_captions(cfg["train_data"], cfg["csv_img_key"], cfg["csv_caption_key"],
+                                                 cfg["csv_separator"] or None, cfg["image_root"] or None),
+                              skip_bad=cfg["skip_bad"])
     shards = data.TarShards(cfg["train_data"], skip_bad=cfg["skip_bad"], shuffle=True, seed=cfg["seed"])
     if len(shards.shards) < world * max(1, cfg["workers"]):  # a reader without a shard would wait forever
         raise ValueError(f"{len(shards.shards)} shards in {cfg['train_data']!r} for {world} ranks x "
@@ -174,7 +213,8 @@ def make_pairs(cfg, size, rank, world):
 def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
     """This rank's micro-batches of one epoch as (teacher view, student view, token ids), from micro-batch `start`
     on (for --resume). Map-style data is shuffled by a generator seeded with (seed, epoch) and each global batch is
-    cut into per-rank slices, so a resumed run, and a run on any number of ranks, sees the same global batches."""
+    cut into per-rank slices: a resumed run sees the same global batches, and so does a run on N ranks at 1/N of the
+    batch_size (the global batch is batch_size x world)."""
     bs, g = cfg["batch_size"], torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
     # the loader gets its own generator: it draws worker seeds from one, and the global RNG belongs to --resume
     if isinstance(pairs, torch.utils.data.IterableDataset):
@@ -197,14 +237,40 @@ def epoch_batches(pairs, collate, cfg, epoch, rank, world, start=0):
         yield (*batch["image"], batch["ids"])
 
 
-def micro_batches_per_epoch(pairs, cfg, world):
-    """Tar shards have no length: --samples_per_epoch, or one pass that counts the captions."""
-    n = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or count_shard_pairs(pairs)
-    return n // (cfg["batch_size"] * world)
+def plan_steps(n_pairs, cfg, world):
+    """-> (optimizer steps per epoch, steps in all) for n_pairs training pairs. A run that cannot train raises
+    ValueError with the numbers and what to change: a global batch of one pair (its contrastive loss is 0), fewer
+    pairs than one optimizer step takes, or a warm-up longer than the run (the learning rate would never reach lr;
+    the paper's batch 512 and 500 warm-up steps on an HC18-sized 716 pairs would peak at 4e-7)."""
+    bs, accum, epochs, warmup = cfg["batch_size"], cfg["grad_accum"], cfg["epochs"], cfg["warmup_steps"]
+    per_epoch = n_pairs // (bs * world * accum)
+    total = per_epoch * epochs
+    plan = (f"{n_pairs} pairs, batch {bs} x {world} ranks x {accum} micro-batches: {per_epoch} optimizer steps per "
+            f"epoch, {total} in {epochs} epochs")
+    if bs * world < 2:
+        raise ValueError(f"{plan}: a global batch of one pair has no negatives (its contrastive loss is 0); set "
+                         "--batch_size=2 or more")
+    if per_epoch == 0:
+        raise ValueError(f"{plan}: no optimizer step fits in an epoch; set --batch_size="
+                         f"{max(2, n_pairs // (world * accum))} or less, or give more pairs")
+    if warmup > total:
+        raise ValueError(f"{plan}, with {warmup} warm-up steps: the learning rate would peak at "
+                         f"{lr_at(total - 1, total, cfg['lr'], warmup):.1e}, not --lr={cfg['lr']:g}. Set "
+                         f"--warmup_steps={max(1, total // 10)} (a tenth of the run), or train ten times the warm-up: "
+                         f"--epochs={math.ceil(10 * warmup / per_epoch)}, or fewer pairs per step (--batch_size)")
+    return per_epoch, total
 
 
-def count_shard_pairs(shards):
-    return sum(name.endswith(".txt") for shard in shards.shards for name in tarfile.open(shard).getnames())
+def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
+    """Toy tokenizer, captions other than the toy world's: print the share of unknown tokens in the first n training
+    captions (the same on every rank); refuse a run where most are unknown (they would all train as one token)."""
+    captions = [row["caption"] for row in pairs.rows[:n]] if hasattr(pairs, "rows") else pairs.captions(n)
+    share = tokenizer.unknown_share(captions)
+    print0(f"toy tokenizer: {share:.1%} of the tokens of {len(captions)} training captions are unknown", rank=rank)
+    if share > 0.5:
+        raise ValueError(f"{cfg['train_data']}: {share:.0%} of the caption tokens are outside the toy vocabulary of "
+                         f"--student={cfg['student']}; use a BPE model: --student=mobileclip2-s0 (or an open_clip "
+                         "JSON) with --bpe=bpe_simple_vocab_16e6.txt.gz")
 
 
 # --- models ---
@@ -228,7 +294,8 @@ def tokenizer_kind(model):
 
 
 def make_optimizer(model, cfg):
-    """AdamW; no weight decay on parameters with ndim < 2 (norms, biases, logit_scale, layer scales)."""
+    """AdamW; no weight decay on parameters with ndim < 2 (norms, biases, logit_scale), as open_clip's rule (which
+    decays the MCi layer scales, [C, 1, 1], like any weight)."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg["weight_decay"]},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -245,18 +312,43 @@ def save_atomic(obj, path):
     os.replace(tmp, path)
 
 
+def val_setup(cfg):
+    """-> (eval.evaluate's arguments for the validation data, the metric that picks best.pt); (None, None) when
+    nothing validates (best.pt is then the last step)."""
+    if cfg["val_prompts"] and (not cfg["val_data"] or Path(cfg["val_data"]).is_dir()):
+        raise ValueError(f"--val_prompts is for a labelled CSV --val_data, not {cfg['val_data'] or 'none'!r}")
+    if not cfg["val_data"]:
+        return (dict(task="toy", split="val", n=cfg["val_size"]), "composite") if cfg["train_data"] == "toy" else (
+            None, None)
+    if Path(cfg["val_data"]).is_dir():  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
+        return dict(task="paper", split="train", root=cfg["val_data"]), "class_f1"  # planes and brain
+    args = dict(root=cfg["val_data"], csv={k: v for k, v in cfg.items() if k.startswith("csv_")})
+    if cfg["val_prompts"]:
+        return dict(args, task="classify", prompts={"classify": data.load_prompts(cfg["val_prompts"])}), "classify_f1"
+    return dict(args, task="retrieval"), "retrieval_mean_recall"
+
+
 def validate(model, tokenizer, cfg, device):
     """Zero-shot metrics for model selection, on data never reported as a test result."""
-    if cfg["train_data"] == "toy" and not cfg["val_data"]:
-        return evaluation.evaluate(model, tokenizer, task="toy", split="val", n=cfg["val_size"], device=device)
-    if cfg["val_data"]:  # FETAL_PLANES_DB's Train=1 rows: never the test rows the paper reports
-        planes, brain = (evaluation.evaluate(model, tokenizer, task=task, split="train", root=cfg["val_data"],
-                                             device=device) for task in ("planes", "brain"))
-        return {**planes, **brain, "class_f1": evaluation.class_f1(planes["planes_f1"], brain["brain_f1"])}
-    return {}
+    args, _ = val_setup(cfg)
+    return evaluation.evaluate(model, tokenizer, **args, device=device) if args else {}
 
 
-SELECT_ON = ("composite", "class_f1")  # the first one validation reports picks best.pt
+def check_val_data(cfg):
+    """Read the validation data now, so that a wrong path or column, a label without prompts, data without a usable
+    row for a task that validate() runs, or a --val_every that never comes fails before training, not after it."""
+    args, _ = val_setup(cfg)
+    if args and args["task"] != "toy":
+        try:
+            records, _ = evaluation.task_records(**args)
+        except ValueError as e:  # e.g. a FETAL_PLANES_DB whose rows are all Train=0
+            raise ValueError(f"--val_data={args['root']} cannot select the model: {e}"
+                             + " (validation uses the Train=1 rows)" * Path(args["root"]).is_dir()) from e
+        if not isinstance(records, list) and not data.TarShards(args["root"]).count_pairs():  # shards: streamed later
+            raise ValueError(f"--val_data={args['root']}: the shards hold no image-caption pairs")
+    if cfg["val_data"] and cfg["val_every"] > cfg["epochs"]:
+        raise ValueError(f"--val_every={cfg['val_every']} > --epochs={cfg['epochs']}: --val_data would never be read; "
+                         f"set --val_every={cfg['epochs']} or less")
 
 
 # --- the loop ---
@@ -283,22 +375,23 @@ def train(cfg):
                          f"feed both): teacher {tokenizer_kind(teacher)}/{teacher.context_length}, "
                          f"student {tokenizer_kind(student)}/{student.context_length}")
     views = [(m.image_size, m.image_mean, m.image_std) for m in (teacher or student, student)]  # each its own
+    for role, m in (("teacher", teacher), ("student", student)):  # it goes into training, eval and the Core ML wrapper
+        if m is not None:
+            print0(f"{role} input: {m.image_size} px, mean {m.image_mean}, std {m.image_std}", rank=rank)
     collate = data.Collate(data.DistillTransform(*views, augment=cfg["augment"]), tokenizer)
     pairs = make_pairs(cfg, max(student.image_size, (teacher or student).image_size), rank, world)
-    steps_per_epoch = micro_batches_per_epoch(pairs, cfg, world) // cfg["grad_accum"]
-    total_steps = steps_per_epoch * cfg["epochs"]
-    if total_steps == 0:
-        raise ValueError(f"no optimizer step fits in an epoch: fewer pairs than batch {cfg['batch_size']} x {world} "
-                         f"ranks x {cfg['grad_accum']} micro-batches")
-    if cfg["val_data"]:  # a wrong path fails now, not after the first epoch
-        data.read_fetal_planes(cfg["val_data"])
+    if tokenizer_kind(student) == "toy" and cfg["train_data"] != "toy":
+        check_vocabulary(tokenizer, pairs, cfg, rank)
+    # tar shards have no length: --samples_per_epoch, or a count of their captions from the tar headers
+    n_pairs = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or pairs.count_pairs()
+    steps_per_epoch, total_steps = plan_steps(n_pairs, cfg, world)
+    check_val_data(cfg)
     optimizer = make_optimizer(student, cfg)
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if cuda else None) if ddp else student
+    gather = AllGather.apply if ddp else (lambda x: x)  # [B, D] -> [world * B, D]
 
     step, best, ckpt_path = 0, -math.inf, out / "ckpt.pt"
-    if cfg["resume"]:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path} (is --out_dir the run's folder?)")
+    if cfg["resume"]:  # configure() has checked that it is there
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
@@ -319,10 +412,16 @@ def train(cfg):
     def last_good():  # a non-finite step stops the run before anything is written
         return f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
 
+    for stale in ("ckpt.pt", "best.pt", "results.md") if rank == 0 and not cfg["resume"] else ():
+        (out / stale).unlink(missing_ok=True)  # a new run, past every start-up check (configure() asked first)
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
     n_params = sum(p.numel() for p in student.parameters())
+    select_on = val_setup(cfg)[1]
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
-           f"({cfg['epochs']} epochs x {steps_per_epoch}) on {world} x {dev}", rank=rank)
+           f"({cfg['epochs']} epochs x {steps_per_epoch} from {n_pairs} pairs; {cfg['warmup_steps']} warm-up) on "
+           f"{world} x {dev}, global batch {cfg['batch_size']} x {world} ranks x {cfg['grad_accum']} micro-batches; "
+           "best.pt: "
+           + (f"best validation {select_on}" if select_on else "the last step (no --val_data)"), rank=rank)
     t0, seen = time.time(), 0
     model.train()
     while step < total_steps:
@@ -343,9 +442,9 @@ def train(cfg):
                             with torch.no_grad():
                                 t_img, t_txt, t_scale = teacher(t_view, ids)
                     if teacher is not None:  # the teacher's columns are targets: gathered without a graph
-                        t_img, t_txt = gather(t_img, ddp, False), gather(t_txt, ddp, False)
+                        t_img, t_txt = gather(t_img), gather(t_txt)
                     rows = slice(rank * len(ids), (rank + 1) * len(ids))  # this rank's rows of the global batch
-                    losses = dark.dark_loss(gather(img, ddp, True), gather(txt, ddp, True), scale, t_img, t_txt,
+                    losses = dark.dark_loss(gather(img), gather(txt), scale, t_img, t_txt,
                                             t_scale, mode=cfg["kd"], weight=weight, tau=cfg["tau"], rows=rows)
                     if not torch.isfinite(losses["total"]):
                         terms = {k: round(v.item(), 4) for k, v in losses.items()}
@@ -387,12 +486,14 @@ def train(cfg):
             if rank == 0 and end_of_epoch and (step // steps_per_epoch) % cfg["val_every"] == 0:
                 metrics = validate(student, tokenizer, cfg, dev)
                 if metrics:
-                    shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite")
-                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics))
-                    log.write(json.dumps(dict(step=step, epoch=epoch + 1, **{f"val_{k}": v for k, v in metrics.items()
-                                                                               if isinstance(v, (int, float))})) + "\n")
+                    shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite", "classify_acc",
+                             "classify_f1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_mean_recall")
+                    score = metrics[select_on]
+                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics) +
+                           f"; best.pt on {select_on} (best so far {max(best, score):.4f})")
+                    log.write(json.dumps(dict(step=step, epoch=epoch + 1, select_on=select_on, **{
+                        f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})) + "\n")
                     log.flush()
-                    score = next(metrics[k] for k in SELECT_ON if k in metrics)
                     if score > best:
                         best = score
                         checkpoint(out / "best.pt")
@@ -431,12 +532,12 @@ def trivial(cfg):
 def report(checkpoints, cfg):
     """Zero-shot on the toy test split (never used for selection) plus size and speed, as a markdown table, then the
     trivial answers; the rows also go to results.json."""
-    rows, configs = [], {}
+    rows, configs, speeds = [], {}, []
     for name, path in checkpoints:
         configs[name] = torch.load(path, map_location="cpu", weights_only=True).get("config")  # the run's recipe
         model, tokenizer = evaluation.load_model_from_checkpoint(path)
         metrics = evaluation.evaluate(model, tokenizer, task="toy", split="test")
-        speed = evaluation.speed(model, runs=10)
+        speeds.append(speed := evaluation.speed(model, runs=10))
         rows.append(dict(model=name, params_M=sum(p.numel() for p in model.parameters()) / 1e6,
                          image_params_M=sum(p.numel() for p in model.visual.parameters()) / 1e6,
                          image_ms=speed.get("image_ms_folded", speed["image_ms"]), **{k: metrics[k] for k in (
@@ -446,28 +547,51 @@ def report(checkpoints, cfg):
         evaluation.class_f1(base["planes_f1"], base["brain_f1"]), base["ga_validity"])))
     table = evaluation.markdown_table(rows, list(rows[0]))
     print("\nzero-shot on the toy test split (image_ms: CPU, batch 1, reparameterized where foldable)\n" + table +
-          f"\nthe median age at each stated pixel spacing, no image: validity {base['ga_validity_spacing_only']:.2f}%")
+          f"\nthe median age at each stated pixel spacing, no image: validity {base['ga_validity_spacing_only']:.2f}%"
+          + evaluation.noise_warning(speeds))
     Path(cfg["out_dir"], "results.md").write_text(table + "\n")
     Path(cfg["out_dir"], "results.json").write_text(json.dumps(dict(rows=rows, configs=configs), indent=1) + "\n")
     return rows
 
 
+def interrupted(run, cfg):
+    """The one line that Ctrl-C leaves: the last checkpoint and the command that resumes it."""
+    if run is not cfg:
+        return "interrupted while pretraining the toy teacher: only a finished one is kept, so run the same command"
+    ckpt = Path(cfg["out_dir"]) / "ckpt.pt"
+    if not ckpt.is_file():
+        return f"interrupted before the first checkpoint in {cfg['out_dir']}: nothing to resume; run the same command " \
+               "with --overwrite=true"
+    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')}" if "RANK" in os.environ else "python"
+    return f"interrupted. The last checkpoint is {ckpt}; resume with: {launcher} train.py --resume=true " \
+           f"--out_dir={cfg['out_dir']}"
+
+
 def main(argv):
-    cfg, _ = parse_args(argv)
-    t0 = time.time()
-    if cfg["train_data"] == "toy" and cfg["kd"] != "none" and not Path(cfg["teacher"]).exists():
-        # the same loop pretrains the toy teacher: CLIP loss only, teacher preset, its own folder; only a finished
-        # pretraining becomes --teacher, so a run killed half-way starts it again instead of reusing a weak teacher
-        print(f"no teacher at {cfg['teacher']}: pretraining the toy teacher first")
-        built = train({**cfg, **TOY_TEACHER, "out_dir": str(Path(cfg["teacher"]).parent / "pretrain"), "resume": False})
-        if int(os.environ.get("RANK", 0)) == 0:
-            os.replace(built, cfg["teacher"])
-        if dist.is_initialized():
-            dist.barrier()
-    best = train(cfg)
-    if int(os.environ.get("RANK", 0)) == 0 and cfg["train_data"] == "toy":
+    rank = int(os.environ.get("RANK", 0))  # under torchrun every rank runs this; rank 0 does the talking
+    try:
+        cfg = configure(argv)
+    except SystemExit as e:
+        sys.exit(e.code if rank == 0 else 1)
+    t0, run = time.time(), cfg
+    try:
+        if cfg["kd"] != "none" and toy_teacher_missing(cfg):
+            # the same loop pretrains the toy teacher: CLIP loss only, teacher preset, its own folder; only a finished
+            # pretraining becomes --teacher, so a run killed half-way starts it again instead of reusing a weak one
+            print0(f"no teacher at {cfg['teacher']}: pretraining the toy teacher first", rank=rank)
+            run = {**cfg, **TOY_TEACHER, "out_dir": str(Path(cfg["teacher"]).parent / "pretrain"), "resume": False}
+            built = train(run)
+            if rank == 0:
+                os.replace(built, cfg["teacher"])
+            if dist.is_initialized():
+                dist.barrier()
+        run = cfg
+        best = train(cfg)
+    except KeyboardInterrupt:  # each rank gets the signal; rank 0 says it once, without a traceback
+        sys.exit(interrupted(run, cfg) if rank == 0 else 130)
+    if rank == 0 and cfg["train_data"] == "toy":
         report([("teacher", cfg["teacher"])] * (cfg["kd"] != "none") + [(f"student ({cfg['kd']})", best)], cfg)
-    print(f"done in {(time.time() - t0) / 60:.1f} min")
+    print0(f"done in {(time.time() - t0) / 60:.1f} min", rank=rank)
     if dist.is_initialized():
         dist.destroy_process_group()
 
