@@ -7,9 +7,9 @@ The toy world, in a few lines. Item i of a split is a B-mode-like fetal ultrasou
 (seed, split, i) alone: a fan-shaped field of view on black with speckle, depth attenuation, bright bone echoes
 that cast acoustic shadows, and one of five planes, shown near horizontal as sonographers display them: fetal
 abdomen (stomach bubble, umbilical vein, spine), fetal brain (skull ring, midline), fetal femur (a bright bar), fetal
-thorax (four-chamber heart, ribs) or maternal cervix (canal). Two scans in five are heads, cut trans-thalamic (grey
+thorax (four-chamber heart, ribs) or maternal cervix (canal). Three scans in five are heads, cut trans-thalamic (grey
 thalami in the middle), trans-cerebellum (a bright cerebellum at the back) or trans-ventricular (a bright choroid
-plexus in the far ventricle): structures a few pixels across, inside a head of 20-50. The gestational age (14-40
+plexus in the far ventricle): structures a few pixels across, inside a head of 30-55. The gestational age (14-40
 weeks) sets sizes in mm; a head's circumference follows the WHO curve with its spread. The field of view has one of
 four widths, so a head spans HC / pixel_mm pixels around and the age can be read only from the image and the pixel
 spacing in the text together, as in HC18. A caption states some of: plane, sub-plane, structures seen, age in weeks

@@ -55,7 +55,8 @@ PRESETS = {
         vision_cfg=dict(timm_model_name='fastvit_mci0', timm_pool='avg', timm_proj=None, image_size=64,
                         mci_cfg=dict(layers=(1, 1, 4, 2), embed_dims=(24, 48, 192, 384))),
         text_cfg=dict(context_length=TOY_CONTEXT, vocab_size=TOY_VOCAB_SIZE, width=256, heads=4, layers=3),
-        custom_text=True),
+        custom_text=True,
+        preprocess_cfg=dict(mean=OPENAI_MEAN, std=OPENAI_STD)),
     # ... and a 22x smaller MCi student (0.21M image params) with MobileCLIP2's text layout (no causal mask)
     'toy-student': dict(
         embed_dim=128,
