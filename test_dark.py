@@ -447,14 +447,14 @@ def test_apple_text_tower_layout_round_trip_and_forward(wrapper):
 
 
 def test_apple_text_tower_loads_into_the_top_level_layout_and_mct_is_refused():
-    source = randomize_(models.build_model('toy-teacher'))  # open_clip's CLIP: text tower at the top level
+    source = randomize_(models.build_model(copy.deepcopy(TOY_VIT)))  # open_clip's CLIP: text tower at the top level
     apple = to_ml_mobileclip_text(source.state_dict(), '')
     assert 'text_encoder.transformer.0.pre_norm_mha.1.qkv_proj.weight' in apple and 'token_embedding.weight' not in apple
-    model = models.load_checkpoint(models.build_model('toy-teacher'), apple)
+    model = models.load_checkpoint(models.build_model(copy.deepcopy(TOY_VIT)), apple)
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
-    apple['text_encoder.transformer.0.token_mixer.layer_scale'] = torch.ones(256, 1, 1)  # MobileCLIP-S0's RepMixer
+    apple['text_encoder.transformer.0.token_mixer.layer_scale'] = torch.ones(64, 1, 1)  # MobileCLIP-S0's RepMixer
     with pytest.raises(ValueError, match="'mct' text tower"):
-        models.load_checkpoint(models.build_model('toy-teacher'), apple)
+        models.load_checkpoint(models.build_model(copy.deepcopy(TOY_VIT)), apple)
 
 
 def test_ml_mobileclip_layout_round_trip():
@@ -2136,8 +2136,9 @@ def test_quantized_export(tmp_path, mode, dtype, per_param):
     summary = export_ios.export(ckpt, out=tmp_path, classes=str(prompts), quantize=mode)["image"]
     assert summary["io"]["probs"] == "float32 [1, 2]"
     # most weights compressed; with int8, tensors with a channel too small for an fp16 scale stay fp16 (here the
-    # head and the convs that Core ML folds this checkpoint's random layer scales into)
-    share, top = (0.6, 1.5) if mode == "int8" else (0.9, 0.7)
+    # head and the convs that Core ML folds this checkpoint's random layer scales into); measured with the 0.21M
+    # toy student: 59% int8, 85% 4-bit
+    share, top = (0.5, 1.5) if mode == "int8" else (0.8, 0.7)
     assert summary["stored"][dtype] > share * sum(summary["stored"].values())
     assert per_param <= summary["bytes_per_param"] <= top
     spec = ct.models.MLModel(summary["path"], skip_model_load=True).get_spec()
@@ -2145,7 +2146,8 @@ def test_quantized_export(tmp_path, mode, dtype, per_param):
     ops = program.functions["main"].operations
     scales = [op.inputs["scale"].val for op in ops if op.op_type == "constexpr_affine_dequantize"]
     assert all((s > 0).all() for s in scales)  # no channel stored as zeros
-    head = [op.val.val for op in ops if op.op_type == "const" and getattr(op.val.val, "shape", ()) == (128, 256)]
+    shape = tuple(saved["model"]["visual.trunk.head.fc.weight"].shape)
+    head = [op.val.val for op in ops if op.op_type == "const" and getattr(op.val.val, "shape", ()) == shape]
     if mode == "int8":  # the head's scales would underflow fp16: it stays fp16, tiny rows intact
         assert len(head) == 1 and head[0].dtype == np.float16 and (np.abs(head[0][1]) > 0).any()
     assert re.fullmatch(rf"{mode} vs fp16 weights \(PyTorch, 200 toy test images\): embedding cosine mean [01]\.\d+, "
