@@ -1266,6 +1266,10 @@ def test_nothing_lost_and_resume_restores_the_run(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match=r"--teacher=nope.pt: no such file .*only at the default --teacher=out/"):
         train.main(["--teacher=nope.pt", "--out_dir=new"])
     assert sorted(os.listdir()) == before
+    os.mkdir("saved")  # a resume never pretrains a teacher, not even the default toy one: it would not be the run's
+    torch.save(dict(config=train.parse_args([])[0]), "saved/ckpt.pt")
+    with pytest.raises(SystemExit, match=r"--teacher=out/teacher/best\.pt: no such file"):
+        train.configure(["--resume=true", "--out_dir=saved"])
 
 
 def test_unknown_words_are_counted_and_refused_for_the_toy_tokenizer(tmp_path, capsys):

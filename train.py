@@ -116,7 +116,8 @@ def configure(argv):
     if cfg["resume"]:
         if not (out / "ckpt.pt").is_file():
             sys.exit(f"train.py: --resume=true: no checkpoint at {out / 'ckpt.pt'} (is --out_dir the run's folder?)")
-        saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True)["config"]
+        # mmap: only the config is read from disk, not every weight of a large checkpoint
+        saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)["config"]
         changed = [f"--{k}={cfg[k]} (the run has {saved[k]})" for k in sorted(given - set(RESUME_MAY_CHANGE))
                    if k in saved and cfg[k] != saved[k]]
         if changed:
@@ -127,7 +128,7 @@ def configure(argv):
     elif not cfg["overwrite"] and any((out / f).exists() for f in ("ckpt.pt", "best.pt")):
         sys.exit(f"train.py: {out} holds another run's checkpoints: continue it with --resume=true, replace it with "
                  f"--overwrite=true, or write this run to a new --out_dir")
-    if cfg["kd"] != "none" and not Path(cfg["teacher"]).is_file() and not toy_teacher_missing(cfg):
+    if cfg["kd"] != "none" and not Path(cfg["teacher"]).is_file() and (cfg["resume"] or not toy_teacher_missing(cfg)):
         sys.exit(f"train.py: --teacher={cfg['teacher']}: no such file (the toy teacher is pretrained only at the "
                  f"default --teacher={KEYS['teacher']} with --train_data=toy)")
     return cfg
@@ -560,8 +561,8 @@ def interrupted(run, cfg):
         return "interrupted while pretraining the toy teacher: only a finished one is kept, so run the same command"
     ckpt = Path(cfg["out_dir"]) / "ckpt.pt"
     if not ckpt.is_file():
-        return f"interrupted before the first checkpoint in {cfg['out_dir']}: nothing to resume; run the same command " \
-               "with --overwrite=true"
+        return f"interrupted before the first checkpoint in {cfg['out_dir']}: nothing to resume; run the same " \
+               "command with --overwrite=true"
     launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')}" if "RANK" in os.environ else "python"
     return f"interrupted. The last checkpoint is {ckpt}; resume with: {launcher} train.py --resume=true " \
            f"--out_dir={cfg['out_dir']}"
