@@ -9,7 +9,7 @@ that cast acoustic shadows, and one of five planes, shown near horizontal as son
 abdomen (stomach bubble, umbilical vein, spine), fetal brain (skull ring, midline), fetal femur (a bright bar), fetal
 thorax (four-chamber heart, ribs) or maternal cervix (canal). Three scans in five are heads, cut trans-thalamic (grey
 thalami in the middle), trans-cerebellum (a bright cerebellum at the back) or trans-ventricular (a bright choroid
-plexus in the far ventricle): structures a few pixels across, inside a head of 30-55. The gestational age (14-40
+plexus in the far ventricle): structures a few pixels across, inside a head of 20-50. The gestational age (14-40
 weeks) sets sizes in mm; a head's circumference follows the WHO curve with its spread. The field of view has one of
 four widths, so a head spans HC / pixel_mm pixels around and the age can be read only from the image and the pixel
 spacing in the text together, as in HC18. A caption states some of: plane, sub-plane, structures seen, age in weeks
@@ -50,7 +50,7 @@ HC_COEFFS = {  # WHO fetal growth, as FetalCLIP uses it: HC(t) = exp(b0 + b1 t +
     'median': (2.09924879247164, 0.253373656106037, -6.05647816678282e-3, 5.14256072059917e-5),
     'p2.5': (1.59317517131532, 0.29459800552433, -7.3860372566707e-3, 6.56951770216148e-5),
     'p97.5': (2.50074069629423, 0.220067854715719, -4.93623111462443e-3, 3.89066000946519e-5)}
-FIELDS_MM = (96, 128, 160, 192)  # field-of-view widths: 1.5/2/2.5/3 mm/pixel at 64 px, few enough to learn
+FIELDS_MM = (112, 128, 144, 160)  # field-of-view widths: 1.75/2/2.25/2.5 mm/pixel at 64 px, few enough to learn
 PLANE_MIX = (0.1, 0.6, 0.1, 0.1, 0.1)  # how often each plane is scanned: heads carry two of the three tasks
 SPLITS = ('train', 'val', 'test')
 _SPLIT_STRIDE = 10 ** 9  # split s owns indices [s * stride, (s + 1) * stride): splits never share an item
@@ -84,8 +84,9 @@ def _sample(rng):
             hc * rng.uniform(0.78, 0.9),                                 # thoracic circumference
             rng.uniform(25, 45))[plane]                                  # cervical length
     extent = size * 1.5 if plane in (2, 4) else size / math.pi           # how much of the field it fills
-    # the sonographer zooms so the part fills 50-85% of the width (the smallest field if none does)
-    fits = [f for f in FIELDS_MM if 0.5 <= extent / f <= 0.85] or [FIELDS_MM[0]]
+    # the sonographer zooms so the part fills 30-85% of the width (the smallest field if none does): fields close
+    # together and a wide range, so that most sizes fit every field and the spacing alone says little about the age
+    fits = [f for f in FIELDS_MM if 0.3 <= extent / f <= 0.85] or [FIELDS_MM[0]]
     return dict(plane=plane, brain_plane=int(rng.integers(3)) if plane == 1 else -1, days=days,
                 hc=hc if plane == 1 else float('nan'), size=size, extent=extent, fov=float(rng.choice(fits)))
 
@@ -489,7 +490,7 @@ TOY_WORDS = tuple((  # everything the toy world says, one token each; new words 
     'pellucidi femoral diaphysis acoustic shadow chambers ribs cervical canal internal os bladder third ventricle '
     'cisterna magna choroid plexus ultrasound image scan sonogram showing with visible seen weeks and days '
     'gestational age gestation pixel spacing mm per 0 1 2 3 4 5 6 7 8 9 . , - / : ; ( )').split())
-TOY_NUMBERS = tuple(map(str, range(10, 41))) + ('1.50', '2.00', '2.50', '3.00')  # the ages in weeks and the toy
+TOY_NUMBERS = tuple(map(str, range(10, 41))) + ('1.75', '2.00', '2.25', '2.50')  # the ages in weeks and the toy
 #   world's four pixel spacings at 64 px, one token each: a CLIP text tower learns what a number token means only
 #   from the images it comes with, and one token per age is what it can learn in minutes; other numbers are spelled
 TOY_VOCAB_SIZE = 160  # 0 pad, 1 start, 2 unknown, then TOY_WORDS and TOY_NUMBERS, then room to grow, end-of-text last

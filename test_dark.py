@@ -615,6 +615,21 @@ def test_head_sizes_follow_the_growth_curve():
         assert 14 <= item['ga_weeks'] <= 40 and item['pixel_mm'] * 64 in data.FIELDS_MM
 
 
+def test_the_stated_spacing_alone_says_little_about_the_age():
+    """The field of view is chosen to fit the head, so the spacing a prompt states hints at the age; the hint must stay
+    small, or gestational age would be read from the text. The median age at each spacing (from training heads) is
+    valid for few more test heads than the median age itself (measured: 19% vs 16%)."""
+    def heads(split):
+        world = data.ToyWorld(split, length=4000)
+        return [f for f in map(world.facts, range(4000)) if f['plane'] == 1]
+    train, test = heads('train'), [f for f in heads('test') if evaluation.in_hc_window(f['hc'])]
+    days, fov = np.array([f['days'] for f in train]), np.array([f['fov'] for f in train])
+    hc = np.array([f['hc'] for f in test])
+    by_spacing = evaluation.ga_valid([np.median(days[fov == f['fov']]) for f in test], hc).mean()
+    overall = evaluation.ga_valid(np.median(days), hc).mean()
+    assert len(test) > 1500 and by_spacing < overall + 0.06 and overall < 0.25
+
+
 def test_captions_state_true_facts_often_enough_to_learn():
     world = data.ToyWorld('train', 64, length=400)
     items = [world[i] for i in range(400)]
@@ -655,8 +670,8 @@ def test_hard_toy_tasks_can_be_read_from_the_pixels():
     """No model: fit the skull in each head image, then read the age from its size in pixels times the stated pixel
     spacing, and the sub-plane from the mean brightness in 4 x 8 cells of the head (rings x sectors, folded so that
     front/back and the two sides look alike) by 1-nearest-neighbour. Fitted on the first half of the heads of 400
-    validation images, scored on the second half: far above the trivial answers (measured: validity 84% vs 20%
-    for the median age, sub-plane accuracy 0.96 vs chance 0.33)."""
+    validation images, scored on the second half: far above the trivial answers (measured: validity 81% vs 20%
+    for the median age, sub-plane accuracy 0.90 vs chance 0.33)."""
     world = data.ToyWorld('val', 64, length=400)
     heads = [it for it in (world[i] for i in range(400)) if it['plane'] == 1]
     Y, X = np.mgrid[:64, :64]
