@@ -1204,14 +1204,14 @@ def test_schedules():
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
-    cfg = _cfg(tmp_path, toy_train_size=8, epochs=16, kd="none")   # one batch of 8 pairs, seen 16 times
+    cfg = _cfg(tmp_path, toy_train_size=8, epochs=24, kd="none")   # one batch of 8 pairs, seen 24 times
     train.train(cfg)
     rows = [r for r in _log(cfg) if "total" in r]
-    assert len(rows) == 16 and rows[-1]["step"] == 16
+    assert len(rows) == 24 and rows[-1]["step"] == 24
     first, last = sum(r["clip"] for r in rows[:3]) / 3, sum(r["clip"] for r in rows[-3:]) / 3
     assert last < 0.8 * first, (first, last)
     ckpt = torch.load(os.path.join(cfg["out_dir"], "best.pt"), weights_only=False)
-    assert ckpt["step"] == 16 and ckpt["tokenizer"] == "toy" and ckpt["model_config"] == models.get_config("toy-student")
+    assert ckpt["step"] == 24 and ckpt["tokenizer"] == "toy" and ckpt["model_config"] == models.get_config("toy-student")
 
 
 def test_resume_matches_uninterrupted(tmp_path, monkeypatch):
