@@ -5,14 +5,15 @@ Everything that turns files, or nothing at all, into images, captions and tensor
 
 The toy world, in a few lines. Item i of a split is a B-mode-like fetal ultrasound image rendered from
 (seed, split, i) alone: a fan-shaped field of view on black with speckle, depth attenuation, bright bone echoes
-that cast acoustic shadows, and one of five planes: fetal abdomen (stomach bubble, umbilical vein, spine), fetal
-brain (skull ring, midline), fetal femur (a bright bar), fetal thorax (four-chamber heart, ribs) or maternal cervix
-(canal). A brain is cut trans-thalamic (thalami), trans-cerebellum (cerebellum, cisterna magna) or
-trans-ventricular (ventricle, choroid plexus): small, faint differences, so that task is the hard one. The
-gestational age (14-40 weeks) sets sizes in mm; a head's circumference follows the WHO curve with its spread. The
-field of view has one of four widths, so a head spans HC / pixel_mm pixels around and the age can be read only from
-the image and the pixel spacing in the text together, as in HC18. A caption states some of: plane, sub-plane,
-structures seen, age in weeks and days, pixel spacing.
+that cast acoustic shadows, and one of five planes, shown near horizontal as sonographers display them: fetal
+abdomen (stomach bubble, umbilical vein, spine), fetal brain (skull ring, midline), fetal femur (a bright bar), fetal
+thorax (four-chamber heart, ribs) or maternal cervix (canal). Three scans in five are heads, cut trans-thalamic (grey
+thalami in the middle), trans-cerebellum (a bright cerebellum at the back) or trans-ventricular (a bright choroid
+plexus in the far ventricle): structures a few pixels across, inside a head of 20-50. The gestational age (14-40
+weeks) sets sizes in mm; a head's circumference follows the WHO curve with its spread. The field of view has one of
+four widths, so a head spans HC / pixel_mm pixels around and the age can be read only from the image and the pixel
+spacing in the text together, as in HC18. A caption states some of: plane, sub-plane, structures seen, age in weeks
+and days, pixel spacing; each age in weeks and each spacing is one token of the toy tokenizer.
 
 The real formats: caption CSV/TSV, webdataset tar shards, FETAL_PLANES_DB, HC18; then FetalCLIP's preprocessing.
 """
@@ -52,7 +53,8 @@ HC_COEFFS = {  # WHO fetal growth, as FetalCLIP uses it: HC(t) = exp(b0 + b1 t +
     'median': (2.09924879247164, 0.253373656106037, -6.05647816678282e-3, 5.14256072059917e-5),
     'p2.5': (1.59317517131532, 0.29459800552433, -7.3860372566707e-3, 6.56951770216148e-5),
     'p97.5': (2.50074069629423, 0.220067854715719, -4.93623111462443e-3, 3.89066000946519e-5)}
-FIELDS_MM = (96, 128, 160, 192)  # field-of-view widths: 1.5/2/2.5/3 mm/pixel at 64 px, few enough to learn
+FIELDS_MM = (112, 128, 144, 160)  # field-of-view widths: 1.75/2/2.25/2.5 mm/pixel at 64 px, few enough to learn
+PLANE_MIX = (0.1, 0.6, 0.1, 0.1, 0.1)  # how often each plane is scanned: heads carry two of the three tasks
 SPLITS = ('train', 'val', 'test')
 _SPLIT_STRIDE = 10 ** 9  # split s owns indices [s * stride, (s + 1) * stride): splits never share an item
 
@@ -73,7 +75,7 @@ def _axes(perimeter, ratio):
 
 def _sample(rng):
     """What the scan shows, in mm: plane, sub-plane, age, the size of the part and the field of view."""
-    plane = int(rng.integers(5))
+    plane = int(rng.choice(5, p=PLANE_MIX))
     days = int(rng.integers(14 * 7, 40 * 7 + 1))
     z = float(np.clip(rng.standard_normal(), -2.5, 2.5))  # this fetus's size percentile, as a z-score
     med = hc_curve(days / 7)
@@ -85,8 +87,9 @@ def _sample(rng):
             hc * rng.uniform(0.78, 0.9),                                 # thoracic circumference
             rng.uniform(25, 45))[plane]                                  # cervical length
     extent = size * 1.5 if plane in (2, 4) else size / math.pi           # how much of the field it fills
-    # the sonographer zooms so the part fills 30-75% of the width (the smallest field if none does)
-    fits = [f for f in FIELDS_MM if 0.3 <= extent / f <= 0.75] or [FIELDS_MM[0]]
+    # the sonographer zooms so the part fills 30-85% of the width (the smallest field if none does): fields close
+    # together and a wide range, so that most sizes fit every field and the spacing alone says little about the age
+    fits = [f for f in FIELDS_MM if 0.3 <= extent / f <= 0.85] or [FIELDS_MM[0]]
     return dict(plane=plane, brain_plane=int(rng.integers(3)) if plane == 1 else -1, days=days,
                 hc=hc if plane == 1 else float('nan'), size=size, extent=extent, fov=float(rng.choice(fits)))
 
@@ -175,25 +178,24 @@ def _abdomen(c, rng, p):
 
 def _brain(c, rng, p):
     a, b = _axes(p['size'], rng.uniform(0.74, 0.86))  # cephalic index
-    brain = rng.uniform(0.06, 0.14)
+    brain = rng.uniform(0.12, 0.2)
     c.blob(0, 0, a, b, brain)
     c.mark(c.ring(a, b, 0.02 * a + 0.3), 1.6, 0.1)  # the skull, where HC is measured: the brightest echo
     c.mark(c.line(1.7 * a, 0.4), 0.3)  # midline falx
-    vis = rng.uniform(0.6, 1.0)  # how clearly the small structures came out
+    vis = rng.uniform(0.8, 1.0)  # how clearly the sub-plane's structures came out
     blob = lambda du, dv, ra, rb, echo: c.blob(du * a, dv * b, ra * a, rb * b, brain + vis * (echo - brain))
-    blob(0.35, 0, 0.09, 0.06, 0.02)  # cavum septi pellucidi, in all three planes
-    if p['brain_plane'] == 0:  # trans-thalamic: thalami either side of the third ventricle
+    blob(0.45, 0, 0.1, 0.08, 0.02)  # cavum septi pellucidi, in all three planes: it marks the front
+    if p['brain_plane'] == 0:  # trans-thalamic: two grey thalami either side of the dark third ventricle, centred
         for side in (-1, 1):
-            blob(-0.05, side * 0.17, 0.2, 0.13, 0.0)
-        blob(-0.05, 0, 0.15, 0.025, 0.01)
-    elif p['brain_plane'] == 1:  # trans-cerebellum: two hemispheres and the vermis, cisterna magna behind
+            blob(-0.05, side * 0.22, 0.26, 0.2, 0.55)
+        blob(-0.05, 0, 0.24, 0.05, 0.0)
+    elif p['brain_plane'] == 1:  # trans-cerebellum: the bright cerebellum at the back, the dark cisterna magna behind
         for side in (-1, 1):
-            blob(-0.55, side * 0.16, 0.14, 0.17, 0.35)
-        blob(-0.55, 0, 0.09, 0.05, 0.6)
-        blob(-0.8, 0, 0.08, 0.22, 0.01)
-    else:  # trans-ventricular: the far lateral ventricle with its bright choroid plexus
-        blob(-0.15, 0.45, 0.5, 0.1, 0.02)
-        blob(-0.35, 0.45, 0.2, 0.08, 0.55)
+            blob(-0.55, side * 0.2, 0.17, 0.22, 0.85)
+        blob(-0.82, 0, 0.1, 0.35, 0.0)
+    else:  # trans-ventricular: the far lateral ventricle, dark, filled by its bright choroid plexus
+        blob(-0.1, 0.5, 0.6, 0.18, 0.0)
+        blob(-0.2, 0.5, 0.4, 0.12, 1.0)
 
 
 def _femur(c, rng, p):
@@ -227,8 +229,9 @@ def _cervix(c, rng, p):
 
 def _render(p, n, rng):
     c = _Scan(rng, n, p['fov'], wide=p['plane'] == 4)
-    long = p['plane'] in (2, 4)  # a femur or a cervix is scanned near horizontal
-    phi = rng.uniform(-0.4, 0.4) + math.pi * rng.integers(2) if long else rng.uniform(-math.pi, math.pi)
+    # standard planes are shown in a standard orientation: the head's midline, the spine-to-belly axis, the femur and
+    # the canal near horizontal, either way round (a small model cannot learn every rotation in minutes)
+    phi = rng.uniform(-0.4, 0.4) + math.pi * rng.integers(2)
     c.frame(rng.uniform(-0.12, 0.12) * p['fov'], rng.uniform(0.45, 0.6) * p['fov'], phi)
     if p['plane'] != 4:  # amniotic fluid: a dark pocket with an irregular outline around the fetus
         e, wobble = p['extent'] / 2, 1 + 0.05 * c.lumpy
@@ -261,16 +264,16 @@ def _caption(p, pixel_mm, rng):
     pick = lambda options: options[rng.integers(len(options))]
     head = p['plane'] == 1
     first = pick(_OPENERS).format(pick(_NAMES[p['plane']]))
-    if head and rng.random() < 0.85:
+    if head and rng.random() < 0.95:
         first += ' ' + pick(_SUBS[p['brain_plane']])
     facts = []
     seen = _SEEN[p['plane']] + (_SUB_SEEN[p['brain_plane']] if head else ())
     k = int(rng.integers(3))
     if k:
         facts.append(pick(_SHOWING).format(' and '.join(rng.choice(seen, k, replace=False))))
-    if rng.random() < (0.85 if head else 0.5):  # heads need the age and spacing most: the GA task reads them
+    if rng.random() < 0.95:  # every part grows with age: each caption that states it teaches the age tokens
         facts.append(pick(_GA).format(*divmod(p['days'], 7)))
-    if rng.random() < (0.85 if head else 0.3):
+    if rng.random() < 0.95:
         facts.append(pick(_SPACING).format(pixel_mm))
     rng.shuffle(facts)
     return ', '.join([first] + facts) + '.'
@@ -307,6 +310,10 @@ class ToyWorld(torch.utils.data.Dataset):
         """The world-wide index of item i of this split."""
         return SPLITS.index(self.split) * _SPLIT_STRIDE + i
 
+    def facts(self, i, rng=None):
+        """What item i shows, without rendering it: plane, brain_plane, days, hc, size, extent (mm), fov (mm)."""
+        return _sample(rng or np.random.default_rng([self.seed, self.index(i)]))
+
     def __getitem__(self, i):
         if not 0 <= i < self.length:
             raise IndexError(f"index {i} out of range for {self.length} items")
@@ -314,7 +321,7 @@ class ToyWorld(torch.utils.data.Dataset):
             return dict(self.cache[i])
         g = self.index(i)
         rng = np.random.default_rng([self.seed, g])
-        p = _sample(rng)
+        p = self.facts(i, rng)
         pixel_mm = p['fov'] / self.size
         caption = _caption(p, pixel_mm, np.random.default_rng([self.seed, g, 1]))  # own stream: words can change
         item = dict(image=Image.fromarray(_render(p, self.size, rng)), caption=caption, plane=p['plane'],
@@ -479,29 +486,34 @@ class SimpleTokenizer(Tokenizer):
         return ids
 
 
-TOY_WORDS = (  # everything the toy world says, one token each; new words go at the end so old ids keep their meaning
+TOY_WORDS = tuple((  # everything the toy world says, one token each; new words go at the end so old ids keep their meaning
     'fetal maternal abdomen abdominal circumference plane belly brain head axial view of the femur length thigh '
     'bone thorax chest four chamber heart cervix uterine transvaginal in trans thalamic at level thalami '
     'cerebellum ventricular lateral ventricles stomach bubble umbilical vein spine skull midline falx cavum septi '
     'pellucidi femoral diaphysis acoustic shadow chambers ribs cervical canal internal os bladder third ventricle '
     'cisterna magna choroid plexus ultrasound image scan sonogram showing with visible seen weeks and days '
-    'gestational age gestation pixel spacing mm per 0 1 2 3 4 5 6 7 8 9 . , - / : ; ( )').split()
-TOY_VOCAB_SIZE = 128  # 0 pad, 1 start, 2 unknown, then TOY_WORDS, then room to grow, end-of-text last
-TOY_CONTEXT = 48  # the longest toy caption is 47 tokens with start and end
+    'gestational age gestation pixel spacing mm per 0 1 2 3 4 5 6 7 8 9 . , - / : ; ( )').split())
+TOY_NUMBERS = tuple(map(str, range(10, 41))) + ('1.75', '2.00', '2.25', '2.50')  # the ages in weeks and the toy
+#   world's four pixel spacings at 64 px, one token each: a CLIP text tower learns what a number token means only
+#   from the images it comes with, and one token per age is what it can learn in minutes; other numbers are spelled
+TOY_VOCAB_SIZE = 160  # 0 pad, 1 start, 2 unknown, then TOY_WORDS and TOY_NUMBERS, then room to grow, end-of-text last
+TOY_CONTEXT = 44  # the longest toy caption is 42 tokens with start and end
 
 
 class ToyTokenizer(Tokenizer):
-    """The toy world's word-level tokenizer: lower-case words, single digits (so any number is spelled out) and
-    punctuation marks, after clean_text. No file. An unknown word gets id 2. End-of-text is TOY_VOCAB_SIZE - 1, the largest id, because
-    the text towers pool at argmax(token id), as CLIP's do."""
+    """The toy world's word-level tokenizer: lower-case words, punctuation marks, and numbers, after clean_text: one
+    token for each of TOY_NUMBERS, any other number spelled out digit by digit. No file. An unknown word gets id 2.
+    End-of-text is TOY_VOCAB_SIZE - 1, the largest id, because the text towers pool at argmax(token id), as CLIP's do."""
 
     def __init__(self, context_length=TOY_CONTEXT):
-        self.ids = {word: i for i, word in enumerate(TOY_WORDS, start=3)}
+        self.ids = {word: i for i, word in enumerate(TOY_WORDS + TOY_NUMBERS, start=3)}
         self.sot, self.unk, self.eot = 1, 2, TOY_VOCAB_SIZE - 1
         self.vocab_size, self.context_length = TOY_VOCAB_SIZE, context_length
 
     def encode(self, text):
-        return [self.ids.get(w, self.unk) for w in re.findall(r'[a-z]+|\d|[^\sa-z\d]', clean_text(text))]
+        words = re.findall(r'[a-z]+|\d+(?:\.\d+)?|[^\sa-z\d]', clean_text(text))
+        spelled = lambda w: w[0].isdigit() and w not in self.ids  # a number without its own token: digit by digit
+        return [self.ids.get(c, self.unk) for w in words for c in (w if spelled(w) else [w])]
 
     def unknown_share(self, texts):
         """The share of the tokens of texts that are unknown words (0 for no tokens)."""

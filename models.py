@@ -27,8 +27,8 @@ import torch.nn.functional as F
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # open_clip's default preprocessing
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # The toy presets' text side equals data.ToyTokenizer's (models.py imports torch only; a test checks they agree)
-TOY_VOCAB_SIZE = 128
-TOY_CONTEXT = 48
+TOY_VOCAB_SIZE = 160
+TOY_CONTEXT = 44
 
 # --- configs ---
 PRESETS = {
@@ -45,17 +45,23 @@ PRESETS = {
         text_cfg=dict(context_length=117, vocab_size=49408, width=512, heads=8, layers=12, no_causal_mask=True),
         custom_text=True,
         preprocess_cfg=dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))),
-    # CPU-sized stand-ins with the same code paths: a ViT teacher (5.0M image params; 16 px patches keep a CPU step
-    # cheap, so it learns its world in minutes) ...
+    # CPU-sized stand-ins with the same code paths. The teacher: a wide MCi (4.6M image params), the mobile family's
+    # big member. A ViT learns from pixels alone far too slowly for a CPU (measured: a 64 px, 8 px patch ViT was still
+    # near chance after 200 steps where this MCi had learned the planes), and FetalCLIP itself started from a
+    # pretrained CLIP; the ViT path is the real teacher's, proved by the parity tests. OpenAI CLIP's mean and std and
+    # a causal text tower, as FetalCLIP, so the student still sees its own normalisation of the same picture ...
     'toy-teacher': dict(
         embed_dim=256,
-        vision_cfg=dict(image_size=64, layers=6, width=256, patch_size=16),
-        text_cfg=dict(context_length=TOY_CONTEXT, vocab_size=TOY_VOCAB_SIZE, width=256, heads=4, layers=3)),
-    # ... and an MCi student (~0.3M image params) with MobileCLIP2's text layout (custom_text, no causal mask)
+        vision_cfg=dict(timm_model_name='fastvit_mci0', timm_pool='avg', timm_proj=None, image_size=64,
+                        mci_cfg=dict(layers=(1, 1, 4, 2), embed_dims=(24, 48, 192, 384))),
+        text_cfg=dict(context_length=TOY_CONTEXT, vocab_size=TOY_VOCAB_SIZE, width=256, heads=4, layers=3),
+        custom_text=True,
+        preprocess_cfg=dict(mean=OPENAI_MEAN, std=OPENAI_STD)),
+    # ... and a 22x smaller MCi student (0.21M image params) with MobileCLIP2's text layout (no causal mask)
     'toy-student': dict(
         embed_dim=128,
         vision_cfg=dict(timm_model_name='fastvit_mci0', timm_pool='avg', timm_proj=None, image_size=64,
-                        mci_cfg=dict(layers=(1, 1, 2, 1), embed_dims=(16, 32, 64, 128))),
+                        mci_cfg=dict(layers=(1, 1, 2, 1), embed_dims=(12, 24, 48, 96))),
         text_cfg=dict(context_length=TOY_CONTEXT, vocab_size=TOY_VOCAB_SIZE, width=128, heads=4, layers=3,
                       no_causal_mask=True),
         custom_text=True,

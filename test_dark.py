@@ -206,12 +206,19 @@ def test_preset_matches_open_clip_keys_and_param_counts(shared, preset, ref):
     assert models.count_params(model.visual) == counts['visual']
 
 
+# a small open_clip ViT CLIP on the toy tokenizer: the teacher's layout (FetalCLIP) at a test's size
+TOY_VIT = dict(embed_dim=64, vision_cfg=dict(image_size=64, layers=2, width=64, patch_size=16),
+               text_cfg=dict(context_length=models.TOY_CONTEXT, vocab_size=models.TOY_VOCAB_SIZE, width=64, heads=2,
+                             layers=2))
+
+
 def test_toy_presets_are_cheap_and_unequal():
     teacher, student = models.build_model('toy-teacher'), models.build_model('toy-student')
     assert teacher.image_size == student.image_size == 64
     assert teacher.context_length == student.context_length == models.TOY_CONTEXT
     assert models.count_params(student.visual) < 500_000
-    assert models.count_params(teacher.visual) >= 10 * models.count_params(student.visual)
+    assert models.count_params(teacher.visual) >= 15 * models.count_params(student.visual)  # the paper's is 26x
+    assert teacher.text.attn_mask is not None and student.text.attn_mask is None  # FetalCLIP's causal, MobileCLIP2's not
     assert student.image_mean == (0.0, 0.0, 0.0) and teacher.image_mean == models.OPENAI_MEAN
 
 
@@ -336,8 +343,9 @@ def test_renamed_or_reshaped_key_is_named_in_the_error():
     with pytest.raises(ValueError, match=r"missing: text\.ln_final\.weight(.|\n)*unexpected: text\.ln_final\.scale"):
         models.load_checkpoint(model, sd)
     sd = model.state_dict()
+    out, features = sd['visual.trunk.head.fc.weight'].shape
     sd['visual.trunk.head.fc.weight'] = sd['visual.trunk.head.fc.weight'][:, :-1]
-    with pytest.raises(ValueError, match=r"wrong shape: visual\.trunk\.head\.fc\.weight is \(128, 255\)"):
+    with pytest.raises(ValueError, match=rf"wrong shape: visual\.trunk\.head\.fc\.weight is \({out}, {features - 1}\)"):
         models.load_checkpoint(model, sd)
 
 
@@ -439,14 +447,14 @@ def test_apple_text_tower_layout_round_trip_and_forward(wrapper):
 
 
 def test_apple_text_tower_loads_into_the_top_level_layout_and_mct_is_refused():
-    source = randomize_(models.build_model('toy-teacher'))  # open_clip's CLIP: text tower at the top level
+    source = randomize_(models.build_model(copy.deepcopy(TOY_VIT)))  # open_clip's CLIP: text tower at the top level
     apple = to_ml_mobileclip_text(source.state_dict(), '')
     assert 'text_encoder.transformer.0.pre_norm_mha.1.qkv_proj.weight' in apple and 'token_embedding.weight' not in apple
-    model = models.load_checkpoint(models.build_model('toy-teacher'), apple)
+    model = models.load_checkpoint(models.build_model(copy.deepcopy(TOY_VIT)), apple)
     assert all(torch.equal(v, source.state_dict()[k]) for k, v in model.state_dict().items())
-    apple['text_encoder.transformer.0.token_mixer.layer_scale'] = torch.ones(256, 1, 1)  # MobileCLIP-S0's RepMixer
+    apple['text_encoder.transformer.0.token_mixer.layer_scale'] = torch.ones(64, 1, 1)  # MobileCLIP-S0's RepMixer
     with pytest.raises(ValueError, match="'mct' text tower"):
-        models.load_checkpoint(models.build_model('toy-teacher'), apple)
+        models.load_checkpoint(models.build_model(copy.deepcopy(TOY_VIT)), apple)
 
 
 def test_ml_mobileclip_layout_round_trip():
@@ -464,10 +472,9 @@ def test_ml_mobileclip_layout_round_trip():
 
 
 # --- text tower ---
-@pytest.mark.parametrize('preset, key', [('toy-teacher', 'positional_embedding'),
-                                         ('toy-student', 'text.positional_embedding')])
+@pytest.mark.parametrize('preset, key', [(TOY_VIT, 'positional_embedding'), ('toy-student', 'text.positional_embedding')])
 def test_text_positions_are_linearly_interpolated(preset, key):
-    model = models.build_model(preset)
+    model = models.build_model(copy.deepcopy(preset))
     sd = model.state_dict()
     half = models.TOY_CONTEXT // 2  # e.g. MobileCLIP2's 77 positions loaded at 117
     sd[key] = torch.arange(half, dtype=torch.float32)[:, None].expand(half, sd[key].shape[1]).clone()
@@ -482,7 +489,7 @@ def test_causal_mask_is_switchable():
     changed = ids.clone()
     changed[0, -1] = 9  # a token after end-of-text
     with torch.no_grad():
-        causal = models.build_model('toy-teacher').eval()  # open_clip default: causal mask
+        causal = models.build_model(copy.deepcopy(TOY_VIT)).eval()  # open_clip default: causal mask
         assert torch.equal(causal.encode_text(ids), causal.encode_text(changed))
         unmasked = models.build_model('toy-student').eval()  # MobileCLIP2: no mask at all, not even for padding
         assert unmasked.text.attn_mask is None
@@ -501,7 +508,7 @@ def test_forward_returns_normalized_features_and_scale():
 
 
 def test_config_from_json_quick_gelu_and_unknown_keys(tmp_path):
-    cfg = models.get_config('toy-teacher')
+    cfg = copy.deepcopy(TOY_VIT)
     path = tmp_path / 'open_clip_config.json'
     path.write_text(json.dumps({'model_cfg': {**cfg, 'quick_gelu': True}, 'preprocess_cfg': {'mean': [0.5] * 3,
                                                                                         'std': [0.25] * 3}}))
@@ -608,6 +615,21 @@ def test_head_sizes_follow_the_growth_curve():
         assert 14 <= item['ga_weeks'] <= 40 and item['pixel_mm'] * 64 in data.FIELDS_MM
 
 
+def test_the_stated_spacing_alone_says_little_about_the_age():
+    """The field of view is chosen to fit the head, so the spacing a prompt states hints at the age; the hint must stay
+    small, or gestational age would be read from the text. The median age at each spacing (from training heads) is
+    valid for few more test heads than the median age itself (measured: 19% vs 16%)."""
+    def heads(split):
+        world = data.ToyWorld(split, length=4000)
+        return [f for f in map(world.facts, range(4000)) if f['plane'] == 1]
+    train, test = heads('train'), [f for f in heads('test') if evaluation.in_hc_window(f['hc'])]
+    days, fov = np.array([f['days'] for f in train]), np.array([f['fov'] for f in train])
+    hc = np.array([f['hc'] for f in test])
+    by_spacing = evaluation.ga_valid([np.median(days[fov == f['fov']]) for f in test], hc).mean()
+    overall = evaluation.ga_valid(np.median(days), hc).mean()
+    assert len(test) > 1500 and by_spacing < overall + 0.06 and overall < 0.25
+
+
 def test_captions_state_true_facts_often_enough_to_learn():
     world = data.ToyWorld('train', 64, length=400)
     items = [world[i] for i in range(400)]
@@ -628,6 +650,56 @@ def test_captions_state_true_facts_often_enough_to_learn():
     assert len(both) > 0.6 * len(heads) and len(sub) > 0.5 * len(heads) and len(named) > 0.4 * len(items)
 
 
+def _skull(x):
+    """The brightest elliptic ridge in a 64 px head image: an axis-aligned ellipse with b = 0.8 a (heads are shown
+    near horizontal), scored by its mean brightness minus the mean just inside and just outside, on a coarse grid
+    of centres and sizes, then around the best. -> (cx, cy, a), pixels."""
+    pad, angle = np.pad(x, 40), np.linspace(0, 2 * np.pi, 32, endpoint=False)
+
+    def argmax(cxs, cys, sizes):
+        cx, cy, a = (g[..., None] for g in np.meshgrid(cxs, cys, sizes, indexing='ij'))
+        ring = lambda s: pad[np.rint(40 + cy + s * 0.8 * a * np.sin(angle)).astype(int),
+                             np.rint(40 + cx + s * a * np.cos(angle)).astype(int)].mean(-1)
+        score = ring(1) - (ring(0.8) + ring(1.2)) / 2
+        return [g[..., 0].flat[score.argmax()] for g in (cx, cy, a)]
+    cx, cy, a = argmax(np.arange(8, 57, 2), np.arange(8, 57, 2), np.arange(5, 33, 2))
+    return argmax(np.arange(cx - 2, cx + 3), np.arange(cy - 2, cy + 3), np.arange(max(a - 2, 4), a + 3))
+
+
+def test_hard_toy_tasks_can_be_read_from_the_pixels():
+    """No model: fit the skull in each head image, then read the age from its size in pixels times the stated pixel
+    spacing, and the sub-plane from the mean brightness in 4 x 8 cells of the head (rings x sectors, folded so that
+    front/back and the two sides look alike) by 1-nearest-neighbour. Fitted on the first half of the heads of 400
+    validation images, scored on the second half: far above the trivial answers (measured: validity 81% vs 20%
+    for the median age, sub-plane accuracy 0.90 vs chance 0.33)."""
+    world = data.ToyWorld('val', 64, length=400)
+    heads = [it for it in (world[i] for i in range(400)) if it['plane'] == 1]
+    Y, X = np.mgrid[:64, :64]
+    cells, mm = [], []
+    for it in heads:
+        x = np.asarray(it['image'], dtype=np.float32) / 255
+        cx, cy, a = _skull(sum(np.roll(x, (i, j), (0, 1)) for i in (-1, 0, 1) for j in (-1, 0, 1)) / 9)  # 3x3 blur
+        u, v = (X - cx) / a, (Y - cy) / (0.8 * a)
+        ring, sector = np.minimum(np.hypot(u, v) / 0.9 * 4, 4).astype(int), ((np.arctan2(v, u) / np.pi + 1) * 4).astype(int) % 8
+        g = (np.bincount((ring * 8 + sector).ravel(), x.ravel(), 40) / np.bincount((ring * 8 + sector).ravel(), None, 40).clip(1))[:32].reshape(4, 8)
+        g = np.maximum(g, np.roll(g, 4, 1))
+        cells.append(np.maximum(g, np.roll(g[:, ::-1], 1, 1)).ravel())
+        mm.append(a * it['pixel_mm'])  # the skull's semi-axis in mm: pixels times the stated spacing
+    half, hc = len(heads) // 2, np.array([it['hc_mm'] for it in heads])
+    assert half > 60
+    days = np.arange(98, 281)
+    size = np.median(hc[:half] / np.array(mm[:half])) * np.array(mm[half:])  # HC from the semi-axis, fitted
+    pred = days[np.abs(np.log(data.hc_curve(days / 7))[None] - np.log(size)[:, None]).argmin(1)]
+    scored = evaluation.in_hc_window(hc[half:])
+    validity = evaluation.ga_valid(pred, hc[half:])[scored].mean()
+    median_age = np.median([it['ga_weeks'] for it in heads[:half]]) * 7
+    assert validity > 0.6 and validity > evaluation.ga_valid(median_age, hc[half:][scored]).mean() + 0.35
+    cells, sub = np.array(cells), np.array([it['brain_plane'] for it in heads])
+    z = (cells - cells[:half].mean(0)) / (cells[:half].std(0) + 1e-6)
+    nearest = ((z[half:, None] - z[None, :half]) ** 2).sum(-1).argmin(1)
+    assert (sub[:half][nearest] == sub[half:]).mean() > 0.8
+
+
 def test_toy_tokenizer_covers_the_toy_world():
     tok = data.ToyTokenizer()
     captions = [data._caption(data._sample(np.random.default_rng([7, i])), 2.5, np.random.default_rng([7, i, 1]))
@@ -639,7 +711,10 @@ def test_toy_tokenizer_covers_the_toy_world():
     assert ids.shape == (len(captions) + len(prompts), data.TOY_CONTEXT)
     assert not (ids == tok.unk).any() and ids.max() == tok.eot == data.TOY_VOCAB_SIZE - 1
     assert (ids == tok.eot).sum(1).eq(1).all()  # every text fits: one end token each, none cut off
-    assert len(data.TOY_WORDS) == len(set(data.TOY_WORDS)) and len(data.TOY_WORDS) + 3 < data.TOY_VOCAB_SIZE
+    words = data.TOY_WORDS + data.TOY_NUMBERS
+    assert len(words) == len(set(words)) and len(words) + 3 < data.TOY_VOCAB_SIZE
+    assert tok.encode('23 weeks, 2.50 mm') == [tok.ids['23'], tok.ids['weeks'], tok.ids[','], tok.ids['2.50'], tok.ids['mm']]
+    assert tok.encode('0.43 123') == [tok.ids[c] for c in '0.43123']  # other numbers: spelled out, digit by digit
     long = tok(['fetal brain ' * 40, 'zebra'])
     assert long[0, -1] == tok.eot and long[1].tolist()[:3] == [tok.sot, tok.unk, tok.eot]
 
@@ -1129,14 +1204,14 @@ def test_schedules():
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
-    cfg = _cfg(tmp_path, toy_train_size=8, epochs=16, kd="none")   # one batch of 8 pairs, seen 16 times
+    cfg = _cfg(tmp_path, toy_train_size=8, epochs=24, kd="none")   # one batch of 8 pairs, seen 24 times
     train.train(cfg)
     rows = [r for r in _log(cfg) if "total" in r]
-    assert len(rows) == 16 and rows[-1]["step"] == 16
+    assert len(rows) == 24 and rows[-1]["step"] == 24
     first, last = sum(r["clip"] for r in rows[:3]) / 3, sum(r["clip"] for r in rows[-3:]) / 3
     assert last < 0.8 * first, (first, last)
     ckpt = torch.load(os.path.join(cfg["out_dir"], "best.pt"), weights_only=False)
-    assert ckpt["step"] == 16 and ckpt["tokenizer"] == "toy" and ckpt["model_config"] == models.get_config("toy-student")
+    assert ckpt["step"] == 24 and ckpt["tokenizer"] == "toy" and ckpt["model_config"] == models.get_config("toy-student")
 
 
 @pytest.mark.parametrize("cache", ["", "cache"])
@@ -2230,8 +2305,9 @@ def test_quantized_export(tmp_path, mode, dtype, per_param):
     summary = export_ios.export(ckpt, out=tmp_path, classes=str(prompts), quantize=mode)["image"]
     assert summary["io"]["probs"] == "float32 [1, 2]"
     # most weights compressed; with int8, tensors with a channel too small for an fp16 scale stay fp16 (here the
-    # head and the convs that Core ML folds this checkpoint's random layer scales into)
-    share, top = (0.6, 1.5) if mode == "int8" else (0.9, 0.7)
+    # head and the convs that Core ML folds this checkpoint's random layer scales into); measured with the 0.21M
+    # toy student: 59% int8, 85% 4-bit
+    share, top = (0.5, 1.5) if mode == "int8" else (0.8, 0.7)
     assert summary["stored"][dtype] > share * sum(summary["stored"].values())
     assert per_param <= summary["bytes_per_param"] <= top
     spec = ct.models.MLModel(summary["path"], skip_model_load=True).get_spec()
@@ -2239,7 +2315,8 @@ def test_quantized_export(tmp_path, mode, dtype, per_param):
     ops = program.functions["main"].operations
     scales = [op.inputs["scale"].val for op in ops if op.op_type == "constexpr_affine_dequantize"]
     assert all((s > 0).all() for s in scales)  # no channel stored as zeros
-    head = [op.val.val for op in ops if op.op_type == "const" and getattr(op.val.val, "shape", ()) == (128, 256)]
+    shape = tuple(saved["model"]["visual.trunk.head.fc.weight"].shape)
+    head = [op.val.val for op in ops if op.op_type == "const" and getattr(op.val.val, "shape", ()) == shape]
     if mode == "int8":  # the head's scales would underflow fp16: it stays fp16, tiny rows intact
         assert len(head) == 1 and head[0].dtype == np.float16 and (np.abs(head[0][1]) > 0).any()
     assert re.fullmatch(rf"{mode} vs fp16 weights \(PyTorch, 200 toy test images\): embedding cosine mean [01]\.\d+, "
@@ -2369,7 +2446,7 @@ def test_bad_checkpoints_raise_a_named_error(tmp_path):
     corrupt.write_bytes(b"not a checkpoint" * 10)
     with pytest.raises(export_ios.CheckpointError, match="corrupt.pt"):
         export_ios.export(corrupt, out=tmp_path)
-    teacher = models.build_model("toy-teacher")  # weights of another architecture under the student's config
+    teacher = models.build_model(copy.deepcopy(TOY_VIT))  # weights of another architecture under the student's config
     mismatched = tmp_path / "mismatched.pt"
     torch.save({"model": teacher.state_dict(), "model_config": models.get_config("toy-student"), "tokenizer": "toy"},
                mismatched)
