@@ -1552,7 +1552,18 @@ def test_two_process_gloo_equals_one_process(tmp_path, cache):
 # ==================== train.py --teacher_cache: stored teacher embeddings ====================
 
 def _cached(tmp_path, **over):
-    return _cfg(tmp_path, **{"teacher_cache": str(tmp_path / "cache"), "cache_views": 2, "epochs": 1, **over})
+    """_cfg with a cache and a one-layer ViT teacher: the random toy teacher maps the toy images to nearly one
+    embedding, and parity needs image embeddings that differ from pair to pair."""
+    teacher = tmp_path / "vit_teacher.pt"
+    if not teacher.exists():
+        torch.manual_seed(0)
+        vit = models.build_model(dict(embed_dim=32, vision_cfg=dict(image_size=64, layers=1, width=64, patch_size=16,
+                                                                    head_width=32),
+                                      text_cfg=dict(context_length=models.TOY_CONTEXT, vocab_size=models.TOY_VOCAB_SIZE,
+                                                    width=32, heads=2, layers=1)))
+        torch.save(dict(model=vit.state_dict(), model_config=vit.config, tokenizer="toy"), teacher)
+    return _cfg(tmp_path, **{"teacher_cache": str(tmp_path / "cache"), "cache_views": 2, "epochs": 1,
+                             "teacher": str(teacher), **over})
 
 
 CACHE_FILES = ("header.json", "image.f16", "text.f16", "done.u8", "complete.json")
