@@ -1674,8 +1674,9 @@ def test_caption_csv_cache_rows_and_identity(tmp_path):
     (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
     cfg = _cached(tmp_path, kd="static", train_data=str(tmp_path / "pairs.csv"), batch_size=2, workers=0)
     train.train(cfg)
-    _assert_rows_hold_their_pairs(cfg, list(data.ImageRows(data.read_captions(tmp_path / "pairs.csv"))))
-    (tmp_path / "pairs.csv").write_text("\n".join(lines[:-1]) + "\n")   # one pair fewer: other data
+    rows = data.ImageRows(data.read_captions(tmp_path / "pairs.csv"))
+    _assert_rows_hold_their_pairs(cfg, [rows[i] for i in range(len(rows))])
+    (tmp_path / "pairs.csv").write_text("\n".join(lines[:-1] + ['3.png,another caption']) + "\n")  # other data
     with pytest.raises(ValueError, match=r"made for data = 'caption CSV sha256 "):
         train.train(cfg)
 
