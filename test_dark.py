@@ -1542,6 +1542,19 @@ def test_two_process_gloo_equals_one_process(tmp_path):
         assert all(torch.equal(x, torch.cat([y, z])) for x, y, z in zip(a, b0, b1))
 
 
+def test_readme_toy_numbers_come_from_the_committed_results():
+    """The README's toy-run table is assets/toy_run.json (a default run's out/student/results.json) printed as
+    train.report prints it, and that run used today's toy recipe and presets."""
+    saved = json.loads((Path(__file__).parent / 'assets' / 'toy_run.json').read_text())
+    rows, configs = saved['rows'], saved['configs']
+    assert evaluation.markdown_table(rows, list(rows[0])) in (Path(__file__).parent / 'README.md').read_text()
+    assert [r['model'] for r in rows][:2] == ['teacher', 'student (dark)']
+    teacher, student = configs['teacher'], configs['student (dark)']
+    assert all(teacher[k] == v for k, v in train.TOY_TEACHER.items())
+    assert all(student[k] == v for k, v in train.TOY.items()) and student['kd'] == 'dark'
+    assert teacher['seed'] == student['seed']
+
+
 # ==================== eval.py: metrics and protocols ====================
 
 def _nine_class_probs():
