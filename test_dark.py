@@ -900,6 +900,9 @@ def test_every_undecodable_image_is_named_or_skipped_in_every_reader(tmp_path, m
         with pytest.raises(ValueError, match=rf'pairs\.csv, line {i + 2}: cannot read image .*{re.escape(name)}: \w+'):
             strict[i]
     assert lenient[0]['caption'] == 'ok'  # or each skipped and counted, and the next good row in its place
+    assert [r['caption'] for r in data.ImageRows(rows[-2:], skip_bad=True)] == ['ok', 'ok']  # a sequence: list() ends
+    with pytest.raises(IndexError):
+        lenient[len(rows)]
     assert [w.rsplit(' ', 1)[1] for w, _ in lenient.skipped] == [str(i + 2) for i in range(len(names))]
     causes = [why.split(': ')[1] for _, why in lenient.skipped]
     assert causes == ['OSError', 'DecompressionBombError', 'UnidentifiedImageError', 'UnidentifiedImageError',
