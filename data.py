@@ -779,7 +779,9 @@ class ImageRows(torch.utils.data.Dataset):
         return len(self.rows)
 
     def __getitem__(self, i):
-        for j in range(i, i + len(self.rows)):
+        if not -len(self.rows) <= i < len(self.rows):
+            raise IndexError(f"row {i} of {len(self.rows)}")  # the sequence protocol: list(ImageRows(...)) ends
+        for j in range(i % len(self.rows), i % len(self.rows) + len(self.rows)):
             row = self.rows[j % len(self.rows)]
             try:  # index: the row whose image this is (pair_id, --teacher_cache)
                 return dict(row, image=load_image(row['image_path']), index=j % len(self.rows))

@@ -900,6 +900,9 @@ def test_every_undecodable_image_is_named_or_skipped_in_every_reader(tmp_path, m
         with pytest.raises(ValueError, match=rf'pairs\.csv, line {i + 2}: cannot read image .*{re.escape(name)}: \w+'):
             strict[i]
     assert lenient[0]['caption'] == 'ok'  # or each skipped and counted, and the next good row in its place
+    assert [r['caption'] for r in data.ImageRows(rows[-2:], skip_bad=True)] == ['ok', 'ok']  # a sequence: list() ends
+    with pytest.raises(IndexError):
+        lenient[len(rows)]
     assert [w.rsplit(' ', 1)[1] for w, _ in lenient.skipped] == [str(i + 2) for i in range(len(names))]
     causes = [why.split(': ')[1] for _, why in lenient.skipped]
     assert causes == ['OSError', 'DecompressionBombError', 'UnidentifiedImageError', 'UnidentifiedImageError',
@@ -1702,6 +1705,19 @@ def test_tar_shards_and_two_ranks_read_the_right_rows(tmp_path):
         a, b = (np.fromfile(Path(c["teacher_cache"]) / name, np.float16) for c in (one, two))
         assert np.abs(a.astype(np.float32) - b).max() < 1e-3, name
     assert np.array_equal(np.load(tmp_path / "cache" / "keys.npy"), np.load(tmp_path / "two" / "keys.npy"))
+
+
+def test_readme_toy_numbers_come_from_the_committed_results():
+    """The README's toy-run table is assets/toy_run.json (a default run's out/student/results.json) printed as
+    train.report prints it, and that run used today's toy recipe and presets."""
+    saved = json.loads((Path(__file__).parent / 'assets' / 'toy_run.json').read_text())
+    rows, configs = saved['rows'], saved['configs']
+    assert evaluation.markdown_table(rows, list(rows[0])) in (Path(__file__).parent / 'README.md').read_text()
+    assert [r['model'] for r in rows][:2] == ['teacher', 'student (dark)']
+    teacher, student = configs['teacher'], configs['student (dark)']
+    assert all(teacher[k] == v for k, v in train.TOY_TEACHER.items())
+    assert all(student[k] == v for k, v in train.TOY.items()) and student['kd'] == 'dark'
+    assert teacher['seed'] == student['seed']
 
 
 # ==================== eval.py: metrics and protocols ====================
