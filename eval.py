@@ -765,6 +765,25 @@ def plot_dynamics(path, curves):
     return str(path)
 
 
+def table1_markdown(result):
+    """table1()'s result (or the 'metrics' of its saved table1.json) -> the markdown it prints: the rows, the
+    paired differences, the teacher-student analysis."""
+    fmt = lambda x, digits: "-" if x is None else f"{x:.{digits}f}"
+    interval = lambda d, digits: (f"{fmt(d['mean'], digits)} [{fmt(d['lo'], digits)}, {fmt(d['hi'], digits)}]"
+                                  f" (n={d['seeds']})")
+    lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in TABLE1_METRICS.items()})]
+    lines += [dict(row=r["row"], seeds=r["seeds"], **{k: f"{fmt(r[k], d)} +/- {fmt(r[k + '_std'], d)}"
+                                                      for k, d in TABLE1_METRICS.items()}) for r in result["rows"]]
+    return (f"Zero-shot on the toy test split: mean +/- sample std over seeds ({PROTOCOL})\n\n"
+           + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS])
+           + "\n\nPaired by seed: mean difference [95% t interval over seeds] (seeds paired)\n\n"
+           + markdown_table([dict(difference=name, **{k: interval(d[k], TABLE1_METRICS[k]) for k in TABLE1_METRICS})
+                             for name, d in result["paired"].items()], ["difference", *TABLE1_METRICS])
+           + "\n\nTeacher-student analysis, 5 planes, "
+           "lowest seed\n\n" + markdown_table([dict(row=label, **a) for label, a in result["analysis"].items()],
+                                                ["row", "run", *TS_PLANES]) + "\n")
+
+
 def table1(root, out=None, n=None, device="cpu"):
     """root/<run>/{best.pt, log.jsonl}, one folder per train.py run -> Table 1 on the toy test split (mean and sample
     std over seeds, beside the teacher) in out/table1.md and table1.json (out defaults to root), Figure 2 in
@@ -821,20 +840,7 @@ def table1(root, out=None, n=None, device="cpu"):
         result["paired"][f"DARK - {other}"] = {k: paired_difference(
             {s: m[k] for s, m in by_seed[dark_row].items()}, {s: m[k] for s, m in by_seed[other].items()})
             for k in TABLE1_METRICS}
-    fmt = lambda x, digits: "-" if x is None else f"{x:.{digits}f}"
-    interval = lambda d, digits: (f"{fmt(d['mean'], digits)} [{fmt(d['lo'], digits)}, {fmt(d['hi'], digits)}]"
-                                  f" (n={d['seeds']})")
-    lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in TABLE1_METRICS.items()})]
-    lines += [dict(row=r["row"], seeds=r["seeds"], **{k: f"{fmt(r[k], d)} +/- {fmt(r[k + '_std'], d)}"
-                                                      for k, d in TABLE1_METRICS.items()}) for r in result["rows"]]
-    md = (f"Zero-shot on the toy test split: mean +/- sample std over seeds ({PROTOCOL})\n\n"
-          + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS])
-          + "\n\nPaired by seed: mean difference [95% t interval over seeds] (seeds paired)\n\n"
-          + markdown_table([dict(difference=name, **{k: interval(d[k], TABLE1_METRICS[k]) for k in TABLE1_METRICS})
-                            for name, d in result["paired"].items()], ["difference", *TABLE1_METRICS])
-          + "\n\nTeacher-student analysis, 5 planes, "
-          "lowest seed\n\n" + markdown_table([dict(row=label, **a) for label, a in result["analysis"].items()],
-                                               ["row", "run", *TS_PLANES]) + "\n")
+    md = table1_markdown(result)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table1.md").write_text(md)
     save_results(out / "table1.json", result, dict(task="table1", root=str(root), split="test", n=n))
