@@ -2218,7 +2218,7 @@ def test_mean_and_sample_std():
 
 def test_readme_table1_comes_from_the_committed_results():
     """The README's toy Table 1 is assets/table1_toy.json (eval.py --table's table1.json) as eval.table1_markdown
-    prints it: the paper's four rows over the same seeds, their paired differences, from one teacher."""
+    prints it: the paper's four rows over the same seeds, and their paired differences over those seeds."""
     saved = json.loads((Path(__file__).parent / 'assets' / 'table1_toy.json').read_text())['metrics']
     assert evaluation.table1_markdown(saved) in (Path(__file__).parent / 'README.md').read_text()
     rows = {r['row']: r for r in saved['rows']}
