@@ -611,7 +611,9 @@ def speed(model, runs=10):
     branches, and of the text tower; `spread`, the largest of their latency_ms spreads."""
     model = model.eval()
     image = torch.randn(1, 3, model.image_size, model.image_size)
-    ids = torch.randint(1, model.config["text_cfg"].get("vocab_size", 49408), (1, model.context_length))
+    vocab = model.config["text_cfg"].get("vocab_size", 49408)
+    ids = torch.randint(1, vocab - 1, (1, model.context_length))
+    ids[:, -1] = vocab - 1  # end-of-text last: the full context, as an exported text tower runs it
     foldable = any(hasattr(m, "reparameterize") for m in model.visual.modules())
     tower = copy.deepcopy(model.visual).train() if foldable else model.visual  # train mode runs every branch (eval
     (image_ms, a), (text_ms, b) = latency_ms(tower, image, runs=runs), latency_ms(model.encode_text, ids, runs=runs)

@@ -230,6 +230,10 @@ class TextTransformer(nn.Module):
         self.register_buffer('attn_mask', mask, persistent=False)
 
     def forward(self, ids):  # ids [N, L] int64
+        if self.attn_mask is not None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
+            # causal: no token after the batch's last end-of-text reaches a pooled one, so the padding is cut (the
+            # same output, 2-3x less work on captions a third of the context long); exported graphs keep all L
+            ids = ids[:, :int(ids.argmax(dim=-1).max()) + 1]
         L = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:L]  # [N, L, width]
         mask = None if self.attn_mask is None else self.attn_mask[:L, :L]

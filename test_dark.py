@@ -720,6 +720,46 @@ def test_toy_tokenizer_covers_the_toy_world():
     assert long[0, -1] == tok.eot and long[1].tolist()[:3] == [tok.sot, tok.unk, tok.eot]
 
 
+def test_toy_number_tokens_start_in_order_and_only_from_scratch(tmp_path):
+    tok, cfg = data.ToyTokenizer(), dict(student='toy-student', student_init='')
+    emb = lambda m: m.text.token_embedding.weight.detach()
+    fresh = train.build_student(cfg)
+    cos = lambda a, b: float(F.cosine_similarity(emb(fresh)[tok.ids[a]], emb(fresh)[tok.ids[b]], dim=0))
+    assert cos('24', '25') > cos('24', '27') > cos('24', '30') and cos('24', '25') > 0.8
+    assert abs(cos('24', '38')) < 0.5 and cos('2.00', '2.25') > cos('2.00', '2.50')
+    words = [tok.ids[w] for w in data.TOY_WORDS]  # the other tokens keep the ordinary init
+    assert abs(float(emb(fresh)[words].std()) - 0.02) < 0.003
+    assert not torch.equal(emb(fresh), emb(models.build_model('toy-student')))
+    torch.save(dict(model=models.build_model('toy-student').state_dict()), tmp_path / 'init.pt')
+    loaded = train.build_student({**cfg, 'student_init': str(tmp_path / 'init.pt')})
+    assert torch.equal(emb(loaded), torch.load(tmp_path / 'init.pt')['model']['text.token_embedding.weight'])
+
+
+def test_causal_text_tower_cuts_trailing_padding_without_changing_its_output(monkeypatch):
+    torch.manual_seed(0)
+    tok = data.ToyTokenizer()
+    captions = ['fetal brain.', 'scan of the fetal femur, 23 weeks 2 days, 2.00 mm/pixel.']
+    for preset, causal in (('toy-teacher', True), ('toy-student', False)):
+        model = models.build_model(preset).eval()
+        calls = []
+        block = model.text.transformer.resblocks[0]
+        block.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+        ids = tok(captions)
+        with torch.no_grad():
+            cut = model.encode_text(ids)
+            monkeypatch.setattr(torch.jit, 'is_tracing', lambda: True)  # what export sees: the full context
+            full = model.encode_text(ids)
+            monkeypatch.undo()
+        assert calls == ([int(ids.argmax(1).max()) + 1] if causal else [data.TOY_CONTEXT]) + [data.TOY_CONTEXT]
+        assert torch.allclose(cut, full, atol=1e-5) and not torch.allclose(cut[0], cut[1], atol=1e-2)
+    # an exported graph keeps the whole context: traced on the short caption, it still reads the long one
+    text = type('Text', (torch.nn.Module,), dict(forward=lambda self, ids: model.encode_text(ids)))
+    model = models.build_model('toy-teacher').eval()
+    program = torch.export.export(text(), (ids[:1],)).run_decompositions({})
+    with torch.no_grad():
+        assert torch.allclose(program.module()(ids[1:]), model.encode_text(ids[1:]), atol=1e-5)
+
+
 def test_save_grid(tmp_path):
     data.save_grid(tmp_path / 'grid.png', n=4, size=32)
     assert Image.open(tmp_path / 'grid.png').size == (64, 64)
