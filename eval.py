@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import data
 import models
 
-PROTOCOL = "dark-eval-2"  # bump when a metric, prompt or filter changes, so results files stay comparable
+PROTOCOL = "dark-eval-3"  # bump when a metric, prompt or filter changes, so results files stay comparable
 # (2: acc and top-k count images; the mean recall over the classes present, once 'acc', is balanced_acc)
 QUIET = False  # --quiet: no progress lines
 

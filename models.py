@@ -229,10 +229,12 @@ class TextTransformer(nn.Module):
         mask = torch.full((context_length, context_length), float('-inf')).triu_(1) if causal else None
         self.register_buffer('attn_mask', mask, persistent=False)
 
-    def forward(self, ids):  # ids [N, L] int64
-        if self.attn_mask is not None and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
-            # causal: no token after the batch's last end-of-text reaches a pooled one, so the padding is cut (the
-            # same output, 2-3x less work on captions a third of the context long); exported graphs keep all L
+    def forward(self, ids):
+        """ids [N, L] int64 (L <= context_length) -> [N, output_dim], read at each row's end-of-text (its largest
+        id). A causal tower runs only up to the batch's last end-of-text: no later token reaches a pooled one, so
+        the output is the same up to float rounding, for less work when captions are short against the context.
+        Exported and traced graphs keep all L."""
+        if self.attn_mask is not None and len(ids) and not (torch.compiler.is_compiling() or torch.jit.is_tracing()):
             ids = ids[:, :int(ids.argmax(dim=-1).max()) + 1]
         L = ids.shape[1]
         x = self.token_embedding(ids) + self.positional_embedding[:L]  # [N, L, width]

@@ -752,6 +752,7 @@ def test_causal_text_tower_cuts_trailing_padding_without_changing_its_output(mon
             monkeypatch.undo()
         assert calls == ([int(ids.argmax(1).max()) + 1] if causal else [data.TOY_CONTEXT]) + [data.TOY_CONTEXT]
         assert torch.allclose(cut, full, atol=1e-5) and not torch.allclose(cut[0], cut[1], atol=1e-2)
+        assert model.encode_text(ids[:0]).shape == (0, cut.shape[1])  # an empty batch has nothing to cut
     # an exported graph keeps the whole context: traced on the short caption, it still reads the long one
     text = type('Text', (torch.nn.Module,), dict(forward=lambda self, ids: model.encode_text(ids)))
     model = models.build_model('toy-teacher').eval()

@@ -85,8 +85,8 @@ TOY = dict(epochs=2, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05,
            log_every=25)
 # The toy teacher is pretrained by this same loop: CLIP loss only, the teacher preset, its own out_dir, 6,400 pairs
 # seen 4 times (400 steps; lr 1e-3 after 100 warm-up steps: planes F1 0.83 at epoch 3 where 2e-3 after 50 had 0.69, one
-# run each), validated every other epoch (each validation costs seconds): about 5.5 minutes on a quiet 2-core CPU
-# (the default run, measured: 7.8 min in all), 11 on a busy one.
+# run each), validated every other epoch (each validation costs seconds): 5.9 minutes of the default run's 7.8 on a
+# quiet 2-core CPU (measured); a busy host can double it.
 TOY_TEACHER = dict(student="toy-teacher", student_init="", kd="none", epochs=4, lr=1e-3, warmup_steps=100,
                    toy_train_size=6400, val_every=2)
 
@@ -308,7 +308,8 @@ def init_toy_numbers(model, frequencies=4, seed=0):
     """Start a toy text tower's number tokens (ages in weeks, pixel spacings) with embeddings in the order of their
     values, in place: cos and sin of pi * k * v (v the value scaled to [0, 1] within its family; k = 1..K, one
     frequency per 4 values, at most `frequencies`: 4 for the 31 weeks, 1 for the 4 spacings, so that similarity falls
-    with distance) through a fixed random projection [2K, width], scaled to the init's std 0.02. A CLIP text tower
+    with distance; 4 puts a week's nearest neighbours at cosine 0.85 and weeks six apart at 0) through a fixed random
+    projection [2K, width], scaled to the init's std 0.02. Toy-vocabulary models only. A CLIP text tower
     learns the order of number tokens from co-occurrence alone, far slower than a CPU run allows; FetalCLIP's and
     MobileCLIP2's came pretrained, knowing that 24 is near 25 (measured: toy teacher GA validity 31% -> 68% on the
     validation split, one seed each). Nothing here says what an age looks like: that still comes from the pixels."""
