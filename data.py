@@ -500,9 +500,10 @@ TOY_WORDS = tuple((  # everything the toy world says, one token each; new words 
     'pellucidi femoral diaphysis acoustic shadow chambers ribs cervical canal internal os bladder third ventricle '
     'cisterna magna choroid plexus ultrasound image scan sonogram showing with visible seen weeks and days '
     'gestational age gestation pixel spacing mm per 0 1 2 3 4 5 6 7 8 9 . , - / : ; ( )').split())
-TOY_NUMBERS = tuple(map(str, range(10, 41))) + ('1.75', '2.00', '2.25', '2.50')  # the ages in weeks and the toy
-#   world's four pixel spacings at 64 px, one token each, whose embeddings start in the order of their values
-#   (train.init_toy_numbers: teacher GA validity 31% -> 68% on one seed); other numbers are spelled
+TOY_WEEKS = tuple(map(str, range(10, 41)))  # the ages in weeks ...
+TOY_SPACINGS = tuple(f'{f / 64:.2f}' for f in FIELDS_MM)  # ... and the four pixel spacings at 64 px, one token each,
+TOY_NUMBERS = TOY_WEEKS + TOY_SPACINGS  # whose embeddings start in the order of their values (train.init_toy_numbers:
+#   teacher GA validity 31% -> 68% on one seed); other numbers are spelled
 TOY_VOCAB_SIZE = 160  # 0 pad, 1 start, 2 unknown, then TOY_WORDS and TOY_NUMBERS, then room to grow, end-of-text last
 TOY_CONTEXT = 44  # the longest toy caption is 42 tokens with start and end
 

@@ -315,7 +315,7 @@ def init_toy_numbers(model, frequencies=4, seed=0):
     validation split, one seed each). Nothing here says what an age looks like: that still comes from the pixels."""
     emb, ids = (model.text if model.custom_text else model).token_embedding.weight, data.ToyTokenizer().ids
     g = torch.Generator().manual_seed(seed)
-    for family in (data.TOY_NUMBERS[:-4], data.TOY_NUMBERS[-4:]):  # weeks 10-40, then the four spacings
+    for family in (data.TOY_WEEKS, data.TOY_SPACINGS):
         v = torch.tensor([float(w) for w in family], dtype=torch.float64)
         v = (v - v.min()) / (v.max() - v.min())
         k = torch.arange(1, min(frequencies, len(family) // 4) + 1, dtype=torch.float64)
