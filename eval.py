@@ -39,7 +39,8 @@ import torch.nn.functional as F
 import data
 import models
 
-PROTOCOL = "dark-eval-3"  # bump when a metric, prompt or filter changes, so results files stay comparable
+PROTOCOL = "dark-eval-4"  # bump when a metric, prompt, filter or the toy world changes: results files (and toy
+# teacher caches) made under another are recomputed, not compared
 # (2: acc and top-k count images; the mean recall over the classes present, once 'acc', is balanced_acc)
 QUIET = False  # --quiet: no progress lines
 
@@ -767,16 +768,16 @@ def plot_dynamics(path, curves):
     return str(path)
 
 
-def table1_markdown(result):
-    """table1()'s result (or the 'metrics' of its saved table1.json) -> the markdown it prints: the rows, the
-    paired differences, the teacher-student analysis."""
+def table1_markdown(result, protocol=PROTOCOL):
+    """table1()'s result (or the 'metrics' of its saved table1.json, with its meta's protocol) -> the markdown it
+    prints: the rows, the paired differences, the teacher-student analysis."""
     fmt = lambda x, digits: "-" if x is None else f"{x:.{digits}f}"
     interval = lambda d, digits: (f"{fmt(d['mean'], digits)} [{fmt(d['lo'], digits)}, {fmt(d['hi'], digits)}]"
                                   f" (n={d['seeds']})")
     lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in TABLE1_METRICS.items()})]
     lines += [dict(row=r["row"], seeds=r["seeds"], **{k: f"{fmt(r[k], d)} +/- {fmt(r[k + '_std'], d)}"
                                                       for k, d in TABLE1_METRICS.items()}) for r in result["rows"]]
-    return (f"Zero-shot on the toy test split: mean +/- sample std over seeds ({PROTOCOL})\n\n"
+    return (f"Zero-shot on the toy test split: mean +/- sample std over seeds ({protocol})\n\n"
            + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS])
            + "\n\nPaired by seed: mean difference [95% t interval over seeds] (seeds paired)\n\n"
            + markdown_table([dict(difference=name, **{k: interval(d[k], TABLE1_METRICS[k]) for k in TABLE1_METRICS})
