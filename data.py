@@ -263,7 +263,7 @@ _GA = ('at {} weeks and {} days', 'gestational age {} weeks {} days', '{} weeks 
 _SPACING = ('pixel spacing {:.2f} mm/pixel', 'spacing of {:.2f} mm per pixel', '{:.2f} mm/pixel')
 # Most head captions name the sub-plane, not all: with every one naming it, no caption says just "fetal brain", the
 # text tower learns three head concepts and no plane-level one, and the plane's prompt falls between them (one
-# teacher put 99% of the test heads nearest a sub-plane prompt, 89% above the other planes'). 85%: test planes F1
+# teacher: some sub-plane prompt beat every other plane's for 99% of test heads, the plane's for 89%). 85%: planes F1
 # 0.967 / 0.961, brain 0.857 / 0.829 on two teacher seeds, against 0.945 / 0.911 and 0.887 / 0.884 at 100%, 0.951 /
 # 0.962 and 0.697 / 0.818 at 67% (README, "The toy run").
 _SUB_NAMED = 0.85

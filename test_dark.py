@@ -1163,8 +1163,7 @@ def _cfg(tmp_path, **over):
         torch.save(dict(model=t.state_dict(), model_config=t.config, tokenizer="toy"), teacher)
     cfg, _ = train.parse_args([])
     cfg.update(out_dir=str(tmp_path / "run"), teacher=str(teacher), toy_train_size=32, batch_size=8, epochs=2,
-               warmup_steps=2, log_every=1, ckpt_every=1000, val_every=1000, val_size=32, threads=1,
-               lr=2e-3)
+               warmup_steps=2, log_every=1, ckpt_every=1000, val_every=1000, val_size=32, threads=1, lr=2e-3)
     cfg.update(over)
     return cfg
 

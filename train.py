@@ -343,7 +343,8 @@ def make_optimizer(model, cfg):
 # --- stored teacher embeddings (--teacher_cache) ---
 def cache_header(cfg, spec, pairs):
     """What stored teacher embeddings depend on (a cache made for other values is refused, naming the field). Data:
-    the toy world's version and size, a CSV's bytes, or the shards' names and sizes (hashing every image would cost a pass)."""
+    the toy world's version and size, a CSV's bytes, or the shards' names and sizes (hashing every image would cost
+    a pass)."""
     def sha256(path):
         with open(path, "rb") as f:
             return hashlib.file_digest(f, "sha256").hexdigest()
