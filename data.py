@@ -289,9 +289,9 @@ def _caption(p, pixel_mm, rng):
     return ', '.join([first] + facts) + '.'
 
 
+TOY_PLANE_PROMPTS = {plane: [o.format(names[0]) + '.' for o in _OPENERS] for plane, names in zip(PLANES, _NAMES)}
 TOY_BRAIN_PROMPTS = {sub: [o.format('fetal brain') + ' ' + s[0] + '.' for o in _OPENERS]
                      for sub, s in zip(BRAIN_PLANES, _SUBS)}
-TOY_PLANE_PROMPTS = {plane: [o.format(names[0]) + '.' for o in _OPENERS] for plane, names in zip(PLANES, _NAMES)}
 
 
 def toy_ga_prompts(weeks, days, pixel_mm):

@@ -1665,7 +1665,7 @@ def test_cached_step_equals_online_step_rounded_to_fp16(tmp_path):
         assert max(effect) < 1e-4 * abs(full["off"])             # measured: under 1e-5 of the term here
 
 
-def test_mismatching_cache_is_refused_naming_the_field(tmp_path):
+def test_mismatching_cache_is_refused_naming_the_field(tmp_path, monkeypatch):
     cfg = _cached(tmp_path, toy_train_size=16)
     train.train(cfg)
     before = {name: (tmp_path / "cache" / name).read_bytes() for name in CACHE_FILES}
@@ -1677,6 +1677,9 @@ def test_mismatching_cache_is_refused_naming_the_field(tmp_path):
                         (dict(toy_train_size=24), "data")):
         with pytest.raises(ValueError, match=rf"cache .* made for {field} = .*, this run has {field} = "):
             train.train({**cfg, **over})
+    monkeypatch.setattr(evaluation, "PROTOCOL", "a-later-toy-world")  # same sizes, other captions or images
+    with pytest.raises(ValueError, match=r"for data = 'toy world \(dark-eval-.*run has data = 'toy world \(a-later"):
+        train.train(cfg)
     assert before == {name: (tmp_path / "cache" / name).read_bytes() for name in CACHE_FILES}  # nothing touched
 
 
