@@ -186,10 +186,15 @@ def in_hc_window(hc_mm):
     return (HC_WINDOW[0] <= np.asarray(hc_mm)) & (np.asarray(hc_mm) <= HC_WINDOW[1])
 
 
-def bootstrap_ci(values, n_boot=10_000, seed=42):
-    """95% percentile interval of 100 * mean(values); the same draws as FetalCLIP's script."""
-    means = np.random.default_rng(seed).choice(np.asarray(values, float), size=(n_boot, len(values))).mean(1)
-    return tuple(100 * float(q) for q in np.percentile(means, [2.5, 97.5]))
+def bootstrap_ci(values, n_boot=10_000, seed=42, statistic=None):
+    """95% percentile interval of a statistic over n_boot resamples, with replacement, of the N rows of values ([N],
+    or a tuple of [N] arrays resampled together). Default statistic: 100 * mean, with the same draws as FetalCLIP's
+    script; another, statistic(*arrays), may return NaN where a resample leaves it undefined (that draw is left out)."""
+    arrays = tuple(np.asarray(v) for v in (values if isinstance(values, tuple) else (values,)))
+    draws = np.random.default_rng(seed).integers(0, len(arrays[0]), (n_boot, len(arrays[0])))
+    stats = (100 * arrays[0].astype(float)[draws].mean(1) if statistic is None else
+             np.array([statistic(*(a[d] for a in arrays)) for d in draws]))
+    return tuple(float(q) for q in np.nanpercentile(stats, [2.5, 97.5]))
 
 
 def _ranks(x):
@@ -213,9 +218,13 @@ def spearman(x, y):
 
 
 def auroc(scores, labels):
-    """P(score of a positive > score of a negative), a tie counting one half (Mann-Whitney U / n_pos n_neg)."""
+    """scores [N], labels [N] (1 / True: positive) -> P(score of a positive > score of a negative), a tie counting one
+    half (Mann-Whitney U / n_pos n_neg). Raises ValueError when the labels hold one class only."""
     labels = np.asarray(labels).astype(bool)
     n_pos, n_neg = labels.sum(), (~labels).sum()
+    if not n_pos or not n_neg:
+        raise ValueError(f"AUROC needs positives and negatives: all {len(labels)} labels are "
+                         f"{'positive' if n_pos else 'negative'}")
     return float((_ranks(scores)[labels].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
@@ -435,7 +444,16 @@ def evaluate(model, tokenizer, task="toy", split="val", n=None, root=None, promp
     return {**metrics, "eval_seconds": time.perf_counter() - t0}
 
 
-# --- linear probing: one linear layer on frozen image embeddings ---
+# --- linear probing: one linear layer on frozen image embeddings, as FetalCLIP's released probing scripts ---
+PROBE_KEYS = dict(toy=("plane", "brain"), planes=("plane",), brain=("brain",), paper=("plane", "brain"),
+                  classify=("label",))  # task -> the record keys probed
+PROBE_CLASSES = dict(  # FetalCLIP's class orders; its six-plane probe keeps "Other", unlike its zero-shot task
+    plane=("Other", "Fetal abdomen", "Fetal brain", "Maternal cervix", "Fetal femur", "Fetal thorax"),
+    brain=data.BRAIN_PLANES)
+FETALCLIP_SPLITS = dict(plane="classification_six_fetal_planes", brain="classification_brain_subplanes")
+SPLITS = ("train", "val", "test")
+
+
 def patient_split(patients, val_fraction=0.2, seed=0):
     """Boolean mask of validation rows, drawn by whole patients: no patient is on both sides."""
     ids = np.unique(np.asarray(patients))
@@ -444,51 +462,146 @@ def patient_split(patients, val_fraction=0.2, seed=0):
 
 
 def linear_probe(train, val, test, num_classes, epochs=50, lr=3e-4, weight_decay=0.01, batch_size=64, seed=0):
-    """train/val/test: (embeddings [N, D], labels [N]). AdamW for `epochs`, keeping the weights of the epoch with
-    the lowest validation loss. -> f1 (macro over the classes in test), acc, balanced_acc, best_epoch, auroc when
-    binary."""
+    """train/val/test: (embeddings [N, D], labels [N]). AdamW on shuffled batches, the last partial batch dropped
+    when there is a full one (FetalCLIP's loader: drop_last); after each epoch the mean validation cross-entropy,
+    and the weights of the first epoch with the lowest one are kept (Lightning's ModelCheckpoint on val_loss).
+    -> (test probabilities [N_test, C], validation loss per epoch [epochs], the chosen epoch, 0-based)."""
     torch.manual_seed(seed)
-    (x, y), (xv, yv), (xt, yt) = [(torch.as_tensor(a).float(), torch.as_tensor(b).long()) for a, b in
-                                  (train, val, test)]
+    (x, y), (xv, yv), (xt, _) = [(torch.as_tensor(a).float(), torch.as_tensor(b).long()) for a, b in
+                                 (train, val, test)]
     head = torch.nn.Linear(x.shape[1], num_classes)
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=weight_decay)
-    best = (math.inf, None, -1)
+    losses, best = [], (math.inf, None, -1)
     for epoch in range(epochs):
-        for idx in torch.randperm(len(x)).split(batch_size):
+        batches = torch.randperm(len(x)).split(batch_size)
+        for idx in batches[:len(x) // batch_size] or batches:
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(head(x[idx]), y[idx]).backward()
             opt.step()
         with torch.no_grad():
-            if (loss := F.cross_entropy(head(xv), yv).item()) < best[0]:
-                best = (loss, copy.deepcopy(head.state_dict()), epoch)
+            losses.append(F.cross_entropy(head(xv), yv).item())
+        if losses[-1] < best[0]:
+            best = (losses[-1], copy.deepcopy(head.state_dict()), epoch)
     head.load_state_dict(best[1])
     with torch.no_grad():
-        probs = head(xt).softmax(-1).numpy()
-    m = class_metrics(probs, yt.numpy(), list(range(num_classes)), topk=())
-    return dict(f1=m["f1"], acc=m["acc"], balanced_acc=m["balanced_acc"], best_epoch=best[2], **(
-        dict(auroc=auroc(probs[:, 1], yt.numpy())) if num_classes == 2 else {}))
+        return head(xt).softmax(-1).numpy(), losses, best[2]
 
 
-def probe(model, task, n=None, root=None, batch_size=64, device="cpu"):
-    """Probes for planes and brain sub-planes -> probe_plane_f1, probe_brain_f1, ... Toy: its train / val / test
-    splits. FETAL_PLANES_DB: the train rows split by patient into train and validation, the test rows to score."""
+def read_probe_splits(folder, patients):
+    """FetalCLIP's split files in folder: test_split.json ["Patient00001", ...] and train_val_split.json {"0":
+    [[train ids], [val ids]], ...} (its five folds). patients: the data set's ids. -> ([(train, val) id sets per
+    fold], test id set). Raises ValueError naming the file and key: unreadable JSON, another layout, an unknown id,
+    a patient on two sides."""
+    def load(name):
+        try:
+            return json.loads((Path(folder) / name).read_text(encoding="utf-8-sig"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"--probe_splits: cannot read {Path(folder) / name}: {e}") from None
+
+    ids = lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)
+    test, folds, where = load("test_split.json"), load("train_val_split.json"), Path(folder) / "train_val_split.json"
+    if not ids(test) or not test:
+        raise ValueError(f"{Path(folder) / 'test_split.json'}: expected a list of patient ids [\"Patient00001\", ...]")
+    if not isinstance(folds, dict) or not folds:
+        raise ValueError(f"{where}: expected {{\"0\": [[train patient ids], [val patient ids]], ...}}")
+    out, test = [], set(test)
+    for key, fold in folds.items():
+        if not (isinstance(fold, list) and len(fold) == 2 and all(map(ids, fold))):
+            raise ValueError(f"{where}, key {key!r}: expected [[train patient ids], [val patient ids]]")
+        train, val = map(set, fold)
+        for bad, why in ((train & val, "in both train and val"), (train & test, "in train and in test_split.json"),
+                         (val & test, "in val and in test_split.json"),
+                         ((train | val) - patients, "not in the data set")):
+            if bad:
+                raise ValueError(f"{where}, key {key!r}: patient {sorted(bad)[0]!r} is {why}")
+        out.append((train, val))
+    if unknown := sorted(test - patients):
+        raise ValueError(f"{Path(folder) / 'test_split.json'}: patient {unknown[0]!r} is not in the data set")
+    return out, test
+
+
+def probe_records(task, root, n=None, csv=None):
+    """-> the images to probe: dicts with image, where, group (a patient: never on two sides of a split), split
+    (train | val | test, or '' for all rows when none is given) and the class of each key in PROBE_KEYS[task].
+    FETAL_PLANES_DB: the patient is the image name's prefix, as in FetalCLIP's split files; split from its Train
+    column. classify: root a CSV (a 'split' column optional) or train.csv,val.csv,test.csv; the group column
+    csv_group_key when the CSV has it, else each row its own group."""
     if task == "toy":
-        splits = {s: toy_records(s, n or 1000) for s in ("train", "val", "test")}
-    else:
-        rows = planes_records(str(root).split(",")[0])
-        train = [r for r in rows if r["train"]]
-        val = patient_split([r["patient"] for r in train])
-        splits = dict(train=[r for r, v in zip(train, val) if not v], val=[r for r, v in zip(train, val) if v],
-                      test=[r for r in rows if not r["train"]])
-    feats = {s: embed_images(model.eval(), recs, batch_size, device)[0]
-             for s, recs in splits.items()}
-    out = {}
-    for key in ("plane", "brain"):
-        names, sets = sorted({r[key] for r in splits["train"] if r.get(key)}), []
-        for s, recs in splits.items():
-            rows = [i for i, r in enumerate(recs) if r.get(key)]
-            sets.append((feats[s][rows], [names.index(recs[i][key]) for i in rows]))
-        out.update({f"probe_{key}_{k}": v for k, v in linear_probe(*sets, len(names)).items()})
+        return [dict(r, split=s, group=f"{s}{i}") for s in SPLITS for i, r in enumerate(toy_records(s, n or 1000))]
+    if task != "classify":
+        return [dict(image=r["image_path"], where=r["where"], group=r["image_path"].stem.split("_")[0],
+                     split="train" if r["train"] else "test", plane=data.PLANES[r["plane"]] if r["plane"] >= 0 else "Other",
+                     brain=data.BRAIN_PLANES[r["brain_plane"]] if r["brain_plane"] >= 0 else None)
+                for r in data.read_fetal_planes(str(root).split(",")[0])]
+    csv, paths, out = {k: v for k, v in (csv or {}).items() if v}, str(root).split(","), []
+    if len(paths) not in (1, 3):
+        raise ValueError(f"--data={root}: a probe takes one CSV or three, train.csv,val.csv,test.csv")
+    image, label = csv.get("csv_img_key", "filepath"), csv.get("csv_label_key", "label")
+    for path, fixed in zip(paths, SPLITS if len(paths) == 3 else ("",)):
+        for r in data.read_table(path, (image, label), csv.get("csv_separator"))[:n]:
+            split = fixed or r.get("split", "").lower()
+            if "split" in r and split not in SPLITS:
+                raise ValueError(f"{r['where']}: split {r['split']!r}: the split column takes train | val | test")
+            out.append(dict(image=Path(path).parent / r[image], where=r["where"], label=r[label], split=split,
+                            group=r.get(csv.get("csv_group_key", "patient")) or r["where"]))
+    return out
+
+
+def probe_folds(groups, split, folder="", where=""):
+    """groups, split [N] -> [(train, val, test) boolean masks [N]] per fold. folder: FetalCLIP's split files (all
+    their folds). Else one fold: the split given, or with none, test drawn by group (20% of the groups, seed 0);
+    val, where none is given, drawn likewise from the rest. Raises ValueError when a group is on two sides or a side is empty."""
+    if folder:
+        folds, test = read_probe_splits(folder, set(groups))
+        return [(np.isin(groups, list(t)), np.isin(groups, list(v)), np.isin(groups, list(test))) for t, v in folds]
+    test = split == "test" if (split != "").all() else patient_split(groups)
+    val = split == "val" if "val" in split else ~test & np.isin(groups, groups[~test][patient_split(groups[~test])])
+    train = ~test & ~val
+    for (a, b), name in zip(itertools.combinations((train, val, test), 2), ("train and val", "train and test",
+                                                                             "val and test")):
+        if both := sorted(set(groups[a]) & set(groups[b])):
+            raise ValueError(f"{where}: group {str(both[0])!r} has rows in {name}: a patient on two sides of the probe")
+    if empty := [s for s, m in zip(SPLITS, (train, val, test)) if not m.any()]:
+        raise ValueError(f"{where}: no {empty[0]} rows to probe with ({len(groups)} rows, {len(set(groups))} groups)")
+    return [(train, val, test)]
+
+
+def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits="", csv=None, runs=5, epochs=50):
+    """Linear probes as FetalCLIP's: for each fold (probe_folds) and each of `runs` seeds, linear_probe on the frozen
+    image embeddings (raw, as model.visual gives them), scored on the test rows (class_metrics; acc is per image,
+    balanced_acc the mean recall, FetalCLIP's 'test_acc'). Keys: plane (six classes with "Other"), brain
+    (sub-planes), label (classify). -> probe_<key>_<metric> (mean over the folds x runs) and _<metric>_std (sample
+    std), probe_<key>_runs [{fold, run, n_train, n_val, n_test, best_epoch, val_loss per epoch, metrics}]; with two
+    classes also auroc (class 1 positive) and auroc_ci_low/high: 10,000 bootstrap resamples of the test images
+    scored by the probabilities averaged over the runs. splits: a folder of FetalCLIP's split files (or its
+    probing/ folder, one subfolder per probe)."""
+    records, out = [r for r in probe_records(task, root, n, csv) if any(r.get(k) for k in PROBE_KEYS[task])], {}
+    feats = embed_images(model.eval(), records, batch_size, device)[0].numpy()
+    for key in PROBE_KEYS[task]:
+        keep = [i for i, r in enumerate(records) if r.get(key)]
+        names = PROBE_CLASSES[key] if task in ("planes", "brain", "paper") else sorted({records[i][key] for i in keep})
+        x, y = feats[keep], np.array([names.index(records[i][key]) for i in keep])
+        folder = Path(splits or ".") / FETALCLIP_SPLITS.get(key, "")
+        folds = probe_folds(*(np.array([records[i][k] for i in keep]) for k in ("group", "split")),
+                            splits and (folder if folder.is_dir() else splits), root or "the toy world")
+        test, results, mean_probs = folds[0][2], [], 0  # the same test rows in every fold
+        if len(names) == 2 and len(set(y[test])) < 2:
+            raise ValueError(f"{root}: the test rows are all {names[y[test][0]]!r}: AUROC needs both classes")
+        for (fold, (train, val, test)), run in itertools.product(enumerate(folds), range(runs)):
+            probs, losses, best = linear_probe((x[train], y[train]), (x[val], y[val]), (x[test], y[test]),
+                                               len(names), epochs, seed=fold * runs + run)
+            m = {k: v for k, v in class_metrics(probs, y[test], names, topk=(2, 3)).items() if k != "confusion"}
+            if len(names) == 2:
+                m["auroc"], mean_probs = auroc(probs[:, 1], y[test]), mean_probs + probs[:, 1] / len(folds) / runs
+            results.append(dict(fold=fold, run=run, n_train=int(train.sum()), n_val=int(val.sum()),
+                                n_test=int(test.sum()), best_epoch=best, val_loss=losses, **m))
+        for k in ["best_epoch", *m]:
+            out[f"probe_{key}_{k}"], out[f"probe_{key}_{k}_std"] = mean_std([r.get(k) for r in results])
+        if len(names) == 2:
+            defined = lambda s, t: auroc(s, t) if 0 < t.sum() < len(t) else math.nan  # a resample of one class
+            out[f"probe_{key}_auroc_ci_low"], out[f"probe_{key}_auroc_ci_high"] = bootstrap_ci(
+                (mean_probs, y[test]), statistic=defined)
+        out[f"probe_{key}_runs"] = results
     return out
 
 
@@ -864,7 +977,10 @@ OPTIONS = dict(
     device="cpu",
     prompts="",             # a prompts JSON (data.load_prompts): classify's classes, or replacing planes/brain/hc18's
     out="runs/eval",        # folder for the results JSON (and the analysis figure)
-    probe=False,            # also fit a linear probe on the image embeddings
+    probe=False,            # also fit linear probes on the image embeddings (FetalCLIP's protocol)
+    probe_splits="",        # a folder of FetalCLIP's test_split.json, train_val_split.json (or its probing/ folder)
+    probe_runs=5,           # runs (seeds) per fold: FetalCLIP's 5
+    probe_epochs=50,        # epochs per run: FetalCLIP's 50, the lowest validation loss's weights kept
     analysis=False,         # also compare with --teacher: per-image agreement, correlations, a figure
     teacher="",             # the teacher checkpoint for --analysis (and --speed)
     teacher_config="",      # for raw teacher weights: a preset name or an open_clip JSON
@@ -874,12 +990,13 @@ OPTIONS = dict(
     csv_img_key="filepath",  # classify, retrieval: the CSV's image-path column (relative to the CSV's folder)
     csv_label_key="label",  # classify: the CSV's class-name column
     csv_caption_key="title",  # retrieval: the CSV's caption column
+    csv_group_key="patient",  # classify --probe: rows of one group (patient) stay on one side; used when present
     csv_separator="",       # one character, or \t; empty = detected (, ; tab |)
     quiet=False,            # no progress lines on stderr
 )
 ACCEPTS = dict(task=("toy", "planes", "brain", "hc18", "paper", "classify", "retrieval"),
                split=("", "train", "val", "test", "all"), n="[0, inf)", batch_size="[1, inf)", device=data.pick_device,
-               runs="[1, inf)")
+               runs="[1, inf)", probe_runs="[1, inf)", probe_epochs="[1, inf)")
 
 
 def main(argv):
@@ -903,9 +1020,10 @@ def main(argv):
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))
     for bad, why in ((not opt["checkpoint"], "--checkpoint=PATH is required (or --speed, or --table)"),
                      (opt["analysis"] and not opt["teacher"], "--analysis needs --teacher=PATH"),
-                     (opt["task"] == "classify" and not opt["prompts"], "--task=classify needs --prompts=classes.json"),
-                     (opt["probe"] and opt["task"] not in ("toy", "planes", "brain", "paper"),
-                      "--probe needs the splits of --task=toy | planes | brain | paper"),
+                     (opt["task"] == "classify" and not opt["prompts"] and not opt["probe"],
+                      "--task=classify needs --prompts=classes.json (or --probe alone)"),
+                     (opt["probe"] and opt["task"] not in PROBE_KEYS,
+                      "--probe needs labelled images: --task=toy | planes | brain | paper | classify"),
                      (opt["analysis"] and opt["task"] in ("hc18", "retrieval"), "--analysis compares classifiers: "
                                                                               "not with --task=hc18 | retrieval")):
         if bad:
@@ -921,9 +1039,17 @@ def main(argv):
         given = data.load_prompts(opt["prompts"])
         prompts = {"ga": [p for ps in given.values() for p in ps]} if opt["task"] == "hc18" else {opt["task"]: given}
     csv = {k: v for k, v in opt.items() if k.startswith("csv_")}
-    metrics = evaluate(model, tokenizer, task, split, n, root, prompts, opt["batch_size"], device, csv)
+    metrics = {} if task == "classify" and not prompts else evaluate(  # zero-shot on the last CSV (a probe's test)
+        model, tokenizer, task, split, n, root.split(",")[-1] if task == "classify" else root, prompts,
+        opt["batch_size"], device, csv)
     if opt["probe"]:
-        metrics.update(probe(model, task, n, root, opt["batch_size"], device))
+        metrics.update(probe(model, task, n, root, opt["batch_size"], device, opt["probe_splits"], csv,
+                             opt["probe_runs"], opt["probe_epochs"]))
+        for key in [k for k in PROBE_KEYS[task] if f"probe_{k}_f1" in metrics]:
+            runs = metrics[f"probe_{key}_runs"]
+            print(f"linear probe {key}: {len(runs)} runs ({runs[-1]['fold'] + 1} folds), test n={runs[0]['n_test']}")
+            print(markdown_table([dict(metric=k, mean=metrics[f"probe_{key}_{k}"], std=metrics[f"probe_{key}_{k}_std"])
+                                  for k in runs[0] if isinstance(runs[0][k], float)], ["metric", "mean", "std"]))
     if opt["analysis"]:
         teacher, teacher_tokenizer = load_model_from_checkpoint(opt["teacher"], opt["teacher_config"] or None)
         ts = analysis((teacher.to(device), teacher_tokenizer), (model, tokenizer), task, split, n, root, out, device,
@@ -937,7 +1063,8 @@ def main(argv):
     path = save_results(out / f"results_{opt['task']}_{split}_{stamp}.json", metrics, meta)
     shown = dict(classify=["classify_acc", "classify_balanced_acc", "classify_f1", "classify_top5"],
                  retrieval=[f"retrieval_{k}" for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_recall")]).get(
-        task, ["planes_f1", "brain_f1", "class_f1", "ga_validity", "composite", "probe_plane_f1"])
+        task, ["planes_f1", "brain_f1", "class_f1", "ga_validity", "composite"])
+    shown += [f"probe_{k}_{m}" for k in PROBE_KEYS.get(task, ()) for m in ("f1", "auroc") if f"probe_{k}_{m}" in metrics]
     print(markdown_table([dict(meta, protocol=PROTOCOL, **metrics)], ["model", "checkpoint", "dataset", "split",
                                                                       "protocol", *shown]))
     print(f"all {len(metrics)} metrics: {path}")
@@ -945,4 +1072,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except ValueError as e:  # bad input (a file, row, key): one line naming it, no traceback
+        sys.exit(f"eval.py: {e}")

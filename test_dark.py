@@ -1898,10 +1898,10 @@ def test_patient_split_and_linear_probe():
     y = torch.arange(300) % 2
     x = torch.randn(300, 8, generator=g) + 3 * (y[:, None] - 0.5)  # two blobs at -1.5 and +1.5 on every axis
     train, val, test = (x[:200], y[:200]), (x[200:250], y[200:250]), (x[250:], y[250:])
-    m = evaluation.linear_probe(train, val, test, 2, lr=1e-2, epochs=20)  # the protocol's 3e-4 needs more steps
-    assert m["f1"] == 1.0 and m["auroc"] == 1.0 and m["best_epoch"] > 10
+    probs, _, best = evaluation.linear_probe(train, val, test, 2, lr=1e-2, epochs=20)  # 3e-4 needs more steps
+    assert (probs.argmax(1) == test[1].numpy()).all() and evaluation.auroc(probs[:, 1], test[1]) == 1.0 and best > 10
     flipped = evaluation.linear_probe(train, (val[0], 1 - val[1]), test, 2, epochs=5)
-    assert flipped["best_epoch"] == 0  # validation loss only rises: the first epoch's weights are kept
+    assert flipped[2] == 0  # validation loss only rises: the first epoch's weights are kept
 
 
 def test_teacher_student_analysis():
@@ -2017,7 +2017,7 @@ def test_zero_shot_real_formats_every_key(tiny, shared, tmp_path):
              f"--out={tmp_path / 'runs'}"])
     result = json.loads(next((tmp_path / "runs").glob("results_brain_all_*.json")).read_text())
     assert result["meta"]["split"] == "all" and "brain_f1_trans-cerebellum" in result["metrics"]
-    probe = evaluation.probe(model, "planes", root=fpdb)
+    probe = evaluation.probe(model, "paper", root=fpdb, runs=1, epochs=2)
     assert 0 <= probe["probe_plane_f1"] <= 1 and 0 <= probe["probe_brain_f1"] <= 1 and "probe_plane_auroc" not in probe
 
 
@@ -2057,6 +2057,172 @@ def test_planes_task_is_classify_on_the_same_labels(tiny, tmp_path):
     with pytest.raises(ValueError, match=r"no prompts for label\(s\) 'femur' \(.*labels\.csv, line 6\)"):
         evaluation.evaluate(model, tok, task="classify", root=tmp_path / "labels.csv", csv=dict(
             csv_img_key="path", csv_label_key="finding"), prompts={"classify": data.load_prompts(tmp_path / "classes.json")})
+
+
+# --- linear probing: FetalCLIP's split files, folds x runs, AUROC, the CSV probe ---
+def test_auroc_ties_and_one_class_and_its_bootstrap():
+    assert evaluation.auroc([0.5, 0.5, 0.5, 0.9], [0, 1, 0, 1]) == 0.75  # 0.9 beats both (2), 0.5 ties both (2 x 1/2)
+    assert evaluation.auroc([0.2, 0.2, 0.2], [1, 0, 1]) == 0.5 and evaluation.auroc([3, 2, 1], [1, 0, 0]) == 1.0
+    assert evaluation.auroc([0.9, 0.8, 0.1, 0.3], [0, 0, 1, 1]) == 0.0  # every pair the wrong way round
+    for labels, which in (([1, 1, 1], "positive"), ([0, 0], "negative")):
+        with pytest.raises(ValueError, match=rf"all {len(labels)} labels are {which}"):
+            evaluation.auroc(np.arange(len(labels)), labels)
+    values = np.random.default_rng(1).random(25)  # the default: FetalCLIP's draws, rng.choice of the values
+    means = np.random.default_rng(42).choice(values, size=(10_000, 25)).mean(1)
+    assert evaluation.bootstrap_ci(values) == pytest.approx(100 * np.percentile(means, [2.5, 97.5]), rel=1e-12)
+    scores, labels = np.array([0.1, 0.7, 0.4, 0.8, 0.3, 0.9]), np.array([0, 1, 0, 1, 1, 0])
+    draws, kept = np.random.default_rng(42).integers(0, 6, (500, 6)), []
+    for d in draws:  # resamples of one class leave the AUROC undefined: those draws are left out
+        if 0 < labels[d].sum() < 6:
+            pos, neg = scores[d][labels[d] == 1], scores[d][labels[d] == 0]
+            kept.append(((pos[:, None] > neg).sum() + 0.5 * (pos[:, None] == neg).sum()) / (len(pos) * len(neg)))
+    assert len(kept) < 500 and evaluation.bootstrap_ci((scores, labels), 500, statistic=lambda s, t: (
+        evaluation.auroc(s, t) if 0 < t.sum() < len(t) else math.nan)) == pytest.approx(np.percentile(kept, [2.5, 97.5]))
+
+
+def test_linear_probe_keeps_the_epoch_of_lowest_validation_loss():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 2
+    x = torch.randn(300, 8, generator=g) + (y[:, None] - 0.5)
+    yv = y[200:250].clone()
+    yv[:15] = 1 - yv[:15]  # noisy validation labels: its loss falls, then rises as the head grows confident
+    probs, losses, best = evaluation.linear_probe((x[:200], y[:200]), (x[200:250], yv), (x[250:], y[250:]), 2,
+                                                  epochs=12, lr=1e-2, seed=3)
+    torch.manual_seed(3)  # the same protocol written out: 3 batches of 64 an epoch (the last 8 rows dropped)
+    head = torch.nn.Linear(8, 2)
+    opt, mine, states = torch.optim.AdamW(head.parameters(), lr=1e-2, weight_decay=0.01), [], []
+    for _ in range(12):
+        for idx in torch.randperm(200).split(64)[:3]:
+            opt.zero_grad()
+            F.cross_entropy(head(x[idx]), y[idx]).backward()
+            opt.step()
+        mine.append(F.cross_entropy(head(x[200:250]), yv).item())
+        states.append(copy.deepcopy(head.state_dict()))
+    assert losses == pytest.approx(mine) and 0 < best == int(np.argmin(mine)) < 11
+    head.load_state_dict(states[best])
+    assert probs == pytest.approx(head(x[250:]).softmax(-1).detach().numpy(), abs=1e-6)
+    head.load_state_dict(states[-1])
+    assert not np.allclose(probs, head(x[250:]).softmax(-1).detach().numpy())  # not the last epoch's weights
+
+
+def _write_probe_splits(folder, test, folds):
+    folder.mkdir(parents=True, exist_ok=True)
+    ids = lambda ps: [f"Patient{p:05d}" for p in ps]
+    (folder / "test_split.json").write_text(json.dumps(ids(test)))
+    (folder / "train_val_split.json").write_text(json.dumps({str(k): [ids(t), ids(v)] for k, (t, v) in
+                                                             enumerate(folds)}))
+    return folder
+
+
+def test_probe_folds_and_runs_on_fetalclip_split_files(tiny, tmp_path, monkeypatch):
+    model, _ = tiny
+    fpdb = _write_fetal_planes(tmp_path / "FETAL_PLANES_DB")  # 6 patients of 9 images: 1 "Other" plane, 3 brain planes
+    probing = tmp_path / "probing"  # FetalCLIP's probing/ folder: one subfolder of split files per probe
+    _write_probe_splits(probing / "classification_six_fetal_planes", [5, 6], [([1, 2, 3], [4]), ([2, 3, 4], [1])])
+    _write_probe_splits(probing / "classification_brain_subplanes", [6], [([1, 2], [3]), ([3, 4, 5], [1]), ([1], [2])])
+    patient = {}  # each image's patient, written into its embedding, so the sets the probe trains on can be read
+    embed = lambda m, recs, *a: (torch.tensor([[patient.setdefault(float(r["group"][-5:]), 1.0) and
+                                                float(r["group"][-5:]), *np.random.default_rng(i).random(3)]
+                                               for i, r in enumerate(recs)]), None)
+    monkeypatch.setattr(evaluation, "embed_images", embed)
+    seen, fit = [], evaluation.linear_probe
+    monkeypatch.setattr(evaluation, "linear_probe", lambda *a, **k: seen.append(a) or fit(*a, **k))
+    m = evaluation.probe(model, "paper", root=fpdb, splits=probing, runs=2, epochs=4)
+    plane_calls, brain_calls = seen[:4], seen[4:]
+    assert len(plane_calls) == 2 * 2 and len(brain_calls) == 3 * 2  # folds x runs
+    for calls, folds, test, classes, per_patient in ((plane_calls, [({1, 2, 3}, {4}), ({2, 3, 4}, {1})], {5, 6}, 6, 9),
+                                                     (brain_calls, [({1, 2}, {3}), ({3, 4, 5}, {1}), ({1}, {2})], {6}, 3, 3)):
+        for i, (train, val, tst, num_classes, _) in enumerate(calls):
+            assert [set(part[0][:, 0].astype(int).tolist()) for part in (train, val, tst)] == [*folds[i // 2], test]
+            assert len(tst[0]) == per_patient * len(test) and num_classes == classes
+    assert {f"probe_plane_f1_{c}" for c in ("other", "fetal_abdomen", "fetal_brain", "maternal_cervix", "fetal_femur",
+                                            "fetal_thorax")} <= set(m) and "probe_brain_f1_trans-thalamic" in m
+    runs = m["probe_plane_runs"]
+    assert [(r["fold"], r["run"]) for r in runs] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    assert all(r["best_epoch"] == int(np.argmin(r["val_loss"])) and len(r["val_loss"]) == 4 for r in runs)
+    f1 = [r["f1"] for r in runs]
+    assert (m["probe_plane_f1"], m["probe_plane_f1_std"]) == pytest.approx((np.mean(f1), np.std(f1, ddof=1)))
+    seen.clear()  # no split files: test = the Train=0 patients, validation drawn from the Train=1 patients
+    m = evaluation.probe(model, "planes", root=fpdb, runs=1, epochs=2)
+    (train, val, tst, num_classes, _), = seen
+    parts = [set(part[0][:, 0].astype(int).tolist()) for part in (train, val, tst)]
+    assert parts[2] == {5, 6} and len(parts[1]) == 1 and parts[0] | parts[1] == {1, 2, 3, 4} and num_classes == 6
+    assert "probe_brain_f1" not in m  # --task=planes probes the planes only
+
+
+def test_probe_split_files_are_checked(tiny, tmp_path):
+    model, _ = tiny
+    fpdb = _write_fetal_planes(tmp_path / "FETAL_PLANES_DB")
+    cases = [([5, 6], [([1, 2, 9], [4])], r"train_val_split\.json, key '0': patient 'Patient00009' is not in the data"),
+             ([5, 6], [([1, 2, 5], [4])], r"train_val_split\.json, key '0': patient 'Patient00005' is in train and in te"),
+             ([5, 6], [([1, 2], [2, 3])], r"key '0': patient 'Patient00002' is in both train and val"),
+             ([5, 6], [([1], [3]), ([2], [6])], r"key '1': patient 'Patient00006' is in val and in test_split"),
+             ([7], [([1], [2])], r"test_split\.json: patient 'Patient00007' is not in the data set")]
+    for i, (test, folds, message) in enumerate(cases):
+        with pytest.raises(ValueError, match=message):
+            evaluation.probe(model, "planes", root=fpdb, splits=_write_probe_splits(tmp_path / f"s{i}", test, folds))
+    bad = _write_probe_splits(tmp_path / "bad", [5], [([1], [2])])
+    for name, text, message in (("test_split.json", "[\"Patient00005\",", r"cannot read .*test_split\.json"),
+                                ("test_split.json", '{"a": 1}', r"test_split\.json: expected a list of patient ids"),
+                                ("train_val_split.json", '{"0": [["Patient00001"]]}', r"key '0': expected \[\[train"),
+                                ("train_val_split.json", '[]', r"train_val_split\.json: expected \{")):
+        (bad / name).write_text(text)
+        with pytest.raises(ValueError, match=message):
+            evaluation.probe(model, "brain", root=fpdb, splits=bad)
+        _write_probe_splits(bad, [5], [([1], [2])])
+
+
+def _write_labelled_csv(folder, rows):
+    """rows (patient, label, split): a tiny CSV of images whose brightness follows the label."""
+    folder.mkdir(parents=True, exist_ok=True)
+    lines, rng = ["filepath,label,patient,split"], np.random.default_rng(0)
+    for i, (patient, label, split) in enumerate(rows):
+        level = 60 + 120 * (label == "CHD")
+        Image.fromarray(rng.integers(level - 40, level + 40, (24, 24), dtype=np.uint8)).save(folder / f"{i}.png")
+        lines.append(f"{i}.png,{label},{patient},{split}")
+    (folder / "labels.csv").write_text("\n".join(lines) + "\n")
+    return folder / "labels.csv"
+
+
+def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path):
+    model, _ = tiny
+    ckpt = _save(model, tmp_path / "ckpt.pt")
+    rows = [(p, "CHD" if p % 2 else "normal", "") for p in range(12) for _ in range(2)]
+    labels = _write_labelled_csv(tmp_path / "csv", rows)
+    labels.write_text(labels.read_text().replace(",patient,split", ",patient,note").replace(",\n", ",x\n"))
+    run = lambda *argv: subprocess.run([sys.executable, str(Path(evaluation.__file__)), *argv], cwd=tmp_path, text=True,
+                                       capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
+    done = run(f"--checkpoint={ckpt}", "--task=classify", f"--data={labels}", "--probe", "--probe_runs=2",
+               "--probe_epochs=3", "--quiet", f"--out={tmp_path / 'runs'}")
+    assert done.returncode == 0, done.stderr
+    got = json.loads(next((tmp_path / "runs").glob("results_classify_*.json")).read_text())["metrics"]
+    assert "| metric | mean | std |" in done.stdout and "| auroc |" in done.stdout
+    assert 0 <= got["probe_label_auroc_ci_low"] <= got["probe_label_auroc_ci_high"] <= 1 and len(got["probe_label_runs"]) == 2
+    assert {"probe_label_f1", "probe_label_acc", "probe_label_f1_chd", "probe_label_auroc_std"} <= set(got)
+    run_ = got["probe_label_runs"][0]  # the drawn split: 20% of the 12 patients test, 20% of the rest validation
+    assert (run_["n_test"], run_["n_val"], run_["n_train"]) == (2 * 2, 2 * 2, 8 * 2)
+    bad = _write_labelled_csv(tmp_path / "bad", [(0, "CHD", "train"), (1, "normal", "valid")])
+    refused = run(f"--checkpoint={ckpt}", "--task=classify", f"--data={bad}", "--probe")
+    assert refused.returncode == 1 and refused.stderr.strip() == (
+        f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test")
+
+
+def test_probe_csv_split_column_three_files_and_refusals(tiny, tmp_path):
+    model, _ = tiny
+    rows = [(p, "CHD" if p % 2 else "normal", "test" if p >= 8 else "val" if p >= 6 else "train") for p in range(10)]
+    labels = _write_labelled_csv(tmp_path / "one", rows)
+    m = evaluation.probe(model, "classify", root=labels, runs=1, epochs=2)
+    assert [m["probe_label_runs"][0][f"n_{s}"] for s in ("train", "val", "test")] == [6, 2, 2]
+    three = [_write_labelled_csv(tmp_path / s, [r for r in rows if r[2] == s]) for s in ("train", "val", "test")]
+    m3 = evaluation.probe(model, "classify", root=",".join(map(str, three)), runs=1, epochs=2)
+    assert m3["probe_label_runs"][0]["n_test"] == 2 and m3["probe_label_auroc"] == pytest.approx(m["probe_label_auroc"])
+    for broken, message in (([(0, "CHD", "train"), (0, "normal", "test"), (1, "CHD", "val")],
+                             r"group '0' has rows in train and test: a patient on two sides"),
+                            ([(0, "CHD", "train"), (1, "normal", "val"), (2, "CHD", "val")], r"no test rows"),
+                            ([(0, "CHD", "train"), (1, "normal", "val"), (2, "CHD", "test"), (3, "CHD", "test")],
+                             r"the test rows are all 'CHD': AUROC needs both classes")):
+        with pytest.raises(ValueError, match=message):
+            evaluation.probe(model, "classify", root=_write_labelled_csv(tmp_path / "b", broken), runs=1, epochs=1)
 
 
 def test_retrieval_from_a_caption_csv_or_tar_shards(tiny, tmp_path):
