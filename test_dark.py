@@ -2274,7 +2274,7 @@ def test_checkpoints_cli_results_and_analysis(tiny, tmp_path, capsys):
     with pytest.raises(SystemExit, match="--task"):
         evaluation.main(["--tsak=toy"])
     for argv, message in ((["--task=classify", "--data=x.csv"], "--task=classify needs --prompts=classes.json"),
-                          (["--task=retrieval", "--data=x.csv", "--probe"], "--probe needs the splits"),
+                          (["--task=retrieval", "--data=x.csv", "--probe"], "--probe needs labelled images"),
                           (["--task=retrieval", "--data=x.csv", "--analysis", f"--teacher={path}"], "not with")):
         with pytest.raises(SystemExit, match=message):  # before any model is loaded
             evaluation.main([f"--checkpoint={tmp_path / 'absent.pt'}", *argv])
