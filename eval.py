@@ -531,7 +531,7 @@ def probe_records(task, root, n=None, csv=None):
         return [dict(r, split=s, group=f"{s}{i}") for s in SPLITS for i, r in enumerate(toy_records(s, n or 1000))]
     if task != "classify":
         return [dict(image=r["image_path"], where=r["where"], group=r["image_path"].stem.split("_")[0],
-                     split="train" if r["train"] else "test", plane=data.PLANES[r["plane"]] if r["plane"] >= 0 else "Other",
+                     split=SPLITS[2 - 2 * r["train"]], plane=(data.PLANES + ("Other",))[r["plane"]],
                      brain=data.BRAIN_PLANES[r["brain_plane"]] if r["brain_plane"] >= 0 else None)
                 for r in data.read_fetal_planes(str(root).split(",")[0])]
     csv, paths, out = {k: v for k, v in (csv or {}).items() if v}, str(root).split(","), []
@@ -548,12 +548,13 @@ def probe_records(task, root, n=None, csv=None):
     return out
 
 
-def probe_folds(groups, split, folder="", where=""):
+def probe_folds(groups, split, folder="", patients=(), where=""):
     """groups, split [N] -> [(train, val, test) boolean masks [N]] per fold. folder: FetalCLIP's split files (all
-    their folds). Else one fold: the split given, or with none, test drawn by group (20% of the groups, seed 0);
-    val, where none is given, drawn likewise from the rest. Raises ValueError when a group is on two sides or a side is empty."""
+    their folds), checked against patients (every id of the data set). Else one fold: the split given, or with none,
+    test drawn by group (20% of the groups, seed 0); val, where none is given, drawn likewise from the rest. Raises
+    ValueError when a group is on two sides or a side is empty."""
     if folder:
-        folds, test = read_probe_splits(folder, set(groups))
+        folds, test = read_probe_splits(folder, set(patients))
         return [(np.isin(groups, list(t)), np.isin(groups, list(v)), np.isin(groups, list(test))) for t, v in folds]
     test = split == "test" if (split != "").all() else patient_split(groups)
     val = split == "val" if "val" in split else ~test & np.isin(groups, groups[~test][patient_split(groups[~test])])
@@ -576,7 +577,9 @@ def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits=""
     classes also auroc (class 1 positive) and auroc_ci_low/high: 10,000 bootstrap resamples of the test images
     scored by the probabilities averaged over the runs. splits: a folder of FetalCLIP's split files (or its
     probing/ folder, one subfolder per probe)."""
-    records, out = [r for r in probe_records(task, root, n, csv) if any(r.get(k) for k in PROBE_KEYS[task])], {}
+    records, out = probe_records(task, root, n, csv), {}
+    patients = {r["group"] for r in records}  # a brain split may name a test patient with no brain image
+    records = [r for r in records if any(r.get(k) for k in PROBE_KEYS[task])]
     feats = embed_images(model.eval(), records, batch_size, device)[0].numpy()
     for key in PROBE_KEYS[task]:
         keep = [i for i, r in enumerate(records) if r.get(key)]
@@ -584,7 +587,7 @@ def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits=""
         x, y = feats[keep], np.array([names.index(records[i][key]) for i in keep])
         folder = Path(splits or ".") / FETALCLIP_SPLITS.get(key, "")
         folds = probe_folds(*(np.array([records[i][k] for i in keep]) for k in ("group", "split")),
-                            splits and (folder if folder.is_dir() else splits), root or "the toy world")
+                            splits and (folder if folder.is_dir() else splits), patients, root or "the toy world")
         test, results, mean_probs = folds[0][2], [], 0  # the same test rows in every fold
         if len(names) == 2 and len(set(y[test])) < 2:
             raise ValueError(f"{root}: the test rows are all {names[y[test][0]]!r}: AUROC needs both classes")
@@ -1065,7 +1068,7 @@ def main(argv):
     shown = dict(classify=["classify_acc", "classify_balanced_acc", "classify_f1", "classify_top5"],
                  retrieval=[f"retrieval_{k}" for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_recall")]).get(
         task, ["planes_f1", "brain_f1", "class_f1", "ga_validity", "composite"])
-    shown += [f"probe_{k}_{m}" for k in PROBE_KEYS.get(task, ()) for m in ("f1", "auroc") if f"probe_{k}_{m}" in metrics]
+    shown += [k for k in (f"probe_{k}_{m}" for k in PROBE_KEYS.get(task, ()) for m in ("f1", "auroc")) if k in metrics]
     print(markdown_table([dict(meta, protocol=PROTOCOL, **metrics)], ["model", "checkpoint", "dataset", "split",
                                                                       "protocol", *shown]))
     print(f"all {len(metrics)} metrics: {path}")

@@ -2076,8 +2076,10 @@ def test_auroc_ties_and_one_class_and_its_bootstrap():
         if 0 < labels[d].sum() < 6:
             pos, neg = scores[d][labels[d] == 1], scores[d][labels[d] == 0]
             kept.append(((pos[:, None] > neg).sum() + 0.5 * (pos[:, None] == neg).sum()) / (len(pos) * len(neg)))
-    assert len(kept) < 500 and evaluation.bootstrap_ci((scores, labels), 500, statistic=lambda s, t: (
-        evaluation.auroc(s, t) if 0 < t.sum() < len(t) else math.nan)) == pytest.approx(np.percentile(kept, [2.5, 97.5]))
+    defined = lambda s, t: evaluation.auroc(s, t) if 0 < t.sum() < len(t) else math.nan
+    assert len(kept) < 500
+    assert evaluation.bootstrap_ci((scores, labels), 500, statistic=defined) == pytest.approx(
+        np.percentile(kept, [2.5, 97.5]))
 
 
 def test_linear_probe_keeps_the_epoch_of_lowest_validation_loss():
@@ -2130,8 +2132,9 @@ def test_probe_folds_and_runs_on_fetalclip_split_files(tiny, tmp_path, monkeypat
     m = evaluation.probe(model, "paper", root=fpdb, splits=probing, runs=2, epochs=4)
     plane_calls, brain_calls = seen[:4], seen[4:]
     assert len(plane_calls) == 2 * 2 and len(brain_calls) == 3 * 2  # folds x runs
-    for calls, folds, test, classes, per_patient in ((plane_calls, [({1, 2, 3}, {4}), ({2, 3, 4}, {1})], {5, 6}, 6, 9),
-                                                     (brain_calls, [({1, 2}, {3}), ({3, 4, 5}, {1}), ({1}, {2})], {6}, 3, 3)):
+    for calls, folds, test, classes, per_patient in (
+            (plane_calls, [({1, 2, 3}, {4}), ({2, 3, 4}, {1})], {5, 6}, 6, 9),
+            (brain_calls, [({1, 2}, {3}), ({3, 4, 5}, {1}), ({1}, {2})], {6}, 3, 3)):
         for i, (train, val, tst, num_classes, _) in enumerate(calls):
             assert [set(part[0][:, 0].astype(int).tolist()) for part in (train, val, tst)] == [*folds[i // 2], test]
             assert len(tst[0]) == per_patient * len(test) and num_classes == classes
@@ -2154,7 +2157,7 @@ def test_probe_split_files_are_checked(tiny, tmp_path):
     model, _ = tiny
     fpdb = _write_fetal_planes(tmp_path / "FETAL_PLANES_DB")
     cases = [([5, 6], [([1, 2, 9], [4])], r"train_val_split\.json, key '0': patient 'Patient00009' is not in the data"),
-             ([5, 6], [([1, 2, 5], [4])], r"train_val_split\.json, key '0': patient 'Patient00005' is in train and in te"),
+             ([5, 6], [([1, 2, 5], [4])], r"train_val_split\.json, key '0': patient 'Patient00005' is in train and in"),
              ([5, 6], [([1, 2], [2, 3])], r"key '0': patient 'Patient00002' is in both train and val"),
              ([5, 6], [([1], [3]), ([2], [6])], r"key '1': patient 'Patient00006' is in val and in test_split"),
              ([7], [([1], [2])], r"test_split\.json: patient 'Patient00007' is not in the data set")]
@@ -2170,6 +2173,12 @@ def test_probe_split_files_are_checked(tiny, tmp_path):
         with pytest.raises(ValueError, match=message):
             evaluation.probe(model, "brain", root=fpdb, splits=bad)
         _write_probe_splits(bad, [5], [([1], [2])])
+    table = fpdb / "FETAL_PLANES_DB_data.csv"  # a test patient with no brain image is still a patient of the data set
+    brain_rows = tuple(f"Patient00006_Plane{k}_" for k in (1, 2, 3))  # its three brain planes
+    table.write_text("".join(l for l in table.read_text().splitlines(True) if not l.startswith(brain_rows)))
+    splits = _write_probe_splits(tmp_path / "ok", [5, 6], [([1, 2], [3])])
+    m = evaluation.probe(model, "brain", root=fpdb, splits=splits, runs=1, epochs=1)
+    assert m["probe_brain_runs"][0]["n_test"] == 3  # patient 5's three brain planes
 
 
 def _write_labelled_csv(folder, rows):
@@ -2197,7 +2206,8 @@ def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path):
     assert done.returncode == 0, done.stderr
     got = json.loads(next((tmp_path / "runs").glob("results_classify_*.json")).read_text())["metrics"]
     assert "| metric | mean | std |" in done.stdout and "| auroc |" in done.stdout
-    assert 0 <= got["probe_label_auroc_ci_low"] <= got["probe_label_auroc_ci_high"] <= 1 and len(got["probe_label_runs"]) == 2
+    assert 0 <= got["probe_label_auroc_ci_low"] <= got["probe_label_auroc_ci_high"] <= 1
+    assert len(got["probe_label_runs"]) == 2
     assert {"probe_label_f1", "probe_label_acc", "probe_label_f1_chd", "probe_label_auroc_std"} <= set(got)
     run_ = got["probe_label_runs"][0]  # the drawn split: 20% of the 12 patients test, 20% of the rest validation
     assert (run_["n_test"], run_["n_val"], run_["n_train"]) == (2 * 2, 2 * 2, 8 * 2)
