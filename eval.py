@@ -372,15 +372,11 @@ def toy_records(split, n=None):
 
 
 def planes_records(root, split="all"):
-    """FETAL_PLANES_DB: 5 planes ("Other" left out) and brain sub-planes; split train | test | all."""
-    out = []
-    for r in data.read_fetal_planes(root):
-        plane = FPDB_CLASS[data.PLANES[r["plane"]]] if r["plane"] >= 0 else None
-        brain = FPDB_CLASS[data.BRAIN_PLANES[r["brain_plane"]]] if r["brain_plane"] >= 0 else None
-        if (plane or brain) and split in ("all", "train" if r["train"] else "test"):
-            out.append(dict(image=r["image_path"], plane=plane, brain=brain, patient=r["patient"], train=r["train"],
-                            where=r["where"]))
-    return out
+    """FETAL_PLANES_DB, the probe's records (probe_records) in the prompts' class names: 5 planes ("Other" left out)
+    and brain sub-planes; split train | test | all."""
+    out = [dict(r, plane=FPDB_CLASS.get(r["plane"]), brain=FPDB_CLASS.get(r["brain"])) for r in
+           probe_records("planes", root)]
+    return [r for r in out if (r["plane"] or r["brain"]) and split in ("all", r["split"])]
 
 
 def task_records(task, split="val", n=None, root=None, csv=None, prompts=None):
@@ -408,11 +404,11 @@ def _task_records(task, split, n, root, csv):
     if task in ("classify", "retrieval") and root:
         if task == "retrieval" and not str(root).lower().endswith((".csv", ".tsv")):
             return itertools.islice(data.TarShards(root), n), {}
-        csv = {k: v for k, v in (csv or {}).items() if v}
-        value = csv.get("csv_label_key", "label") if task == "classify" else csv.get("csv_caption_key", "title")
-        rows = data.read_captions(root, csv.get("csv_img_key", "filepath"), value, csv.get("csv_separator"))[:n]
         if task == "classify":
-            return [dict(image=r["image_path"], label=r["caption"], where=r["where"]) for r in rows], {}
+            return probe_records(task, root, n, csv), {}
+        csv = {k: v for k, v in (csv or {}).items() if v}
+        rows = data.read_captions(root, csv.get("csv_img_key", "filepath"), csv.get("csv_caption_key", "title"),
+                                  csv.get("csv_separator"))[:n]
         return [dict(image=r["image_path"], caption=r["caption"], key=str(r["image_path"])) for r in rows], {}
     if task not in ("planes", "brain", "hc18", "paper") or not root or task != "paper" and "," in str(root):
         raise ValueError(f"task {task!r} with data {root!r}: use task=toy, or planes | brain | hc18 with data=DIR, "
@@ -543,6 +539,8 @@ def probe_records(task, root, n=None, csv=None):
             split = fixed or r.get("split", "").lower()
             if "split" in r and split not in SPLITS:
                 raise ValueError(f"{r['where']}: split {r['split']!r}: the split column takes train | val | test")
+            if not data.clean_text(r[label]):  # a row with no class would silently leave the task
+                raise ValueError(f"{r['where']}: empty label (column {label!r})")
             out.append(dict(image=Path(path).parent / r[image], where=r["where"], label=r[label], split=split,
                             group=r.get(csv.get("csv_group_key", "patient")) or r["where"]))
     return out

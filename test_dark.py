@@ -2230,7 +2230,8 @@ def test_probe_csv_split_column_three_files_and_refusals(tiny, tmp_path):
                              r"group '0' has rows in train and test: a patient on two sides"),
                             ([(0, "CHD", "train"), (1, "normal", "val"), (2, "CHD", "val")], r"no test rows"),
                             ([(0, "CHD", "train"), (1, "normal", "val"), (2, "CHD", "test"), (3, "CHD", "test")],
-                             r"the test rows are all 'CHD': AUROC needs both classes")):
+                             r"the test rows are all 'CHD': AUROC needs both classes"),
+                            ([(0, "CHD", "train"), (1, " ", "val")], r"labels\.csv, line 3: empty label \(column 'label'\)")):
         with pytest.raises(ValueError, match=message):
             evaluation.probe(model, "classify", root=_write_labelled_csv(tmp_path / "b", broken), runs=1, epochs=1)
 
