@@ -486,35 +486,32 @@ def linear_probe(train, val, test, num_classes, epochs=50, lr=3e-4, weight_decay
 
 def read_probe_splits(folder, patients):
     """FetalCLIP's split files in folder: test_split.json ["Patient00001", ...] and train_val_split.json {"0":
-    [[train ids], [val ids]], ...} (its five folds). patients: the data set's ids. -> ([(train, val) id sets per
-    fold], test id set). Raises ValueError naming the file and key: unreadable JSON, another layout, an unknown id,
-    a patient on two sides."""
-    def load(name):
+    [[train ids], [val ids]], ...} (five folds). patients: the data set's ids. -> [(train, val, test) id sets] per
+    fold. Raises ValueError naming the file and key: unreadable JSON, another layout, an unknown id, a patient on two
+    sides."""
+    given = {}
+    for name in ("test_split.json", "train_val_split.json"):
         try:
-            return json.loads((Path(folder) / name).read_text(encoding="utf-8-sig"))
+            given[name] = json.loads((Path(folder) / name).read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ValueError(f"--probe_splits: cannot read {Path(folder) / name}: {e}") from None
-
     ids = lambda v: isinstance(v, list) and all(isinstance(p, str) for p in v)
-    test, folds, where = load("test_split.json"), load("train_val_split.json"), Path(folder) / "train_val_split.json"
-    if not ids(test) or not test:
-        raise ValueError(f"{Path(folder) / 'test_split.json'}: expected a list of patient ids [\"Patient00001\", ...]")
+    (test, folds), where = given.values(), Path(folder) / "train_val_split.json"
+    if not ids(test) or not test or (unknown := sorted(set(test) - patients)):
+        raise ValueError(f"{Path(folder) / 'test_split.json'}: " + (f"patient {unknown[0]!r} is not in the data set"
+                         if ids(test) and test else "expected a list of patient ids [\"Patient00001\", ...]"))
     if not isinstance(folds, dict) or not folds:
         raise ValueError(f"{where}: expected {{\"0\": [[train patient ids], [val patient ids]], ...}}")
-    out, test = [], set(test)
+    test = set(test)
     for key, fold in folds.items():
         if not (isinstance(fold, list) and len(fold) == 2 and all(map(ids, fold))):
             raise ValueError(f"{where}, key {key!r}: expected [[train patient ids], [val patient ids]]")
         train, val = map(set, fold)
         for bad, why in ((train & val, "in both train and val"), (train & test, "in train and in test_split.json"),
-                         (val & test, "in val and in test_split.json"),
-                         ((train | val) - patients, "not in the data set")):
+                         (val & test, "in val and in test_split.json"), ((train | val) - patients, "not in the data set")):
             if bad:
                 raise ValueError(f"{where}, key {key!r}: patient {sorted(bad)[0]!r} is {why}")
-        out.append((train, val))
-    if unknown := sorted(test - patients):
-        raise ValueError(f"{Path(folder) / 'test_split.json'}: patient {unknown[0]!r} is not in the data set")
-    return out, test
+    return [(set(t), set(v), test) for t, v in folds.values()]
 
 
 def probe_records(task, root, n=None, csv=None):
@@ -552,8 +549,7 @@ def probe_folds(groups, split, folder="", patients=(), where=""):
     test drawn by group (20% of the groups, seed 0); val, where none is given, drawn likewise from the rest. Raises
     ValueError when a group is on two sides or a side is empty."""
     if folder:
-        folds, test = read_probe_splits(folder, set(patients))
-        return [(np.isin(groups, list(t)), np.isin(groups, list(v)), np.isin(groups, list(test))) for t, v in folds]
+        return [tuple(np.isin(groups, list(ids)) for ids in fold) for fold in read_probe_splits(folder, set(patients))]
     test = split == "test" if (split != "").all() else patient_split(groups)
     val = split == "val" if "val" in split else ~test & np.isin(groups, groups[~test][patient_split(groups[~test])])
     train = ~test & ~val
@@ -567,14 +563,12 @@ def probe_folds(groups, split, folder="", patients=(), where=""):
 
 
 def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits="", csv=None, runs=5, epochs=50):
-    """Linear probes as FetalCLIP's: for each fold (probe_folds) and each of `runs` seeds, linear_probe on the frozen
-    image embeddings (raw, as model.visual gives them), scored on the test rows (class_metrics; acc is per image,
-    balanced_acc the mean recall, FetalCLIP's 'test_acc'). Keys: plane (six classes with "Other"), brain
-    (sub-planes), label (classify). -> probe_<key>_<metric> (mean over the folds x runs) and _<metric>_std (sample
-    std), probe_<key>_runs [{fold, run, n_train, n_val, n_test, best_epoch, val_loss per epoch, metrics}]; with two
-    classes also auroc (class 1 positive) and auroc_ci_low/high: 10,000 bootstrap resamples of the test images
-    scored by the probabilities averaged over the runs. splits: a folder of FetalCLIP's split files (or its
-    probing/ folder, one subfolder per probe)."""
+    """Linear probes as FetalCLIP's (README): `runs` seeds of linear_probe per fold (probe_folds; splits: a folder of
+    FetalCLIP's split files, or its probing/ folder) on the raw image embeddings, scored on the test rows by
+    class_metrics, for each key: plane (six classes with "Other"), brain, label (classify). -> probe_<key>_<metric>
+    and _<metric>_std (mean, sample std over the runs), probe_<key>_runs [{fold, run, n_train, n_val, n_test,
+    best_epoch, val_loss [epochs], metrics}]; with two classes auroc (the second positive), auroc_ci_low/high (10,000
+    bootstrap resamples of the test images scored by the probabilities averaged over the runs)."""
     records, out = probe_records(task, root, n, csv), {}
     patients = {r["group"] for r in records}  # a brain split may name a test patient with no brain image
     records = [r for r in records if any(r.get(k) for k in PROBE_KEYS[task])]
