@@ -508,7 +508,7 @@ def read_probe_splits(folder, patients):
             raise ValueError(f"{where}, key {key!r}: expected [[train patient ids], [val patient ids]]")
         train, val = map(set, fold)
         for bad, why in ((train & val, "in both train and val"), (train & test, "in train and in test_split.json"),
-                         (val & test, "in val and in test_split.json"), ((train | val) - patients, "not in the data set")):
+                         (val & test, "in val and in test_split.json"), ((train | val) - patients, "not in the data")):
             if bad:
                 raise ValueError(f"{where}, key {key!r}: patient {sorted(bad)[0]!r} is {why}")
     return [(set(t), set(v), test) for t, v in folds.values()]
