@@ -6,7 +6,7 @@ choosing a checkpoint is train.py's business, on validation data.
     python eval.py --checkpoint=ckpt.pt --task=paper --data=FETAL_PLANES_DB,HC18   # all three + the composite
     python eval.py --checkpoint=FetalCLIP_weights.pt --model_config=fetalclip --task=hc18 --data=HC18
     python eval.py --checkpoint=student.pt --probe --analysis --teacher=teacher.pt
-    python eval.py --checkpoint=ckpt.pt --task=planes --data=FETAL_PLANES_DB --probe --probe_splits=DIR  # README
+    python eval.py --checkpoint=ckpt.pt --task=planes --data=FETAL_PLANES_DB --probe --probe_splits=DIR  # FetalCLIP's
     python eval.py --checkpoint=ckpt.pt --task=classify --data=labels.csv --prompts=classes.json  # any labelled images
     python eval.py --checkpoint=ckpt.pt --task=retrieval --data=pairs.csv     # or tar shards: recall@1/5/10, mean rank
     python eval.py --speed                                    # FetalCLIP vs MobileCLIP2-S0: params, GMACs, CPU ms
@@ -1020,6 +1020,7 @@ def main(argv):
                       "--task=classify needs --prompts=classes.json (or --probe alone)"),
                      (opt["probe"] and opt["task"] not in PROBE_KEYS,
                       "--probe needs labelled images: --task=toy | planes | brain | paper | classify"),
+                     (opt["probe_splits"] and not opt["probe"], "--probe_splits are the splits of --probe"),
                      (opt["analysis"] and opt["task"] in ("hc18", "retrieval"), "--analysis compares classifiers: "
                                                                               "not with --task=hc18 | retrieval")):
         if bad:

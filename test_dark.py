@@ -2151,6 +2151,9 @@ def test_probe_folds_and_runs_on_fetalclip_split_files(tiny, tmp_path, monkeypat
     parts = [set(part[0][:, 0].astype(int).tolist()) for part in (train, val, tst)]
     assert parts[2] == {5, 6} and len(parts[1]) == 1 and parts[0] | parts[1] == {1, 2, 3, 4} and num_classes == 6
     assert "probe_brain_f1" not in m  # --task=planes probes the planes only
+    monkeypatch.undo()  # the toy world, through the same function: its own train / val / test splits, one fold
+    toy = evaluation.probe(model, "toy", n=30, runs=1, epochs=2)
+    assert toy["probe_plane_runs"][0]["n_train"] == 30 and "probe_brain_f1" in toy and "probe_plane_f1_other" not in toy
 
 
 def test_probe_split_files_are_checked(tiny, tmp_path):
@@ -2286,6 +2289,7 @@ def test_checkpoints_cli_results_and_analysis(tiny, tmp_path, capsys):
         evaluation.main(["--tsak=toy"])
     for argv, message in ((["--task=classify", "--data=x.csv"], "--task=classify needs --prompts=classes.json"),
                           (["--task=retrieval", "--data=x.csv", "--probe"], "--probe needs labelled images"),
+                          (["--probe_splits=splits"], "--probe_splits are the splits of --probe"),
                           (["--task=retrieval", "--data=x.csv", "--analysis", f"--teacher={path}"], "not with")):
         with pytest.raises(SystemExit, match=message):  # before any model is loaded
             evaluation.main([f"--checkpoint={tmp_path / 'absent.pt'}", *argv])
