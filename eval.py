@@ -193,9 +193,9 @@ def bootstrap_ci(values, n_boot=10_000, seed=42, statistic=None):
     script; another, statistic(*arrays), may return NaN where a resample leaves it undefined (that draw is left out)."""
     arrays = tuple(np.asarray(v) for v in (values if isinstance(values, tuple) else (values,)))
     draws = np.random.default_rng(seed).integers(0, len(arrays[0]), (n_boot, len(arrays[0])))
-    stats = (100 * arrays[0].astype(float)[draws].mean(1) if statistic is None else
+    stats = (arrays[0].astype(float)[draws].mean(1) if statistic is None else
              np.array([statistic(*(a[d] for a in arrays)) for d in draws]))
-    return tuple(float(q) for q in np.nanpercentile(stats, [2.5, 97.5]))
+    return tuple((100 if statistic is None else 1) * float(q) for q in np.nanpercentile(stats, [2.5, 97.5]))
 
 
 def _ranks(x):

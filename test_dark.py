@@ -2069,7 +2069,7 @@ def test_auroc_ties_and_one_class_and_its_bootstrap():
             evaluation.auroc(np.arange(len(labels)), labels)
     values = np.random.default_rng(1).random(25)  # the default: FetalCLIP's draws, rng.choice of the values
     means = np.random.default_rng(42).choice(values, size=(10_000, 25)).mean(1)
-    assert evaluation.bootstrap_ci(values) == pytest.approx(100 * np.percentile(means, [2.5, 97.5]), rel=1e-12)
+    assert evaluation.bootstrap_ci(values) == tuple(100 * np.percentile(means, [2.5, 97.5]))
     scores, labels = np.array([0.1, 0.7, 0.4, 0.8, 0.3, 0.9]), np.array([0, 1, 0, 1, 1, 0])
     draws, kept = np.random.default_rng(42).integers(0, 6, (500, 6)), []
     for d in draws:  # resamples of one class leave the AUROC undefined: those draws are left out
