@@ -549,17 +549,18 @@ def probe_folds(groups, split, folder="", patients=(), where=""):
     test drawn by group (20% of the groups, seed 0); val, where none is given, drawn likewise from the rest. Raises
     ValueError when a group is on two sides or a side is empty."""
     if folder:
-        return [tuple(np.isin(groups, list(ids)) for ids in fold) for fold in read_probe_splits(folder, set(patients))]
-    test = split == "test" if (split != "").all() else patient_split(groups)
-    val = split == "val" if "val" in split else ~test & np.isin(groups, groups[~test][patient_split(groups[~test])])
-    train = ~test & ~val
-    for (a, b), name in zip(itertools.combinations((train, val, test), 2), ("train and val", "train and test",
-                                                                             "val and test")):
-        if both := sorted(set(groups[a]) & set(groups[b])):
-            raise ValueError(f"{where}: group {str(both[0])!r} has rows in {name}: a patient on two sides of the probe")
-    if empty := [s for s, m in zip(SPLITS, (train, val, test)) if not m.any()]:
-        raise ValueError(f"{where}: no {empty[0]} rows to probe with ({len(groups)} rows, {len(set(groups))} groups)")
-    return [(train, val, test)]
+        folds = [tuple(np.isin(groups, list(ids)) for ids in fold) for fold in read_probe_splits(folder, set(patients))]
+    else:
+        test = split == "test" if (split != "").all() else patient_split(groups)
+        val = split == "val" if "val" in split else ~test & np.isin(groups, groups[~test][patient_split(groups[~test])])
+        folds = [(~test & ~val, val, test)]
+    for fold, masks in enumerate(folds):
+        for (a, b), name in zip(itertools.combinations(masks, 2), ("train and val", "train and test", "val and test")):
+            if both := sorted(set(groups[a]) & set(groups[b])):
+                raise ValueError(f"{where}: group {str(both[0])!r} has rows in {name}: a patient on two sides")
+        if empty := [s for s, m in zip(SPLITS, masks) if not m.any()]:
+            raise ValueError(f"{where}: no {empty[0]} rows to probe with in fold {fold} ({len(groups)} rows)")
+    return folds
 
 
 def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits="", csv=None, runs=5, epochs=50):

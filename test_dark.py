@@ -2182,6 +2182,9 @@ def test_probe_split_files_are_checked(tiny, tmp_path):
     splits = _write_probe_splits(tmp_path / "ok", [5, 6], [([1, 2], [3])])
     m = evaluation.probe(model, "brain", root=fpdb, splits=splits, runs=1, epochs=1)
     assert m["probe_brain_runs"][0]["n_test"] == 3  # patient 5's three brain planes
+    with pytest.raises(ValueError, match=r"no val rows to probe with in fold 1"):  # patient 6: no brain image
+        evaluation.probe(model, "brain", root=fpdb, splits=_write_probe_splits(tmp_path / "ok", [5], [([1], [3]), (
+            [1, 2], [6])]))
 
 
 def _write_labelled_csv(folder, rows):
