@@ -2199,7 +2199,8 @@ def _write_labelled_csv(folder, rows):
     return folder / "labels.csv"
 
 
-def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path):
+def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch):
+    import runpy
     model, _ = tiny
     ckpt = _save(model, tmp_path / "ckpt.pt")
     rows = [(p, "CHD" if p % 2 else "normal", "") for p in range(12) for _ in range(2)]
@@ -2218,9 +2219,10 @@ def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path):
     run_ = got["probe_label_runs"][0]  # the drawn split: 20% of the 12 patients test, 20% of the rest validation
     assert (run_["n_test"], run_["n_val"], run_["n_train"]) == (2 * 2, 2 * 2, 8 * 2)
     bad = _write_labelled_csv(tmp_path / "bad", [(0, "CHD", "train"), (1, "normal", "valid")])
-    refused = run(f"--checkpoint={ckpt}", "--task=classify", f"--data={bad}", "--probe")
-    assert refused.returncode == 1 and refused.stderr.strip() == (
-        f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test")
+    monkeypatch.setattr(sys, "argv", ["eval.py", f"--checkpoint={ckpt}", "--task=classify", f"--data={bad}", "--probe"])
+    with pytest.raises(SystemExit) as refused:  # the script's own entry point, in this process: one line, no traceback
+        runpy.run_path(evaluation.__file__, run_name="__main__")
+    assert refused.value.code == f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test"
 
 
 def test_probe_csv_split_column_three_files_and_refusals(tiny, tmp_path):
