@@ -533,9 +533,7 @@ def probe_records(task, root, n=None, csv=None):
     image, label = csv.get("csv_img_key", "filepath"), csv.get("csv_label_key", "label")
     for path, fixed in zip(paths, SPLITS if len(paths) == 3 else ("",)):
         for r in data.read_table(path, (image, label), csv.get("csv_separator"))[:n]:
-            split = fixed or r.get("split", "").lower()
-            if "split" in r and split not in SPLITS:
-                raise ValueError(f"{r['where']}: split {r['split']!r}: the split column takes train | val | test")
+            split = fixed or (r["split"].lower() or None if "split" in r else "")  # None: an empty cell
             if not data.clean_text(r[label]):  # a row with no class would silently leave the task
                 raise ValueError(f"{r['where']}: empty label (column {label!r})")
             out.append(dict(image=Path(path).parent / r[image], where=r["where"], label=r[label], split=split,
@@ -573,6 +571,9 @@ def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits=""
     records, out = probe_records(task, root, n, csv), {}
     patients = {r["group"] for r in records}  # a brain split may name a test patient with no brain image
     records = [r for r in records if any(r.get(k) for k in PROBE_KEYS[task])]
+    if bad := [r for r in records if r["split"] not in ("", *SPLITS)]:  # zero-shot reads such a column, unchecked
+        raise ValueError(f"{bad[0]['where']}: split {bad[0]['split'] or ''!r}: the split column takes train | val | "
+                         "test")
     feats = embed_images(model.eval(), records, batch_size, device)[0].numpy()
     for key in PROBE_KEYS[task]:
         keep = [i for i, r in enumerate(records) if r.get(key)]

@@ -2226,7 +2226,7 @@ def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch):
 
 
 def test_probe_csv_split_column_three_files_and_refusals(tiny, tmp_path):
-    model, _ = tiny
+    model, tok = tiny
     rows = [(p, "CHD" if p % 2 else "normal", "test" if p >= 8 else "val" if p >= 6 else "train") for p in range(10)]
     labels = _write_labelled_csv(tmp_path / "one", rows)
     m = evaluation.probe(model, "classify", root=labels, runs=1, epochs=2)
@@ -2234,14 +2234,19 @@ def test_probe_csv_split_column_three_files_and_refusals(tiny, tmp_path):
     three = [_write_labelled_csv(tmp_path / s, [r for r in rows if r[2] == s]) for s in ("train", "val", "test")]
     m3 = evaluation.probe(model, "classify", root=",".join(map(str, three)), runs=1, epochs=2)
     assert m3["probe_label_runs"][0]["n_test"] == 2 and m3["probe_label_auroc"] == pytest.approx(m["probe_label_auroc"])
-    for broken, message in (([(0, "CHD", "train"), (0, "normal", "test"), (1, "CHD", "val")],
-                             r"group '0' has rows in train and test: a patient on two sides"),
-                            ([(0, "CHD", "train"), (1, "normal", "val"), (2, "CHD", "val")], r"no test rows"),
-                            ([(0, "CHD", "train"), (1, "normal", "val"), (2, "CHD", "test"), (3, "CHD", "test")],
-                             r"the test rows are all 'CHD': AUROC needs both classes"),
-                            ([(0, "CHD", "train"), (1, " ", "val")], r"labels\.csv, line 3: empty label \(column 'label'\)")):
+    for broken, message in (
+            ([(0, "CHD", "train"), (0, "normal", "test"), (1, "CHD", "val")],
+             r"group '0' has rows in train and test: a patient on two sides"),
+            ([(0, "CHD", "train"), (1, "normal", "val"), (2, "CHD", "val")], r"no test rows"),
+            ([(0, "CHD", "train"), (1, "normal", "val"), (2, "CHD", "test"), (3, "CHD", "test")],
+             r"the test rows are all 'CHD': AUROC needs both classes"),
+            ([(0, "CHD", "train"), (1, " ", "val")], r"labels\.csv, line 3: empty label \(column 'label'\)"),
+            ([(0, "CHD", "train"), (1, "CHD", "")], r"labels\.csv, line 3: split '': the split column")):
         with pytest.raises(ValueError, match=message):
             evaluation.probe(model, "classify", root=_write_labelled_csv(tmp_path / "b", broken), runs=1, epochs=1)
+    odd = _write_labelled_csv(tmp_path / "odd", [(0, "CHD", "fold 1"), (1, "normal", "")])  # only the probe reads it
+    m = evaluation.evaluate(model, tok, "classify", root=odd, prompts={"classify": {"CHD": ["a"], "normal": ["b"]}})
+    assert m["n_images"] == 2
 
 
 def test_retrieval_from_a_caption_csv_or_tar_shards(tiny, tmp_path):
