@@ -772,6 +772,20 @@ def test_save_grid(tmp_path):
     data.save_grid(tmp_path / 'grid.png', n=4, size=32)
     assert Image.open(tmp_path / 'grid.png').size == (64, 64)
 
+# --- promises: the toy world ---
+@pytest.mark.parametrize("split", data.SPLITS)
+def test_toy_facts_describe_the_item_in_every_split(split):
+    world = data.ToyWorld(split, 64, seed=3, length=8)
+    for i in range(8):
+        facts, item = world.facts(i), world[i]
+        assert (facts['plane'], facts['brain_plane']) == (item['plane'], item['brain_plane'])
+        assert facts['days'] / 7 == item['ga_weeks'] and facts['fov'] / 64 == item['pixel_mm']
+        assert repr(facts['hc']) == repr(item['hc_mm'])  # repr: NaN unless a brain
+    assert len({world.facts(i)['days'] for i in range(8)}) > 4  # the items differ, so a wrong seed shows
+    assert len(data.ToyWorld(split)) == {'train': 100_000, 'val': 1000, 'test': 1000}[split]
+    with pytest.raises(IndexError):
+        world[-1]  # no wrapping round from the end: -1 is not an item
+
 
 # --- CLIP BPE ---
 def test_bpe_tokenizer_matches_open_clip(shared):
@@ -818,6 +832,13 @@ def test_bpe_tokenizer_without_vocabulary_says_where_to_get_it(tmp_path, monkeyp
     monkeypatch.delenv('DARK_BPE', raising=False)
     with pytest.raises(FileNotFoundError, match='bpe_simple_vocab_16e6.txt.gz'):
         data.SimpleTokenizer(tmp_path / 'nothing.txt.gz')
+
+# --- promises: clean_text's whitespace ---
+@pytest.mark.parametrize("space", ['\t', '\n', '\r', '\x0c', '\r\n', '\u00a0', '\u2002', '\u2009', '\u2028', '\u2029',
+                                   '\u3000'])
+def test_clean_text_turns_each_whitespace_character_into_one_space(space):
+    assert data.clean_text(f'Fetal{space}brain') == 'fetal brain'
+    assert data.clean_text(f'{space}fetal {space}{space} brain{space}') == 'fetal brain'
 
 
 # --- real formats ---
@@ -1103,6 +1124,37 @@ def test_hc18_reader_on_the_real_sample(shared):
     images = data.ImageRows(rows)
     assert all(images[i]['image'].size == (rows[i]['width'], rows[i]['height']) for i in range(0, 60, 6))
 
+# --- promises: tar members group as webdataset groups them; a shard cut short is one skip ---
+def test_tar_members_group_by_the_first_dot_of_their_name(tmp_path):
+    _write_shard(tmp_path / 'a.tar', [
+        ('k0.png', _png_bytes(10)), ('k0.meta.json', b'{}'), ('k0.txt', b'fetal brain'),
+        ('k1.JPG', _png_bytes(30)), ('k1.txt', b'fetal femur'), ('k1.seg.mask.png', _png_bytes(0))])
+    shards = data.TarShards(tmp_path / 'a.tar')  # strict: a member left in a group of its own would raise
+    assert [(s['caption'], s['image'].getpixel((0, 0))) for s in shards] == [('fetal brain', 10), ('fetal femur', 30)]
+    assert len(set(shards.keys())) == 2 and not shards.skipped
+    # 'k2.x.png' and 'k2.x.txt' are sample k2 with parts 'x.png' and 'x.txt': no image or caption of its own
+    _write_shard(tmp_path / 'b.tar', [('k2.x.png', _png_bytes(50)), ('k2.x.txt', b'fetal brain')])
+    shards = data.TarShards(tmp_path / 'b.tar', skip_bad=True)
+    assert shards.keys() == [] and list(shards) == [] and len(shards.skipped) == 1
+    assert "has ['x.png', 'x.txt']" in shards.skipped[0][1]
+
+
+@pytest.mark.parametrize("where", ["between samples", "in a caption's data", "in a caption's header",
+                                   "at a caption's header"])
+def test_a_shard_cut_inside_a_sample_is_skipped_once_with_the_shard(tmp_path, where):
+    path = tmp_path / 'cut.tar'
+    _write_shard(path, [m for i in range(3) for m in ((f'{i}.png', _png_bytes(i)), (f'{i}.txt', b'fetal brain ' * 50))])
+    with tarfile.open(path) as tar:
+        png, txt = tar.getmember('1.png'), tar.getmember('1.txt')
+    cut = {"between samples": png.offset, "in a caption's data": txt.offset_data + 100,
+           "in a caption's header": txt.offset + 100, "at a caption's header": txt.offset}[where]
+    path.write_bytes(path.read_bytes()[:cut])
+    shards = data.TarShards(path, skip_bad=True)
+    assert [s['image'].getpixel((0, 0)) for s in shards] == [0]  # what came before the break, and nothing after
+    assert len(shards.skipped) == 1 and shards.skipped[0][0] == str(path) and 'unreadable shard' in shards.skipped[0][1]
+    with pytest.raises(ValueError, match=r'cut\.tar: unreadable shard'):
+        list(data.TarShards(path))
+
 
 # --- preprocessing ---
 def test_preprocess_pads_a_real_image_to_a_centred_square(shared):
@@ -1149,6 +1201,44 @@ def test_collate_toy_batch_for_distillation():
     assert t.shape == (4, 3, 64, 64) and s.shape == (4, 3, 32, 32) and batch['ids'].shape == (4, data.TOY_CONTEXT)
     assert batch['plane'].dtype == torch.long and batch['ga_weeks'].dtype == torch.float32
     assert batch['caption'] == [world[i]['caption'] for i in range(4)]
+
+# --- promises: the flag grammar ---
+@pytest.mark.parametrize("text, value", [('true', True), ('True', True), ('TRUE', True), ('1', True), ('yes', True),
+                                         ('Yes', True), ('false', False), ('False', False), ('0', False),
+                                         ('no', False), ('NO', False)])
+def test_a_boolean_flag_takes_the_grammar_s_spellings_of_true_and_false(text, value):
+    assert data.flag_value(text, bool) is value
+    assert train.parse_args([f"--resume={text}"])[0]["resume"] is value
+
+
+@pytest.mark.parametrize("text", ['', 'maybe', 't', 'f', 'y', 'n', 'on', 'off', '2', '-1', 'truee', 'none'])
+def test_a_boolean_flag_refuses_every_other_value(text):
+    with pytest.raises(ValueError, match='takes true or false'):
+        data.flag_value(text, bool)
+    with pytest.raises(SystemExit, match=rf"--resume={text}: takes true or false"):
+        train.parse_args([f"--resume={text}"])
+
+
+def test_bare_boolean_takes_no_value_and_numbers_must_be_finite():
+    assert train.parse_args(["--resume"])[0]["resume"] is True
+    with pytest.raises(SystemExit, match="unknown argument 'false'"):  # --key value is for all but booleans
+        train.parse_args(["--resume", "false"])
+    assert data.flag_value('1e-3', float) == 1e-3 and type(data.flag_value('3', float)) is float
+    for text, kind, message in (('inf', float, 'finite'), ('-inf', float, 'finite'), ('nan', float, 'finite'),
+                                ('3.0', int, 'an integer'), ('1e3', int, 'an integer'), ('x', float, 'a number')):
+        with pytest.raises(ValueError, match=message):
+            data.flag_value(text, kind)
+
+
+@pytest.mark.parametrize("rule, inside, outside", [('[0, 1]', (0, 0.5, 1), (-1e-9, 1 + 1e-9)),
+                                                   ('(0, 1)', (1e-9, 0.5), (0, 1)), ('[0, 1)', (0,), (1,)),
+                                                   ('(0, 1]', (1,), (0,)), ('[1, inf)', (1, 1e300), (0.999,))])
+def test_an_interval_rule_includes_a_bound_only_beside_a_square_bracket(rule, inside, outside):
+    for value in inside:
+        data.check_flag(value, rule)
+    for value in outside:
+        with pytest.raises(ValueError, match=re.escape(f"takes a value in {rule}")):
+            data.check_flag(value, rule)
 
 
 # ==================== train.py: the loop ====================
