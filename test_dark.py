@@ -1524,6 +1524,16 @@ def test_val_data_is_checked_before_training(tmp_path):
             train.train(_cfg(tmp_path, **over))
         assert not os.path.exists(os.path.join(tmp_path, "run", "ckpt.pt"))  # failed before the first step
 
+# --- promises: --val_prompts needs a labelled CSV ---
+def test_val_prompts_beside_a_fetal_planes_folder_is_refused_not_ignored(tmp_path):
+    files = _toy_files(tmp_path / "val", n=4)
+    planes = tmp_path / "FETAL_PLANES_DB"
+    planes.mkdir()
+    cfg = _cfg(tmp_path, val_data=str(planes), val_prompts=str(files / "classes.json"))
+    with pytest.raises(ValueError, match=r"--val_prompts is for a labelled CSV --val_data, not '.*FETAL_PLANES_DB'"):
+        train.train(cfg)
+    assert not os.path.exists(os.path.join(tmp_path, "run", "ckpt.pt"))
+
 
 def test_student_logit_scale_is_clamped_every_step(tmp_path):
     cfg = _cfg(tmp_path, kd="none", epochs=1, max_logit_scale=10.0)  # CLIP's init 1 / 0.07 = 14.3 is above it
@@ -1856,6 +1866,47 @@ def test_tar_shards_and_two_ranks_read_the_right_rows(tmp_path):
         a, b = (np.fromfile(Path(c["teacher_cache"]) / name, np.float16) for c in (one, two))
         assert np.abs(a.astype(np.float32) - b).max() < 1e-3, name
     assert np.array_equal(np.load(tmp_path / "cache" / "keys.npy"), np.load(tmp_path / "two" / "keys.npy"))
+
+# --- promises: the cache's views and rows ---
+def test_replay_takes_view_epoch_plus_pair_mod_k_as_drawn_for_that_pair():
+    draws = []
+    transform = lambda image, draw=None: draws.append(draw) or torch.zeros(1)
+    indexed = [dict(image=None, index=i) for i in (0, 1, 2, 5, 7)]
+    keyed = [dict(image=None, key=k) for k in ("000.tar/a", "000.tar/b", "001.tar/a")]  # tar shards: a key's hash
+    assert [data.pair_id(item) for item in indexed] == [0, 1, 2, 5, 7]
+    for items in (indexed, keyed):
+        pairs = [data.pair_id(item) for item in items]
+        for epoch in range(4):
+            draws.clear()
+            views = [(epoch + p) % 3 for p in pairs]
+            assert data.Collate(transform, replay=(9, epoch, 3))(items)["view"].tolist() == views
+            assert draws == [data.augment_draw(9, p, v) for p, v in zip(pairs, views)]
+    draws.clear()
+    batch = data.Collate(transform, replay=(9, None, 3))(indexed[:2])  # the caching pass: every view of every pair
+    assert batch["view"].tolist() == [0, 1, 2, 0, 1, 2] and batch["index"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert draws == [data.augment_draw(9, p, v) for p in (0, 1) for v in range(3)]
+
+
+def test_augment_draw_depends_on_seed_pair_and_view():
+    draw = data.augment_draw(0, 5, 1)
+    assert draw == data.augment_draw(0, 5, 1) and len(draw) == 5 and all(-1 <= x < 1 for x in draw)
+    others = [tuple(data.augment_draw(*args)) for args in ((1, 5, 1), (0, 6, 1), (0, 5, 2), (0, 2 ** 63 + 5, 1))]
+    assert tuple(draw) not in others and len(set(others)) == 4
+
+
+def test_cache_reads_the_view_asked_for_and_refuses_rows_never_stored(tmp_path):
+    data.TeacherCache.create(tmp_path, dict(pairs=4, cache_views=3, embed_dim=2))
+    cache = data.TeacherCache(tmp_path)
+    image, text = np.arange(12, dtype=np.float32).reshape(2, 3, 2), np.array([[-1, -2], [-3, -4]], np.float32)
+    cache.write(np.array([1, 3]), image, text)  # rows 0 and 2 are never stored (unreadable samples)
+    cache.finish(2.5)
+    cache = data.TeacherCache(tmp_path)
+    img, txt, scale = cache.read(dict(index=[3, 1, 3], view=[2, 0, 1]))
+    assert torch.equal(img, torch.from_numpy(image[[1, 0, 1], [2, 0, 1]]))
+    assert torch.equal(txt, torch.tensor(text[[1, 0, 1]])) and float(scale) == 2.5
+    for rows, never in (([0], "0"), ([1, 2], "2"), ([2, 3, 0], "2 0")):
+        with pytest.raises(ValueError, match=rf"rows \[{never}\] were never stored"):
+            cache.read(dict(index=rows, view=[0] * len(rows)))
 
 
 def test_readme_toy_numbers_come_from_the_committed_results():
