@@ -1972,6 +1972,20 @@ def test_retrieval_ranks_match_a_full_sort_in_any_chunking():
     half = evaluation.retrieval_metrics(img.half(), txt.half(), owner, chunk=3)  # stored fp16, compared in fp32
     assert half == pytest.approx(want)
 
+# --- promises: retrieval ranks, ties go to the truth ---
+def test_retrieval_ties_go_to_the_true_match_in_both_directions_for_each_k():
+    a, b = [1.0, 0.0], [0.0, 1.0]
+    img = torch.tensor([a, a, a, b])  # images 0-2 alike: each ties with the others for captions 0-2
+    txt = torch.tensor([a, a, a, [0.8, 0.6]])  # caption 3: 0.6 with its image, 0.8 (strictly more) with images 0-2
+    owner = torch.tensor([0, 1, 2, 3])
+    want = {**{f"i2t_r{k}": 1.0 for k in (1, 2, 3, 4, 5)}, **{f"t2i_r{k}": 0.75 for k in (1, 2, 3)},
+            "t2i_r4": 1.0, "t2i_r5": 1.0, "i2t_mean_rank": 1.0, "t2i_mean_rank": (1 + 1 + 1 + 4) / 4}
+    want["mean_recall"] = np.mean([v for k, v in want.items() if "_r" in k and "rank" not in k])
+    for chunk in (1, 2, 3, 100):
+        for dtype in (torch.float32, torch.float16):
+            got = evaluation.retrieval_metrics(img.to(dtype), txt.to(dtype), owner, ks=(1, 2, 3, 4, 5), chunk=chunk)
+            assert got == pytest.approx(want), (chunk, dtype)
+
 
 def test_progress_lines_every_few_seconds_and_quiet(monkeypatch, capsys):
     clock = iter([0, 1, 6, 7, 20, 21, 0, 9])  # monotonic() at start and at each advance
@@ -2415,6 +2429,34 @@ def test_mean_and_sample_std():
     assert evaluation.mean_std([1.0, 3.0]) == pytest.approx((2.0, math.sqrt(2)))
     assert evaluation.mean_std([1.0]) == (1.0, None)  # one seed: no spread to report
     assert evaluation.mean_std([1.0, None]) == (None, None)  # an undefined metric (null in JSON) leaves the row undefined
+
+# --- promises: the paired difference DARK - Static KD ---
+def test_table1_pairs_dark_with_static_kd_by_seed(tmp_path, monkeypatch):
+    """Runs with known test metrics (composite x; validity 100 x): DARK seeds 0 1 2 4, Static KD seeds 0 1 2 3. By hand:
+    seeds 0 1 2 pair, differences 0.10 0.15 0.05, mean 0.10, sample std 0.05, 95% half-width t(0.975, 2 df) 0.05 /
+    sqrt(3) = 4.3027 * 0.028868 = 0.12421."""
+    teacher = _save(_tiny("toy-teacher", 0), tmp_path / "teacher" / "best.pt", dict(kd="none", seed=0))
+    root, known = tmp_path / "table1", {}
+    runs = [("dark", 0, 0.50), ("dark", 1, 0.60), ("dark", 2, 0.55), ("dark", 4, 0.90),
+            ("static", 0, 0.40), ("static", 1, 0.45), ("static", 2, 0.50), ("static", 3, 0.10)]
+    fingerprint = lambda state: round(sum(float(t.double().sum()) for t in state.values() if t.is_floating_point()), 6)
+    for kd, seed, x in runs + [("teacher", 0, 0.7)]:
+        if kd != "teacher":
+            _run(root, f"{kd}-s{seed}", kd, seed, beta_r=-0.4)
+        path = teacher if kd == "teacher" else root / f"{kd}-s{seed}" / "best.pt"
+        known[fingerprint(torch.load(path, weights_only=True)["model"])] = dict(
+            planes_f1=x, brain_f1=x, ga_validity=100 * x, composite=x)
+    assert len(known) == len(runs) + 1  # every checkpoint tells itself apart
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, *a, **k: dict(known[fingerprint(model.state_dict())]))
+    monkeypatch.setattr(evaluation, "analysis", lambda *a, **k: {})
+    result = evaluation.table1(root, n=N)
+    assert list(result["paired"]) == ["DARK - Static logit KD"]  # no No KD run here
+    half = 4.30265 * 0.05 / math.sqrt(3)
+    for key, scale in (("composite", 1), ("ga_validity", 100)):
+        d = result["paired"]["DARK - Static logit KD"][key]
+        assert d == dict(seeds=3, mean=pytest.approx(0.10 * scale), lo=pytest.approx((0.10 - half) * scale, rel=1e-4),
+                         hi=pytest.approx((0.10 + half) * scale, rel=1e-4))
+    assert "| DARK - Static logit KD | 0.1000 [-0.0242, 0.2242] (n=3) | " in (root / "table1.md").read_text()
 
 
 def test_readme_table1_comes_from_the_committed_results():
