@@ -2636,6 +2636,29 @@ def test_int8_scale_underflow_rule():
     w[1] = 0  # an all-zero channel has nothing to lose
     assert not export_ios.int8_scale_underflows(w)
 
+# --- promises: the --quantize estimate compresses what the package compresses ---
+@pytest.mark.parametrize("quantize", ["int8", "palettize4"])
+def test_compressed_copy_compresses_exactly_the_tensors_the_package_compresses(quantize):
+    """Weights of 2048 values (coremltools compresses more than 2048), 2080, 2145 with one channel whose int8 scale
+    fp16 cannot hold (int8 keeps it fp16), 2046 and 127,038 values, and a 1-D bias of 2049 (never compressed)."""
+    import coremltools as ct
+    torch.manual_seed(0)
+    visual = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 65), torch.nn.Linear(65, 33),
+                                 torch.nn.Linear(33, 62), torch.nn.Linear(62, 2049)).eval()
+    with torch.no_grad():
+        visual[2].weight[3] *= 1e-6
+    assert [export_ios.int8_scale_underflows(m.weight.detach().numpy()) for m in visual] == [0, 0, 1, 0, 0]
+    program, _ = export_ios.export_program(visual, torch.randn(1, 64))
+    mlmodel = export_ios.to_coreml(program, ct.TensorType(name="x", shape=(1, 64)), ["y"], "iOS16", quantize)
+    in_package = sorted(tuple(op.outputs[0].shape) for op in mlmodel._mil_program.functions["main"].operations
+                        if op.op_type.startswith("constexpr_"))
+    holder = torch.nn.Module()
+    holder.visual = visual
+    copied = export_ios.compressed_copy(holder, quantize).visual.state_dict()
+    in_copy = sorted(tuple(t.shape) for name, t in visual.state_dict().items()
+                     if not torch.equal(copied[name], t.half().float()))  # more than fp16 rounding
+    assert in_package == in_copy == sorted([(65, 32), (2049, 62)] + [(33, 65)] * (quantize == "palettize4"))
+
 
 def test_l2_normalize_is_fp16_safe():
     x = torch.randn(3, 512, generator=torch.Generator().manual_seed(0)) * torch.tensor([[1e-3], [1.0], [1e4]])
