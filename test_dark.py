@@ -155,6 +155,17 @@ def test_gathered_columns_match_global_batch(mode):
     local = dark_loss(img[4:], txt[4:], **{**kw, "t_img": t_img[4:], "t_txt": t_txt[4:]})
     assert abs(float(local["total"]) - float(ranks[1]["total"])) > 1e-3
 
+# --- promises: the loss in fp32 ---
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_is_computed_in_fp32_from_half_precision_embeddings(dtype):
+    """As under autocast: embeddings in bf16 or fp16 give the fp32 loss of the same (rounded) values."""
+    img, txt, t_img, t_txt = (x.float().to(dtype) for x in _embeddings(n=16, d=64, seed=6))
+    kw = dict(scale=torch.tensor(50.0), t_scale=torch.tensor(80.0), mode="dark", weight=-0.6)
+    half, full = dark_loss(img, txt, t_img=t_img, t_txt=t_txt, **kw), dark_loss(
+        img.float(), txt.float(), t_img=t_img.float(), t_txt=t_txt.float(), **kw)
+    for key in ("total", "clip", "diag", "off"):
+        assert half[key].dtype == torch.float32 and torch.equal(half[key], full[key]), key
+
 
 # ==================== models.py: encoders, checkpoints, reparameterization ====================
 
@@ -786,6 +797,13 @@ def test_toy_facts_describe_the_item_in_every_split(split):
     with pytest.raises(IndexError):
         world[-1]  # no wrapping round from the end: -1 is not an item
 
+# --- promises: the toy tokenizer's unknown share ---
+def test_unknown_share_counts_unknown_tokens_and_is_zero_without_tokens():
+    tok = data.ToyTokenizer()
+    assert tok.unknown_share([]) == 0 and tok.unknown_share(['', ' \u200b ']) == 0
+    assert tok.unknown_share(['fetal zebra', 'brain quokka okapi.']) == pytest.approx(3 / 6)  # '.' is a token
+    assert tok.unknown_share(['23 weeks', '0.43']) == 0  # a number without its own token is spelled out, not unknown
+
 
 # --- CLIP BPE ---
 def test_bpe_tokenizer_matches_open_clip(shared):
@@ -1155,6 +1173,34 @@ def test_a_shard_cut_inside_a_sample_is_skipped_once_with_the_shard(tmp_path, wh
     with pytest.raises(ValueError, match=r'cut\.tar: unreadable shard'):
         list(data.TarShards(path))
 
+def test_shuffled_shards_change_order_each_epoch_and_every_rank_reads_each_once(tmp_path):
+    for k in range(8):
+        _write_shard(tmp_path / f's{k}.tar', [(f'{k}.png', _png_bytes(k)), (f'{k}.txt', f'shard {k}'.encode())])
+    orders = []
+    for epoch in range(3):
+        ranks = []
+        for rank in range(2):
+            shards = data.TarShards(tmp_path / 's{0..7}.tar', shuffle=True, seed=5).shard_by(rank, 2)
+            shards.set_epoch(epoch)
+            ranks.append([s['caption'] for s in shards])
+        assert sorted(ranks[0] + ranks[1]) == [f'shard {k}' for k in range(8)] and len(ranks[0]) == 4
+        orders.append(ranks[0] + ranks[1])
+    assert len({tuple(o) for o in orders}) == 3  # a new order each epoch
+    again = data.TarShards(tmp_path / 's{0..7}.tar', shuffle=True, seed=5)
+    again.set_epoch(2)
+    assert [s['caption'] for s in again][::2] == orders[2][:4]  # one rank of two reads every other shard of the order
+    assert [s['caption'] for s in data.TarShards(tmp_path / 's{0..7}.tar')] == [f'shard {k}' for k in range(8)]
+
+
+def test_shard_captions_are_the_first_n_in_shard_order_past_unreadable_shards(tmp_path):
+    (tmp_path / 'b0.tar').write_bytes(b'not a tar at all')
+    for k in (1, 2):
+        _write_shard(tmp_path / f'b{k}.tar', [m for i in range(3) for m in (
+            (f'{i}.png', b'not read'), (f'{i}.txt', f'caption {k}{i}'.encode()))])
+    shards = data.TarShards(tmp_path / 'b{0..2}.tar')  # strict, yet captions() leaves bad shards to the stream
+    assert shards.captions(4) == ['caption 10', 'caption 11', 'caption 12', 'caption 20'] and not shards.skipped
+    assert len(shards.captions(100)) == 6 and shards.captions(0) == []
+
 
 # --- preprocessing ---
 def test_preprocess_pads_a_real_image_to_a_centred_square(shared):
@@ -1344,6 +1390,14 @@ def test_schedules():
     assert train.kd_weight({**cfg, "kd": "coupled"}, 100, 100) == pytest.approx(-0.8)
     assert train.kd_weight({**cfg, "kd": "static"}, 100, 100) == 1.0
     assert train.kd_weight({**cfg, "kd": "none"}, 0, 100) == 0.0
+
+# --- promises: each row's KD weight ---
+@pytest.mark.parametrize("kd, start, end", [("dark", 3.0, -0.6), ("coupled", 0.5, -0.1), ("static", 0.5, 0.5),
+                                            ("none", 0.0, 0.0)])
+def test_each_row_schedules_its_own_weight(kd, start, end):
+    cfg = {**train.parse_args([])[0], "kd": kd, "beta0": 3.0, "beta_r": -0.2, "lambda0": 0.5, "lambda_r": -0.2}
+    assert train.kd_weight(cfg, 0, 100) == pytest.approx(start) and train.kd_weight(cfg, 100, 100) == pytest.approx(end)
+    assert train.kd_weight(cfg, 50, 100) == pytest.approx((start + end) / 2)  # linear in the optimizer step
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
@@ -1985,6 +2039,59 @@ def test_retrieval_ties_go_to_the_true_match_in_both_directions_for_each_k():
         for dtype in (torch.float32, torch.float16):
             got = evaluation.retrieval_metrics(img.to(dtype), txt.to(dtype), owner, ks=(1, 2, 3, 4, 5), chunk=chunk)
             assert got == pytest.approx(want), (chunk, dtype)
+
+# --- promises: eval.py's helpers ---
+def test_cached_metrics_are_reused_only_while_fresh_and_of_the_same_meta(tmp_path, monkeypatch):
+    source, path, calls = tmp_path / "best.pt", tmp_path / "test_metrics.json", []
+    source.write_bytes(b"weights")
+    compute = lambda: calls.append(1) or dict(composite=0.5, ga_spearman=math.nan)
+    assert evaluation.cached(path, [source], dict(n=16), compute) == dict(composite=0.5, ga_spearman=None)
+    assert evaluation.cached(path, [source], dict(n=16), compute) == dict(composite=0.5, ga_spearman=None)
+    assert len(calls) == 1  # reused
+    evaluation.cached(path, [source], dict(n=32), compute)  # other meta
+    assert len(calls) == 2
+    os.utime(source, (path.stat().st_mtime + 10,) * 2)  # the checkpoint was retrained since
+    evaluation.cached(path, [source], dict(n=32), compute)
+    assert len(calls) == 3
+    monkeypatch.setattr(evaluation, "PROTOCOL", "another-protocol")
+    evaluation.cached(path, [source], dict(n=32), compute)
+    assert len(calls) == 4
+
+
+def test_latency_is_the_median_and_its_spread_the_interquartile_range(monkeypatch):
+    clock = iter(np.cumsum([0, 0.010, 0, 0.020, 0, 0.030, 0, 0.040, 0, 0.050]))  # runs of 10 20 30 40 50 ms
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: next(clock))
+    ms, spread = evaluation.latency_ms(lambda x: x, None, warmup=0, runs=5)
+    assert ms == pytest.approx(30.0) and spread == pytest.approx((40 - 20) / 30)
+    assert evaluation.noise_warning([dict(spread=0.05), dict(spread=evaluation.NOISY)]) == ""
+    assert "disagree by up to 11% of the median" in evaluation.noise_warning([dict(spread=0.11), dict(spread=0.0)])
+
+
+def test_template_prompts_fill_age_and_spacing():
+    fill = evaluation.template_prompts(["{weeks} weeks {day} days, {pixel_spacing} mm", "at {weeks}w{day}d"])
+    assert fill(23, 4, 0.5) == ["23 weeks 4 days, 0.50 mm", "at 23w4d"]
+    assert fill(14, 0, 0.125)[0] == "14 weeks 0 days, 0.12 mm"  # the spacing as the captions state it: 2 decimals
+
+
+def test_text_classifier_is_the_normalised_mean_of_normalised_prompt_embeddings():
+    model, tok = _tiny("toy-student", 3).eval(), data.ToyTokenizer()
+    prompts = {"brain": ["fetal brain.", "an ultrasound of the fetal brain."], "femur": ["fetal femur."]}
+    with torch.no_grad():
+        got = evaluation.text_classifier(model, tok, prompts)
+        one = lambda ps: F.normalize(model.encode_text(tok(ps)), dim=-1)
+        want = F.normalize(torch.stack([one(ps).mean(0) for ps in prompts.values()]), dim=-1)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got[0], got[1], atol=1e-3)
+    assert (one(prompts["brain"])[0] @ one(prompts["brain"])[1]) < 0.999  # the two prompts differ: a mean to take
+
+
+def test_check_labels_names_each_unknown_label_and_its_first_row():
+    records = [dict(label="Fetal brain", where="a.csv, line 2"), dict(label="Lung", where="a.csv, line 3"),
+               dict(label=None), dict(label="fetal  BRAIN"), dict(label="Lung", where="a.csv, line 6"),
+               dict(label="Heart")]
+    with pytest.raises(ValueError, match=r"classify: no prompts for label\(s\) 'Lung' \(a\.csv, line 3\), 'Heart' "
+                                         r"\(image 5\); the prompts name \['Fetal brain'\]"):
+        evaluation.check_labels("classify", records, {"Fetal brain": ["fetal brain."]})
+    evaluation.check_labels("classify", records[:4:3], {"Fetal brain": ["fetal brain."]})  # class_key: case, spaces
 
 
 def test_progress_lines_every_few_seconds_and_quiet(monkeypatch, capsys):
