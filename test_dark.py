@@ -1142,6 +1142,15 @@ def test_hc18_reader_on_the_real_sample(shared):
     images = data.ImageRows(rows)
     assert all(images[i]['image'].size == (rows[i]['width'], rows[i]['height']) for i in range(0, 60, 6))
 
+# --- promises: caption CSV image paths ---
+def test_caption_image_paths_are_from_root_else_the_file_s_folder(tmp_path):
+    (tmp_path / 'pairs.csv').write_text(f'filepath,title\na.png,x\nsub/b.png,y\n{tmp_path / "abs.png"},z\n')
+    mine = [r['image_path'] for r in data.read_captions(tmp_path / 'pairs.csv')]
+    assert mine == [tmp_path / 'a.png', tmp_path / 'sub/b.png', tmp_path / 'abs.png']
+    given = [r['image_path'] for r in data.read_captions(tmp_path / 'pairs.csv', root=tmp_path / 'images')]
+    assert given == [tmp_path / 'images/a.png', tmp_path / 'images/sub/b.png', tmp_path / 'abs.png']  # absolute stays
+
+
 # --- promises: tar members group as webdataset groups them; a shard cut short is one skip ---
 def test_tar_members_group_by_the_first_dot_of_their_name(tmp_path):
     _write_shard(tmp_path / 'a.tar', [
@@ -1398,6 +1407,29 @@ def test_each_row_schedules_its_own_weight(kd, start, end):
     cfg = {**train.parse_args([])[0], "kd": kd, "beta0": 3.0, "beta_r": -0.2, "lambda0": 0.5, "lambda_r": -0.2}
     assert train.kd_weight(cfg, 0, 100) == pytest.approx(start) and train.kd_weight(cfg, 100, 100) == pytest.approx(end)
     assert train.kd_weight(cfg, 50, 100) == pytest.approx((start + end) / 2)  # linear in the optimizer step
+
+# --- promises: the data plan ---
+def test_epoch_batches_are_the_same_global_batches_on_any_ranks_and_after_resume():
+    pairs, collate = list(range(21)), lambda items: items  # 21 pairs: the last, incomplete global batch is dropped
+    run = lambda bs, epoch, rank, world, start=0: list(train.epoch_batches(
+        pairs, collate, dict(batch_size=bs, seed=1, workers=0), epoch, rank, world, start))
+    one = run(4, 0, 0, 1)
+    assert len(one) == 5 and len({i for b in one for i in b}) == 20
+    ranks = [run(2, 0, rank, 2) for rank in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == one  # the global batch is batch_size x world, rank 0's rows first
+    assert run(4, 0, 0, 1, start=3) == one[3:] and run(2, 0, 1, 2, start=3) == ranks[1][3:]
+    assert run(4, 1, 0, 1) != one and run(4, 0, 0, 1) == one  # a new order each epoch, the same for one seed
+
+
+def test_tar_shards_must_give_every_reader_a_shard(tmp_path):
+    for k in range(4):
+        _write_shard(tmp_path / f"{k}.tar", [(f"{k}.png", _png_bytes(k)), (f"{k}.txt", b"fetal brain")])
+    cfg = dict(train.parse_args([])[0], train_data=str(tmp_path / "{0..3}.tar"))
+    for world, workers in ((4, 0), (4, 1), (2, 2), (1, 4)):
+        assert len(train.make_pairs({**cfg, "workers": workers}, 64, 0, world).shards) == 4
+    for world, workers in ((5, 0), (2, 3), (1, 5)):
+        with pytest.raises(ValueError, match=rf"4 shards in .* for {world} ranks x {max(1, workers)} workers"):
+            train.make_pairs({**cfg, "workers": workers}, 64, 0, world)
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
@@ -2093,6 +2125,12 @@ def test_check_labels_names_each_unknown_label_and_its_first_row():
         evaluation.check_labels("classify", records, {"Fetal brain": ["fetal brain."]})
     evaluation.check_labels("classify", records[:4:3], {"Fetal brain": ["fetal brain."]})  # class_key: case, spaces
 
+def test_ga_metrics_score_only_heads_in_the_hc_window():
+    empty = evaluation.ga_metrics([98, 200], [60.0, 400.0])  # both heads outside [100, 342] mm
+    assert empty["ga_n"] == 0 and all(math.isnan(empty[k]) for k in ("ga_validity", "ga_ci_low", "ga_spearman"))
+    m = evaluation.ga_metrics([98, 140, 200, 272, 140], [100.0, 172.0, 250.0, 342.0, 60.0])
+    assert m["ga_n"] == 4 and m["ga_spearman"] == pytest.approx(1.0)  # the fifth, at 60 mm, is left out
+
 
 def test_progress_lines_every_few_seconds_and_quiet(monkeypatch, capsys):
     clock = iter([0, 1, 6, 7, 20, 21, 0, 9])  # monotonic() at start and at each advance
@@ -2765,6 +2803,14 @@ def test_compressed_copy_compresses_exactly_the_tensors_the_package_compresses(q
     in_copy = sorted(tuple(t.shape) for name, t in visual.state_dict().items()
                      if not torch.equal(copied[name], t.half().float()))  # more than fp16 rounding
     assert in_package == in_copy == sorted([(65, 32), (2049, 62)] + [(33, 65)] * (quantize == "palettize4"))
+
+# --- promises: the head's default prompts ---
+def test_default_head_prompts_follow_the_tokenizer():
+    assert export_ios.class_prompts("planes", "toy") == data.TOY_PLANE_PROMPTS
+    assert export_ios.class_prompts("brain", "toy") == data.TOY_BRAIN_PROMPTS
+    assert export_ios.class_prompts("planes", "bpe") == evaluation.PLANE_PROMPTS and len(evaluation.PLANE_PROMPTS) == 9
+    assert export_ios.class_prompts("brain", "bpe") == evaluation.BRAIN_PROMPTS
+    assert export_ios.class_prompts("none", "bpe") is None
 
 
 def test_l2_normalize_is_fp16_safe():
