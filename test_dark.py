@@ -2131,6 +2131,19 @@ def test_ga_metrics_score_only_heads_in_the_hc_window():
     m = evaluation.ga_metrics([98, 140, 200, 272, 140], [100.0, 172.0, 250.0, 342.0, 60.0])
     assert m["ga_n"] == 4 and m["ga_spearman"] == pytest.approx(1.0)  # the fifth, at 60 mm, is left out
 
+def test_fetal_planes_records_by_split_leave_out_other_and_have_no_val(tmp_path):
+    root = _write_fetal_planes(tmp_path / "FETAL_PLANES_DB")  # patients 1-4 Train=1, 5-6 Train=0; 9 rows each
+    split = {s: evaluation.planes_records(root, s) for s in ("train", "test", "all")}
+    assert [len(split[s]) for s in ("train", "test", "all")] == [32, 16, 48]  # 'Other' / 'Not A Brain' left out
+    assert {r["patient"] for r in split["train"]} == {"1", "2", "3", "4"} and all(r["train"] for r in split["train"])
+    assert {r["patient"] for r in split["test"]} == {"5", "6"} and not any(r["train"] for r in split["test"])
+    assert {r["where"] for r in split["all"]} == {r["where"] for r in split["train"] + split["test"]}
+    brains = [r for r in split["all"] if r["brain"]]
+    assert len(brains) == 18 and all(r["plane"] == evaluation.FPDB_CLASS["Fetal brain"] for r in brains)
+    assert sum(r["plane"] == evaluation.FPDB_CLASS["Fetal brain"] and r["brain"] is None for r in split["all"]) == 6
+    with pytest.raises(ValueError, match=r"FETAL_PLANES_DB splits are train \| test \| all .*not 'val'"):
+        evaluation.task_records("planes", "val", root=root)  # no validation rows: never select on the test rows
+
 
 def test_progress_lines_every_few_seconds_and_quiet(monkeypatch, capsys):
     clock = iter([0, 1, 6, 7, 20, 21, 0, 9])  # monotonic() at start and at each advance
