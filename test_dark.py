@@ -1795,6 +1795,28 @@ def test_two_process_gloo_equals_one_process(tmp_path, cache):
     for a, (b0, b1) in zip(whole, split, strict=True):
         assert all(torch.equal(x, torch.cat([y, z])) for x, y, z in zip(flat(a), flat(b0), flat(b1)))
 
+# --- promises: the answers without an image ---
+def test_trivial_answers_are_a_uniform_guess_and_the_training_heads_median_age(monkeypatch):
+    """The uniform guess's expected macro F1, against 300 simulated guesses of the toy test split's classes; the
+    validity of the training heads' median age (in days) on the test heads inside the HC window. The first 300 test
+    images stand for the split (rendering all 1000 takes seconds)."""
+    records = evaluation.toy_records("test", 300)
+    monkeypatch.setattr(evaluation, "toy_records", lambda split, n=None: records if split == "test" else None)
+    cfg = dict(train.parse_args([])[0], toy_train_size=600, seed=4)
+    base, rng = train.trivial(cfg), np.random.default_rng(0)
+    for key, labels in (("planes_f1", [r["plane"] for r in records]),
+                        ("brain_f1", [r["brain"] for r in records if r["brain"]])):
+        names = sorted(set(labels))
+        y = np.array([names.index(label) for label in labels])
+        guesses = [evaluation.class_metrics(np.eye(len(names))[rng.integers(0, len(names), len(y))], y, names)["f1"]
+                   for _ in range(300)]
+        assert base[key] == pytest.approx(np.mean(guesses), abs=0.005), key
+    world = data.ToyWorld("train", seed=4, length=600)
+    days = np.median([f["days"] for f in map(world.facts, range(600)) if f["plane"] == 1])
+    hc = np.array([r["hc_mm"] for r in records if r["hc_mm"] is not None and evaluation.in_hc_window(r["hc_mm"])])
+    assert base["ga_validity"] == pytest.approx(100 * evaluation.ga_valid(days, hc).mean())
+    assert 0 < base["ga_validity"] < 40 and 0 < base["ga_validity_spacing_only"] < 40
+
 
 # ==================== train.py --teacher_cache: stored teacher embeddings ====================
 
