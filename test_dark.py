@@ -1296,6 +1296,14 @@ def test_an_interval_rule_includes_a_bound_only_beside_a_square_bracket(rule, in
             data.check_flag(value, rule)
 
 
+def test_show_rule_writes_a_set_an_interval_and_a_check_function():
+    assert data.show_rule(('none', 'int8', '')) == "none | int8 | ''"  # an empty choice stays visible
+    assert data.show_rule('[0, 1)') == 'in [0, 1)'
+    assert data.show_rule(export_ios.check_classes) == 'planes | brain | none | an existing JSON file'
+    with pytest.raises(ValueError, match=r"takes planes \| brain \| none \| an existing JSON file; there is no file x"):
+        data.check_flag('x', export_ios.check_classes)
+
+
 # ==================== train.py: the loop ====================
 
 def _cfg(tmp_path, **over):
