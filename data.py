@@ -860,6 +860,14 @@ SHARD_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
 IMAGE_EXTENSIONS = ('png', 'jpg', 'jpeg', 'webp')  # open_clip's webdataset image keys
 
 
+def _check_end(tar, shard):
+    """Raises tarfile.ReadError if a plain tar file, read to its end, lacks the two zero blocks that end a whole one:
+    tarfile takes one cut short at (or in) a member's header for its end, in stream and random access alike."""
+    plain = isinstance(tar.fileobj, io.BufferedReader) or getattr(tar.fileobj, 'comptype', None) == 'tar'
+    if plain and os.path.isfile(shard) and os.path.getsize(shard) < tar.offset + 1024:
+        raise tarfile.ReadError("unexpected end of data (no end-of-archive blocks)")
+
+
 class TarShards(torch.utils.data.IterableDataset):
     """Image-caption pairs streamed from webdataset-style tar shards (members KEY.png|jpg|jpeg|webp and KEY.txt, next
     to each other), so a corpus never has to fit in memory. The shards (expand_braces) are dealt out over ranks
@@ -915,6 +923,7 @@ class TarShards(torch.utils.data.IterableDataset):
                             yield from self._sample(shard, key, group)
                             key, group = os.path.join(folder, stem), {}
                         group[ext.lower()] = tar.extractfile(member).read()
+                    _check_end(tar, shard)
             except SHARD_ERRORS as e:
                 self._bad(shard, f"unreadable shard ({type(e).__name__}: {e})")
                 if 'txt' not in group or not group.keys() & set(IMAGE_EXTENSIONS):
@@ -951,9 +960,7 @@ class TarShards(torch.utils.data.IterableDataset):
                         folder, name = os.path.split(member.name)
                         stem, _, ext = name.partition('.')
                         exts.setdefault(os.path.join(folder, stem), set()).add(ext.lower())
-                    # tarfile takes a plain tar cut short for its end: a whole one ends in two zero blocks
-                    if isinstance(tar.fileobj, io.BufferedReader) and os.path.getsize(shard) < tar.offset + 1024:
-                        raise tarfile.ReadError("unexpected end of data (no end-of-archive blocks)")
+                    _check_end(tar, shard)
             except SHARD_ERRORS as e:
                 self._bad(shard, f"unreadable shard ({type(e).__name__}: {e})")
             keys += [f"{os.path.basename(shard)}/{k}" for k, e in exts.items()

@@ -50,9 +50,9 @@ relu sigmoid stack select greater_equal scaled_dot_product_attention
 constexpr_affine_dequantize constexpr_blockwise_shift_scale constexpr_lut_to_dense
 """.split())  # scaled_dot_product_attention: one fused op from iOS 18 on; the last line: weight decompression
 # Per --quantize: the dtypes weight.bin may hold (4-bit indices are packed bytes up to iOS 17, uint4 from iOS 18);
-# weight.bin bytes per parameter (int8 and 4-bit leave tensors under 2048 values, biases and norms, in fp16: hence the
-# loose upper bounds); the least cosine Core ML vs PyTorch on macOS (compression costs accuracy, to be judged with
-# eval.py: these bounds only catch a broken export).
+# weight.bin bytes per parameter (int8 and 4-bit leave tensors of 2048 values or fewer, biases and norms, in fp16:
+# hence the loose upper bounds); the least cosine Core ML vs PyTorch on macOS (compression costs accuracy, to be
+# judged with eval.py: these bounds only catch a broken export).
 QUANTIZE = {"none": dict(stored={"FLOAT16"}, bytes=(1.9, 2.2), cosine=0.999),
             "int8": dict(stored={"FLOAT16", "INT8"}, bytes=(0.95, 1.5), cosine=0.99),
             "palettize4": dict(stored={"FLOAT16", "UINT8", "UINT4"}, bytes=(0.45, 1.2), cosine=0.95)}
@@ -181,19 +181,25 @@ def int8_scale_underflows(weight):
     return bool(((scale > 0) & (scale < 2.0 ** -17)).any())
 
 
+def compressible(weight):
+    """True for the tensors coremltools' weight compression touches: more than its weight_threshold (2048) values,
+    and never a 1-D one (coremltools 9 skips them)."""
+    return weight.ndim > 1 and weight.size > 2048
+
+
 def compressed_copy(model, quantize):
     """A copy of model whose image-tower weights are what --quantize stores, for PyTorch to run (Core ML runs only
-    on macOS): fp16, and with int8 or palettize4 the tensors of 2048+ values that to_coreml compresses, quantized
+    on macOS): fp16, and with int8 or palettize4 the tensors that to_coreml compresses (compressible), quantized
     per channel or palettized per tensor by kmeans_palette. An estimate: Core ML compresses its own graph's
     constants, after fusions of its own (a layer scale folded into the conv before it)."""
     copied = copy.deepcopy(model)
     with torch.no_grad():
         for t in [t for t in copied.visual.state_dict().values() if t.is_floating_point()]:
             w = t.numpy().astype(np.float16)
-            if quantize == "palettize4" and w.size >= 2048:
+            if quantize == "palettize4" and compressible(w):
                 lut, idx = kmeans_palette(w)
                 w = lut[idx].reshape(w.shape)
-            elif quantize == "int8" and w.size >= 2048 and not int8_scale_underflows(w):
+            elif quantize == "int8" and compressible(w) and not int8_scale_underflows(w):
                 scale = np.abs(w.reshape(len(w), -1)).max(1).astype(np.float32) / 127
                 scale = scale.astype(np.float16).astype(np.float32).reshape(-1, *[1] * (w.ndim - 1))
                 w = (np.round(w / np.maximum(scale, 1e-30)).clip(-127, 127) * scale).astype(np.float16)
@@ -224,7 +230,7 @@ def to_coreml(program, ct_input, outputs, target, quantize):
         return mlmodel
     config = cto.OpLinearQuantizerConfig() if quantize == "int8" else cto.OpPalettizerConfig(  # int8: per channel
         mode="custom", lut_function=kmeans_palette)  # 4-bit: one 16-entry LUT per tensor (finer LUTs need iOS 18)
-    # every tensor of 2048+ values except those holding -inf (a causal attention mask), or, for int8, a channel whose
+    # every compressible tensor except those holding -inf (a causal attention mask), or, for int8, a channel whose
     # scale would underflow fp16 (a folded channel with a tiny BatchNorm gain: stored as scale 0, it reads as zeros)
     keep = {op.name: None for op in mlmodel._mil_program.functions["main"].operations if op.op_type == "const"
             and isinstance(op.val.val, np.ndarray) and (not np.isfinite(op.val.val).all()

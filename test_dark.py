@@ -155,6 +155,17 @@ def test_gathered_columns_match_global_batch(mode):
     local = dark_loss(img[4:], txt[4:], **{**kw, "t_img": t_img[4:], "t_txt": t_txt[4:]})
     assert abs(float(local["total"]) - float(ranks[1]["total"])) > 1e-3
 
+# --- promises: the loss in fp32 ---
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_loss_is_computed_in_fp32_from_half_precision_embeddings(dtype):
+    """As under autocast: embeddings in bf16 or fp16 give the fp32 loss of the same (rounded) values."""
+    img, txt, t_img, t_txt = (x.float().to(dtype) for x in _embeddings(n=16, d=64, seed=6))
+    kw = dict(scale=torch.tensor(50.0), t_scale=torch.tensor(80.0), mode="dark", weight=-0.6)
+    half, full = dark_loss(img, txt, t_img=t_img, t_txt=t_txt, **kw), dark_loss(
+        img.float(), txt.float(), t_img=t_img.float(), t_txt=t_txt.float(), **kw)
+    for key in ("total", "clip", "diag", "off"):
+        assert half[key].dtype == torch.float32 and torch.equal(half[key], full[key]), key
+
 
 # ==================== models.py: encoders, checkpoints, reparameterization ====================
 
@@ -772,6 +783,27 @@ def test_save_grid(tmp_path):
     data.save_grid(tmp_path / 'grid.png', n=4, size=32)
     assert Image.open(tmp_path / 'grid.png').size == (64, 64)
 
+# --- promises: the toy world ---
+@pytest.mark.parametrize("split", data.SPLITS)
+def test_toy_facts_describe_the_item_in_every_split(split):
+    world = data.ToyWorld(split, 64, seed=3, length=8)
+    for i in range(8):
+        facts, item = world.facts(i), world[i]
+        assert (facts['plane'], facts['brain_plane']) == (item['plane'], item['brain_plane'])
+        assert facts['days'] / 7 == item['ga_weeks'] and facts['fov'] / 64 == item['pixel_mm']
+        assert repr(facts['hc']) == repr(item['hc_mm'])  # repr: NaN unless a brain
+    assert len({world.facts(i)['days'] for i in range(8)}) > 4  # the items differ, so a wrong seed shows
+    assert len(data.ToyWorld(split)) == {'train': 100_000, 'val': 1000, 'test': 1000}[split]
+    with pytest.raises(IndexError):
+        world[-1]  # no wrapping round from the end: -1 is not an item
+
+# --- promises: the toy tokenizer's unknown share ---
+def test_unknown_share_counts_unknown_tokens_and_is_zero_without_tokens():
+    tok = data.ToyTokenizer()
+    assert tok.unknown_share([]) == 0 and tok.unknown_share(['', ' \u200b ']) == 0
+    assert tok.unknown_share(['fetal zebra', 'brain quokka okapi.']) == pytest.approx(3 / 6)  # '.' is a token
+    assert tok.unknown_share(['23 weeks', '0.43']) == 0  # a number without its own token is spelled out, not unknown
+
 
 # --- CLIP BPE ---
 def test_bpe_tokenizer_matches_open_clip(shared):
@@ -818,6 +850,13 @@ def test_bpe_tokenizer_without_vocabulary_says_where_to_get_it(tmp_path, monkeyp
     monkeypatch.delenv('DARK_BPE', raising=False)
     with pytest.raises(FileNotFoundError, match='bpe_simple_vocab_16e6.txt.gz'):
         data.SimpleTokenizer(tmp_path / 'nothing.txt.gz')
+
+# --- promises: clean_text's whitespace ---
+@pytest.mark.parametrize("space", ['\t', '\n', '\r', '\x0c', '\r\n', '\u00a0', '\u2002', '\u2009', '\u2028', '\u2029',
+                                   '\u3000'])
+def test_clean_text_turns_each_whitespace_character_into_one_space(space):
+    assert data.clean_text(f'Fetal{space}brain') == 'fetal brain'
+    assert data.clean_text(f'{space}fetal {space}{space} brain{space}') == 'fetal brain'
 
 
 # --- real formats ---
@@ -1103,6 +1142,74 @@ def test_hc18_reader_on_the_real_sample(shared):
     images = data.ImageRows(rows)
     assert all(images[i]['image'].size == (rows[i]['width'], rows[i]['height']) for i in range(0, 60, 6))
 
+# --- promises: caption CSV image paths ---
+def test_caption_image_paths_are_from_root_else_the_file_s_folder(tmp_path):
+    (tmp_path / 'pairs.csv').write_text(f'filepath,title\na.png,x\nsub/b.png,y\n{tmp_path / "abs.png"},z\n')
+    mine = [r['image_path'] for r in data.read_captions(tmp_path / 'pairs.csv')]
+    assert mine == [tmp_path / 'a.png', tmp_path / 'sub/b.png', tmp_path / 'abs.png']
+    given = [r['image_path'] for r in data.read_captions(tmp_path / 'pairs.csv', root=tmp_path / 'images')]
+    assert given == [tmp_path / 'images/a.png', tmp_path / 'images/sub/b.png', tmp_path / 'abs.png']  # absolute stays
+
+
+# --- promises: tar members group as webdataset groups them; a shard cut short is one skip ---
+def test_tar_members_group_by_the_first_dot_of_their_name(tmp_path):
+    _write_shard(tmp_path / 'a.tar', [
+        ('k0.png', _png_bytes(10)), ('k0.meta.json', b'{}'), ('k0.txt', b'fetal brain'),
+        ('k1.JPG', _png_bytes(30)), ('k1.txt', b'fetal femur'), ('k1.seg.mask.png', _png_bytes(0))])
+    shards = data.TarShards(tmp_path / 'a.tar')  # strict: a member left in a group of its own would raise
+    assert [(s['caption'], s['image'].getpixel((0, 0))) for s in shards] == [('fetal brain', 10), ('fetal femur', 30)]
+    assert len(set(shards.keys())) == 2 and not shards.skipped
+    # 'k2.x.png' and 'k2.x.txt' are sample k2 with parts 'x.png' and 'x.txt': no image or caption of its own
+    _write_shard(tmp_path / 'b.tar', [('k2.x.png', _png_bytes(50)), ('k2.x.txt', b'fetal brain')])
+    shards = data.TarShards(tmp_path / 'b.tar', skip_bad=True)
+    assert shards.keys() == [] and list(shards) == [] and len(shards.skipped) == 1
+    assert "has ['x.png', 'x.txt']" in shards.skipped[0][1]
+
+
+@pytest.mark.parametrize("where", ["between samples", "in a caption's data", "in a caption's header",
+                                   "at a caption's header"])
+def test_a_shard_cut_inside_a_sample_is_skipped_once_with_the_shard(tmp_path, where):
+    path = tmp_path / 'cut.tar'
+    _write_shard(path, [m for i in range(3) for m in ((f'{i}.png', _png_bytes(i)), (f'{i}.txt', b'fetal brain ' * 50))])
+    with tarfile.open(path) as tar:
+        png, txt = tar.getmember('1.png'), tar.getmember('1.txt')
+    cut = {"between samples": png.offset, "in a caption's data": txt.offset_data + 100,
+           "in a caption's header": txt.offset + 100, "at a caption's header": txt.offset}[where]
+    path.write_bytes(path.read_bytes()[:cut])
+    shards = data.TarShards(path, skip_bad=True)
+    assert [s['image'].getpixel((0, 0)) for s in shards] == [0]  # what came before the break, and nothing after
+    assert len(shards.skipped) == 1 and shards.skipped[0][0] == str(path) and 'unreadable shard' in shards.skipped[0][1]
+    with pytest.raises(ValueError, match=r'cut\.tar: unreadable shard'):
+        list(data.TarShards(path))
+
+def test_shuffled_shards_change_order_each_epoch_and_every_rank_reads_each_once(tmp_path):
+    for k in range(8):
+        _write_shard(tmp_path / f's{k}.tar', [(f'{k}.png', _png_bytes(k)), (f'{k}.txt', f'shard {k}'.encode())])
+    orders = []
+    for epoch in range(3):
+        ranks = []
+        for rank in range(2):
+            shards = data.TarShards(tmp_path / 's{0..7}.tar', shuffle=True, seed=5).shard_by(rank, 2)
+            shards.set_epoch(epoch)
+            ranks.append([s['caption'] for s in shards])
+        assert sorted(ranks[0] + ranks[1]) == [f'shard {k}' for k in range(8)] and len(ranks[0]) == 4
+        orders.append(ranks[0] + ranks[1])
+    assert len({tuple(o) for o in orders}) == 3  # a new order each epoch
+    again = data.TarShards(tmp_path / 's{0..7}.tar', shuffle=True, seed=5)
+    again.set_epoch(2)
+    assert [s['caption'] for s in again][::2] == orders[2][:4]  # one rank of two reads every other shard of the order
+    assert [s['caption'] for s in data.TarShards(tmp_path / 's{0..7}.tar')] == [f'shard {k}' for k in range(8)]
+
+
+def test_shard_captions_are_the_first_n_in_shard_order_past_unreadable_shards(tmp_path):
+    (tmp_path / 'b0.tar').write_bytes(b'not a tar at all')
+    for k in (1, 2):
+        _write_shard(tmp_path / f'b{k}.tar', [m for i in range(3) for m in (
+            (f'{i}.png', b'not read'), (f'{i}.txt', f'caption {k}{i}'.encode()))])
+    shards = data.TarShards(tmp_path / 'b{0..2}.tar')  # strict, yet captions() leaves bad shards to the stream
+    assert shards.captions(4) == ['caption 10', 'caption 11', 'caption 12', 'caption 20'] and not shards.skipped
+    assert len(shards.captions(100)) == 6 and shards.captions(0) == []
+
 
 # --- preprocessing ---
 def test_preprocess_pads_a_real_image_to_a_centred_square(shared):
@@ -1149,6 +1256,52 @@ def test_collate_toy_batch_for_distillation():
     assert t.shape == (4, 3, 64, 64) and s.shape == (4, 3, 32, 32) and batch['ids'].shape == (4, data.TOY_CONTEXT)
     assert batch['plane'].dtype == torch.long and batch['ga_weeks'].dtype == torch.float32
     assert batch['caption'] == [world[i]['caption'] for i in range(4)]
+
+# --- promises: the flag grammar ---
+@pytest.mark.parametrize("text, value", [('true', True), ('True', True), ('TRUE', True), ('1', True), ('yes', True),
+                                         ('Yes', True), ('false', False), ('False', False), ('0', False),
+                                         ('no', False), ('NO', False)])
+def test_a_boolean_flag_takes_the_grammar_s_spellings_of_true_and_false(text, value):
+    assert data.flag_value(text, bool) is value
+    assert train.parse_args([f"--resume={text}"])[0]["resume"] is value
+
+
+@pytest.mark.parametrize("text", ['', 'maybe', 't', 'f', 'y', 'n', 'on', 'off', '2', '-1', 'truee', 'none'])
+def test_a_boolean_flag_refuses_every_other_value(text):
+    with pytest.raises(ValueError, match='takes true or false'):
+        data.flag_value(text, bool)
+    with pytest.raises(SystemExit, match=rf"--resume={text}: takes true or false"):
+        train.parse_args([f"--resume={text}"])
+
+
+def test_bare_boolean_takes_no_value_and_numbers_must_be_finite():
+    assert train.parse_args(["--resume"])[0]["resume"] is True
+    with pytest.raises(SystemExit, match="unknown argument 'false'"):  # --key value is for all but booleans
+        train.parse_args(["--resume", "false"])
+    assert data.flag_value('1e-3', float) == 1e-3 and type(data.flag_value('3', float)) is float
+    for text, kind, message in (('inf', float, 'finite'), ('-inf', float, 'finite'), ('nan', float, 'finite'),
+                                ('3.0', int, 'an integer'), ('1e3', int, 'an integer'), ('x', float, 'a number')):
+        with pytest.raises(ValueError, match=message):
+            data.flag_value(text, kind)
+
+
+@pytest.mark.parametrize("rule, inside, outside", [('[0, 1]', (0, 0.5, 1), (-1e-9, 1 + 1e-9)),
+                                                   ('(0, 1)', (1e-9, 0.5), (0, 1)), ('[0, 1)', (0,), (1,)),
+                                                   ('(0, 1]', (1,), (0,)), ('[1, inf)', (1, 1e300), (0.999,))])
+def test_an_interval_rule_includes_a_bound_only_beside_a_square_bracket(rule, inside, outside):
+    for value in inside:
+        data.check_flag(value, rule)
+    for value in outside:
+        with pytest.raises(ValueError, match=re.escape(f"takes a value in {rule}")):
+            data.check_flag(value, rule)
+
+
+def test_show_rule_writes_a_set_an_interval_and_a_check_function():
+    assert data.show_rule(('none', 'int8', '')) == "none | int8 | ''"  # an empty choice stays visible
+    assert data.show_rule('[0, 1)') == 'in [0, 1)'
+    assert data.show_rule(export_ios.check_classes) == 'planes | brain | none | an existing JSON file'
+    with pytest.raises(ValueError, match=r"takes planes \| brain \| none \| an existing JSON file; there is no file x"):
+        data.check_flag('x', export_ios.check_classes)
 
 
 # ==================== train.py: the loop ====================
@@ -1254,6 +1407,37 @@ def test_schedules():
     assert train.kd_weight({**cfg, "kd": "coupled"}, 100, 100) == pytest.approx(-0.8)
     assert train.kd_weight({**cfg, "kd": "static"}, 100, 100) == 1.0
     assert train.kd_weight({**cfg, "kd": "none"}, 0, 100) == 0.0
+
+# --- promises: each row's KD weight ---
+@pytest.mark.parametrize("kd, start, end", [("dark", 3.0, -0.6), ("coupled", 0.5, -0.1), ("static", 0.5, 0.5),
+                                            ("none", 0.0, 0.0)])
+def test_each_row_schedules_its_own_weight(kd, start, end):
+    cfg = {**train.parse_args([])[0], "kd": kd, "beta0": 3.0, "beta_r": -0.2, "lambda0": 0.5, "lambda_r": -0.2}
+    assert train.kd_weight(cfg, 0, 100) == pytest.approx(start) and train.kd_weight(cfg, 100, 100) == pytest.approx(end)
+    assert train.kd_weight(cfg, 50, 100) == pytest.approx((start + end) / 2)  # linear in the optimizer step
+
+# --- promises: the data plan ---
+def test_epoch_batches_are_the_same_global_batches_on_any_ranks_and_after_resume():
+    pairs, collate = list(range(21)), lambda items: items  # 21 pairs: the last, incomplete global batch is dropped
+    run = lambda bs, epoch, rank, world, start=0: list(train.epoch_batches(
+        pairs, collate, dict(batch_size=bs, seed=1, workers=0), epoch, rank, world, start))
+    one = run(4, 0, 0, 1)
+    assert len(one) == 5 and len({i for b in one for i in b}) == 20
+    ranks = [run(2, 0, rank, 2) for rank in (0, 1)]
+    assert [a + b for a, b in zip(*ranks)] == one  # the global batch is batch_size x world, rank 0's rows first
+    assert run(4, 0, 0, 1, start=3) == one[3:] and run(2, 0, 1, 2, start=3) == ranks[1][3:]
+    assert run(4, 1, 0, 1) != one and run(4, 0, 0, 1) == one  # a new order each epoch, the same for one seed
+
+
+def test_tar_shards_must_give_every_reader_a_shard(tmp_path):
+    for k in range(4):
+        _write_shard(tmp_path / f"{k}.tar", [(f"{k}.png", _png_bytes(k)), (f"{k}.txt", b"fetal brain")])
+    cfg = dict(train.parse_args([])[0], train_data=str(tmp_path / "{0..3}.tar"))
+    for world, workers in ((4, 0), (4, 1), (2, 2), (1, 4)):
+        assert len(train.make_pairs({**cfg, "workers": workers}, 64, 0, world).shards) == 4
+    for world, workers in ((5, 0), (2, 3), (1, 5)):
+        with pytest.raises(ValueError, match=rf"4 shards in .* for {world} ranks x {max(1, workers)} workers"):
+            train.make_pairs({**cfg, "workers": workers}, 64, 0, world)
 
 
 def test_a_few_steps_lower_the_loss(tmp_path):
@@ -1434,6 +1618,16 @@ def test_val_data_is_checked_before_training(tmp_path):
             train.train(_cfg(tmp_path, **over))
         assert not os.path.exists(os.path.join(tmp_path, "run", "ckpt.pt"))  # failed before the first step
 
+# --- promises: --val_prompts needs a labelled CSV ---
+def test_val_prompts_beside_a_fetal_planes_folder_is_refused_not_ignored(tmp_path):
+    files = _toy_files(tmp_path / "val", n=4)
+    planes = tmp_path / "FETAL_PLANES_DB"
+    planes.mkdir()
+    cfg = _cfg(tmp_path, val_data=str(planes), val_prompts=str(files / "classes.json"))
+    with pytest.raises(ValueError, match=r"--val_prompts is for a labelled CSV --val_data, not '.*FETAL_PLANES_DB'"):
+        train.train(cfg)
+    assert not os.path.exists(os.path.join(tmp_path, "run", "ckpt.pt"))
+
 
 def test_student_logit_scale_is_clamped_every_step(tmp_path):
     cfg = _cfg(tmp_path, kd="none", epochs=1, max_logit_scale=10.0)  # CLIP's init 1 / 0.07 = 14.3 is above it
@@ -1609,6 +1803,28 @@ def test_two_process_gloo_equals_one_process(tmp_path, cache):
     for a, (b0, b1) in zip(whole, split, strict=True):
         assert all(torch.equal(x, torch.cat([y, z])) for x, y, z in zip(flat(a), flat(b0), flat(b1)))
 
+# --- promises: the answers without an image ---
+def test_trivial_answers_are_a_uniform_guess_and_the_training_heads_median_age(monkeypatch):
+    """The uniform guess's expected macro F1, against 300 simulated guesses of the toy test split's classes; the
+    validity of the training heads' median age (in days) on the test heads inside the HC window. The first 300 test
+    images stand for the split (rendering all 1000 takes seconds)."""
+    records = evaluation.toy_records("test", 300)
+    monkeypatch.setattr(evaluation, "toy_records", lambda split, n=None: records if split == "test" else None)
+    cfg = dict(train.parse_args([])[0], toy_train_size=600, seed=4)
+    base, rng = train.trivial(cfg), np.random.default_rng(0)
+    for key, labels in (("planes_f1", [r["plane"] for r in records]),
+                        ("brain_f1", [r["brain"] for r in records if r["brain"]])):
+        names = sorted(set(labels))
+        y = np.array([names.index(label) for label in labels])
+        guesses = [evaluation.class_metrics(np.eye(len(names))[rng.integers(0, len(names), len(y))], y, names)["f1"]
+                   for _ in range(300)]
+        assert base[key] == pytest.approx(np.mean(guesses), abs=0.005), key
+    world = data.ToyWorld("train", seed=4, length=600)
+    days = np.median([f["days"] for f in map(world.facts, range(600)) if f["plane"] == 1])
+    hc = np.array([r["hc_mm"] for r in records if r["hc_mm"] is not None and evaluation.in_hc_window(r["hc_mm"])])
+    assert base["ga_validity"] == pytest.approx(100 * evaluation.ga_valid(days, hc).mean())
+    assert 0 < base["ga_validity"] < 40 and 0 < base["ga_validity_spacing_only"] < 40
+
 
 # ==================== train.py --teacher_cache: stored teacher embeddings ====================
 
@@ -1767,6 +1983,47 @@ def test_tar_shards_and_two_ranks_read_the_right_rows(tmp_path):
         assert np.abs(a.astype(np.float32) - b).max() < 1e-3, name
     assert np.array_equal(np.load(tmp_path / "cache" / "keys.npy"), np.load(tmp_path / "two" / "keys.npy"))
 
+# --- promises: the cache's views and rows ---
+def test_replay_takes_view_epoch_plus_pair_mod_k_as_drawn_for_that_pair():
+    draws = []
+    transform = lambda image, draw=None: draws.append(draw) or torch.zeros(1)
+    indexed = [dict(image=None, index=i) for i in (0, 1, 2, 5, 7)]
+    keyed = [dict(image=None, key=k) for k in ("000.tar/a", "000.tar/b", "001.tar/a")]  # tar shards: a key's hash
+    assert [data.pair_id(item) for item in indexed] == [0, 1, 2, 5, 7]
+    for items in (indexed, keyed):
+        pairs = [data.pair_id(item) for item in items]
+        for epoch in range(4):
+            draws.clear()
+            views = [(epoch + p) % 3 for p in pairs]
+            assert data.Collate(transform, replay=(9, epoch, 3))(items)["view"].tolist() == views
+            assert draws == [data.augment_draw(9, p, v) for p, v in zip(pairs, views)]
+    draws.clear()
+    batch = data.Collate(transform, replay=(9, None, 3))(indexed[:2])  # the caching pass: every view of every pair
+    assert batch["view"].tolist() == [0, 1, 2, 0, 1, 2] and batch["index"].tolist() == [0, 0, 0, 1, 1, 1]
+    assert draws == [data.augment_draw(9, p, v) for p in (0, 1) for v in range(3)]
+
+
+def test_augment_draw_depends_on_seed_pair_and_view():
+    draw = data.augment_draw(0, 5, 1)
+    assert draw == data.augment_draw(0, 5, 1) and len(draw) == 5 and all(-1 <= x < 1 for x in draw)
+    others = [tuple(data.augment_draw(*args)) for args in ((1, 5, 1), (0, 6, 1), (0, 5, 2), (0, 2 ** 63 + 5, 1))]
+    assert tuple(draw) not in others and len(set(others)) == 4
+
+
+def test_cache_reads_the_view_asked_for_and_refuses_rows_never_stored(tmp_path):
+    data.TeacherCache.create(tmp_path, dict(pairs=4, cache_views=3, embed_dim=2))
+    cache = data.TeacherCache(tmp_path)
+    image, text = np.arange(12, dtype=np.float32).reshape(2, 3, 2), np.array([[-1, -2], [-3, -4]], np.float32)
+    cache.write(np.array([1, 3]), image, text)  # rows 0 and 2 are never stored (unreadable samples)
+    cache.finish(2.5)
+    cache = data.TeacherCache(tmp_path)
+    img, txt, scale = cache.read(dict(index=[3, 1, 3], view=[2, 0, 1]))
+    assert torch.equal(img, torch.from_numpy(image[[1, 0, 1], [2, 0, 1]]))
+    assert torch.equal(txt, torch.tensor(text[[1, 0, 1]])) and float(scale) == 2.5
+    for rows, never in (([0], "0"), ([1, 2], "2"), ([2, 3, 0], "2 0")):
+        with pytest.raises(ValueError, match=rf"rows \[{never}\] were never stored"):
+            cache.read(dict(index=rows, view=[0] * len(rows)))
+
 
 def test_readme_toy_numbers_come_from_the_committed_results():
     """The README's toy-run table is assets/toy_run.json (a default run's out/student/results.json) printed as
@@ -1830,6 +2087,92 @@ def test_retrieval_ranks_match_a_full_sort_in_any_chunking():
         assert evaluation.retrieval_metrics(img, txt, owner, chunk=chunk) == pytest.approx(want)
     half = evaluation.retrieval_metrics(img.half(), txt.half(), owner, chunk=3)  # stored fp16, compared in fp32
     assert half == pytest.approx(want)
+
+# --- promises: retrieval ranks, ties go to the truth ---
+def test_retrieval_ties_go_to_the_true_match_in_both_directions_for_each_k():
+    a, b = [1.0, 0.0], [0.0, 1.0]
+    img = torch.tensor([a, a, a, b])  # images 0-2 alike: each ties with the others for captions 0-2
+    txt = torch.tensor([a, a, a, [0.8, 0.6]])  # caption 3: 0.6 with its image, 0.8 (strictly more) with images 0-2
+    owner = torch.tensor([0, 1, 2, 3])
+    want = {**{f"i2t_r{k}": 1.0 for k in (1, 2, 3, 4, 5)}, **{f"t2i_r{k}": 0.75 for k in (1, 2, 3)},
+            "t2i_r4": 1.0, "t2i_r5": 1.0, "i2t_mean_rank": 1.0, "t2i_mean_rank": (1 + 1 + 1 + 4) / 4}
+    want["mean_recall"] = np.mean([v for k, v in want.items() if "_r" in k and "rank" not in k])
+    for chunk in (1, 2, 3, 100):
+        for dtype in (torch.float32, torch.float16):
+            got = evaluation.retrieval_metrics(img.to(dtype), txt.to(dtype), owner, ks=(1, 2, 3, 4, 5), chunk=chunk)
+            assert got == pytest.approx(want), (chunk, dtype)
+
+# --- promises: eval.py's helpers ---
+def test_cached_metrics_are_reused_only_while_fresh_and_of_the_same_meta(tmp_path, monkeypatch):
+    source, path, calls = tmp_path / "best.pt", tmp_path / "test_metrics.json", []
+    source.write_bytes(b"weights")
+    compute = lambda: calls.append(1) or dict(composite=0.5, ga_spearman=math.nan)
+    assert evaluation.cached(path, [source], dict(n=16), compute) == dict(composite=0.5, ga_spearman=None)
+    assert evaluation.cached(path, [source], dict(n=16), compute) == dict(composite=0.5, ga_spearman=None)
+    assert len(calls) == 1  # reused
+    evaluation.cached(path, [source], dict(n=32), compute)  # other meta
+    assert len(calls) == 2
+    os.utime(source, (path.stat().st_mtime + 10,) * 2)  # the checkpoint was retrained since
+    evaluation.cached(path, [source], dict(n=32), compute)
+    assert len(calls) == 3
+    monkeypatch.setattr(evaluation, "PROTOCOL", "another-protocol")
+    evaluation.cached(path, [source], dict(n=32), compute)
+    assert len(calls) == 4
+
+
+def test_latency_is_the_median_and_its_spread_the_interquartile_range(monkeypatch):
+    clock = iter(np.cumsum([0, 0.010, 0, 0.020, 0, 0.030, 0, 0.040, 0, 0.050]))  # runs of 10 20 30 40 50 ms
+    monkeypatch.setattr(evaluation.time, "perf_counter", lambda: next(clock))
+    ms, spread = evaluation.latency_ms(lambda x: x, None, warmup=0, runs=5)
+    assert ms == pytest.approx(30.0) and spread == pytest.approx((40 - 20) / 30)
+    assert evaluation.noise_warning([dict(spread=0.05), dict(spread=evaluation.NOISY)]) == ""
+    assert "disagree by up to 11% of the median" in evaluation.noise_warning([dict(spread=0.11), dict(spread=0.0)])
+
+
+def test_template_prompts_fill_age_and_spacing():
+    fill = evaluation.template_prompts(["{weeks} weeks {day} days, {pixel_spacing} mm", "at {weeks}w{day}d"])
+    assert fill(23, 4, 0.5) == ["23 weeks 4 days, 0.50 mm", "at 23w4d"]
+    assert fill(14, 0, 0.125)[0] == "14 weeks 0 days, 0.12 mm"  # the spacing as the captions state it: 2 decimals
+
+
+def test_text_classifier_is_the_normalised_mean_of_normalised_prompt_embeddings():
+    model, tok = _tiny("toy-student", 3).eval(), data.ToyTokenizer()
+    prompts = {"brain": ["fetal brain.", "an ultrasound of the fetal brain."], "femur": ["fetal femur."]}
+    with torch.no_grad():
+        got = evaluation.text_classifier(model, tok, prompts)
+        one = lambda ps: F.normalize(model.encode_text(tok(ps)), dim=-1)
+        want = F.normalize(torch.stack([one(ps).mean(0) for ps in prompts.values()]), dim=-1)
+    assert torch.allclose(got, want, atol=1e-6) and not torch.allclose(got[0], got[1], atol=1e-3)
+    assert (one(prompts["brain"])[0] @ one(prompts["brain"])[1]) < 0.999  # the two prompts differ: a mean to take
+
+
+def test_check_labels_names_each_unknown_label_and_its_first_row():
+    records = [dict(label="Fetal brain", where="a.csv, line 2"), dict(label="Lung", where="a.csv, line 3"),
+               dict(label=None), dict(label="fetal  BRAIN"), dict(label="Lung", where="a.csv, line 6"),
+               dict(label="Heart")]
+    with pytest.raises(ValueError, match=r"classify: no prompts for label\(s\) 'Lung' \(a\.csv, line 3\), 'Heart' "
+                                         r"\(image 5\); the prompts name \['Fetal brain'\]"):
+        evaluation.check_labels("classify", records, {"Fetal brain": ["fetal brain."]})
+    evaluation.check_labels("classify", records[:4:3], {"Fetal brain": ["fetal brain."]})  # class_key: case, spaces
+
+def test_ga_metrics_score_only_heads_in_the_hc_window():
+    empty = evaluation.ga_metrics([98, 200], [60.0, 400.0])  # both heads outside [100, 342] mm
+    assert empty["ga_n"] == 0 and all(math.isnan(empty[k]) for k in ("ga_validity", "ga_ci_low", "ga_spearman"))
+    m = evaluation.ga_metrics([98, 140, 200, 272, 140], [100.0, 172.0, 250.0, 342.0, 60.0])
+    assert m["ga_n"] == 4 and m["ga_spearman"] == pytest.approx(1.0)  # the fifth, at 60 mm, is left out
+
+def test_fetal_planes_records_by_split_leave_out_other_and_have_no_val(tmp_path):
+    root = _write_fetal_planes(tmp_path / "FETAL_PLANES_DB")  # patients 1-4 Train=1, 5-6 Train=0; 9 rows each
+    split = {s: evaluation.planes_records(root, s) for s in ("train", "test", "all")}
+    assert [len(split[s]) for s in ("train", "test", "all")] == [32, 16, 48]  # 'Other' / 'Not A Brain' left out
+    assert {r["patient"] for r in split["train"]} == {"1", "2", "3", "4"} and all(r["train"] for r in split["train"])
+    assert {r["patient"] for r in split["test"]} == {"5", "6"} and not any(r["train"] for r in split["test"])
+    assert {r["where"] for r in split["all"]} == {r["where"] for r in split["train"] + split["test"]}
+    brains = [r for r in split["all"] if r["brain"]]
+    assert len(brains) == 18 and all(r["plane"] == evaluation.FPDB_CLASS["Fetal brain"] for r in brains)
+    assert sum(r["plane"] == evaluation.FPDB_CLASS["Fetal brain"] and r["brain"] is None for r in split["all"]) == 6
+    with pytest.raises(ValueError, match=r"FETAL_PLANES_DB splits are train \| test \| all .*not 'val'"):
+        evaluation.task_records("planes", "val", root=root)  # no validation rows: never select on the test rows
 
 
 def test_progress_lines_every_few_seconds_and_quiet(monkeypatch, capsys):
@@ -2466,6 +2809,34 @@ def test_mean_and_sample_std():
     assert evaluation.mean_std([1.0]) == (1.0, None)  # one seed: no spread to report
     assert evaluation.mean_std([1.0, None]) == (None, None)  # an undefined metric (null in JSON) leaves the row undefined
 
+# --- promises: the paired difference DARK - Static KD ---
+def test_table1_pairs_dark_with_static_kd_by_seed(tmp_path, monkeypatch):
+    """Runs with known test metrics (composite x; validity 100 x): DARK seeds 0 1 2 4, Static KD seeds 0 1 2 3. By hand:
+    seeds 0 1 2 pair, differences 0.10 0.15 0.05, mean 0.10, sample std 0.05, 95% half-width t(0.975, 2 df) 0.05 /
+    sqrt(3) = 4.3027 * 0.028868 = 0.12421."""
+    teacher = _save(_tiny("toy-teacher", 0), tmp_path / "teacher" / "best.pt", dict(kd="none", seed=0))
+    root, known = tmp_path / "table1", {}
+    runs = [("dark", 0, 0.50), ("dark", 1, 0.60), ("dark", 2, 0.55), ("dark", 4, 0.90),
+            ("static", 0, 0.40), ("static", 1, 0.45), ("static", 2, 0.50), ("static", 3, 0.10)]
+    fingerprint = lambda state: round(sum(float(t.double().sum()) for t in state.values() if t.is_floating_point()), 6)
+    for kd, seed, x in runs + [("teacher", 0, 0.7)]:
+        if kd != "teacher":
+            _run(root, f"{kd}-s{seed}", kd, seed, beta_r=-0.4)
+        path = teacher if kd == "teacher" else root / f"{kd}-s{seed}" / "best.pt"
+        known[fingerprint(torch.load(path, weights_only=True)["model"])] = dict(
+            planes_f1=x, brain_f1=x, ga_validity=100 * x, composite=x)
+    assert len(known) == len(runs) + 1  # every checkpoint tells itself apart
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, *a, **k: dict(known[fingerprint(model.state_dict())]))
+    monkeypatch.setattr(evaluation, "analysis", lambda *a, **k: {})
+    result = evaluation.table1(root, n=N)
+    assert list(result["paired"]) == ["DARK - Static logit KD"]  # no No KD run here
+    half = 4.30265 * 0.05 / math.sqrt(3)
+    for key, scale in (("composite", 1), ("ga_validity", 100)):
+        d = result["paired"]["DARK - Static logit KD"][key]
+        assert d == dict(seeds=3, mean=pytest.approx(0.10 * scale), lo=pytest.approx((0.10 - half) * scale, rel=1e-4),
+                         hi=pytest.approx((0.10 + half) * scale, rel=1e-4))
+    assert "| DARK - Static logit KD | 0.1000 [-0.0242, 0.2242] (n=3) | " in (root / "table1.md").read_text()
+
 
 def test_readme_table1_comes_from_the_committed_results():
     """The README's toy Table 1 is assets/table1_toy.json (eval.py --table's table1.json) as eval.table1_markdown
@@ -2643,6 +3014,37 @@ def test_int8_scale_underflow_rule():
     assert export_ios.int8_scale_underflows(w)
     w[1] = 0  # an all-zero channel has nothing to lose
     assert not export_ios.int8_scale_underflows(w)
+
+# --- promises: the --quantize estimate compresses what the package compresses ---
+@pytest.mark.parametrize("quantize", ["int8", "palettize4"])
+def test_compressed_copy_compresses_exactly_the_tensors_the_package_compresses(quantize):
+    """Weights of 2048 values (coremltools compresses more than 2048), 2080, 2145 with one channel whose int8 scale
+    fp16 cannot hold (int8 keeps it fp16), 2046 and 127,038 values, and a 1-D bias of 2049 (never compressed)."""
+    import coremltools as ct
+    torch.manual_seed(0)
+    visual = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 65), torch.nn.Linear(65, 33),
+                                 torch.nn.Linear(33, 62), torch.nn.Linear(62, 2049)).eval()
+    with torch.no_grad():
+        visual[2].weight[3] *= 1e-6
+    assert [export_ios.int8_scale_underflows(m.weight.detach().numpy()) for m in visual] == [0, 0, 1, 0, 0]
+    program, _ = export_ios.export_program(visual, torch.randn(1, 64))
+    mlmodel = export_ios.to_coreml(program, ct.TensorType(name="x", shape=(1, 64)), ["y"], "iOS16", quantize)
+    in_package = sorted(tuple(op.outputs[0].shape) for op in mlmodel._mil_program.functions["main"].operations
+                        if op.op_type.startswith("constexpr_"))
+    holder = torch.nn.Module()
+    holder.visual = visual
+    copied = export_ios.compressed_copy(holder, quantize).visual.state_dict()
+    in_copy = sorted(tuple(t.shape) for name, t in visual.state_dict().items()
+                     if not torch.equal(copied[name], t.half().float()))  # more than fp16 rounding
+    assert in_package == in_copy == sorted([(65, 32), (2049, 62)] + [(33, 65)] * (quantize == "palettize4"))
+
+# --- promises: the head's default prompts ---
+def test_default_head_prompts_follow_the_tokenizer():
+    assert export_ios.class_prompts("planes", "toy") == data.TOY_PLANE_PROMPTS
+    assert export_ios.class_prompts("brain", "toy") == data.TOY_BRAIN_PROMPTS
+    assert export_ios.class_prompts("planes", "bpe") == evaluation.PLANE_PROMPTS and len(evaluation.PLANE_PROMPTS) == 9
+    assert export_ios.class_prompts("brain", "bpe") == evaluation.BRAIN_PROMPTS
+    assert export_ios.class_prompts("none", "bpe") is None
 
 
 def test_l2_normalize_is_fp16_safe():
