@@ -382,49 +382,82 @@ def _bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-# CLIP's pre-tokenizer. Python's re has no \p{L} / \p{N}: [^\W\d_] is letters plus the numeric characters outside
-# Nd (², ½, Ⅻ), which _words() splits off again, and (?:[^\s\w]|_) is [^\s\p{L}\p{N}].
-# CLIP's pattern also matches '<start_of_text>' and '<end_of_text>' as one piece each; clean_text says why not here.
-_CLIP_PAT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
-_STRAIGHT_QUOTES = {**dict.fromkeys([0x2bc, *range(0x2018, 0x201c)], "'"), **dict.fromkeys(range(0x201c, 0x2020), '"')}
-# ECMA-48 escapes, as terminals read them: CSI (colours, cursor moves), OSC (titles, hyperlinks; ended by BEL or
-# ESC \\, or by the end of the text) and two-character escapes
-_ESCAPES = re.compile(r'\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\|$)|[ -/]*[0-~])')
+# CLIP's pre-tokenizer, as open_clip writes it but for '<end_of_text>' (clean_text says why). Python's re has no
+# \p{L} / \p{N}: [^\W\d_] is letters plus the numeric characters outside Nd (², ½, Ⅻ), which _words() splits off
+# again, and (?:[^\s\w]|_) is [^\s\p{L}\p{N}].
+_CLIP_PAT = re.compile(r"<start_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.I)  # I: 'ſ is 's
 
 
-class _Invisible(dict):
-    """str.translate table, filled on first sight of a character: control (Cc) and format (Cf: byte-order mark,
-    zero-width, bidi and soft-hyphen) characters map to None (dropped), but tab, newline, form feed and carriage
-    return, which the whitespace clean-up turns into spaces; so does U+FFFC, as in ftfy."""
+def _ftfy_tables():
+    """What ftfy.fix_text (6.x, default settings) does character by character, from Unicode's own data: one
+    str.translate table for its fixes in their order (C1 controls read as Windows-1252, keeping the five codes it
+    leaves undefined; Latin ligatures split one level; half- and full-width forms and U+3000 to their plain forms;
+    curly quotes straightened) and one for the controls it drops (C0 but tab, newline, form feed and carriage return;
+    DEL; deprecated Arabic format controls U+206A-206F; the byte-order mark; U+FFF9-FFFC)."""
+    quotes = {**dict.fromkeys([0x2bc, *range(0x2018, 0x201c)], "'"), **dict.fromkeys(range(0x201c, 0x2020), '"')}
+    split = lambda c: ''.join(chr(int(h, 16)) for h in unicodedata.decomposition(chr(c)).split()[1:])
+    ligatures = {c: split(c) for c in (0x132, 0x133, 0x149, *range(0x1c4, 0x1cd), *range(0x1f1, 0x1f4),
+                                       *range(0xfb00, 0xfb07))}
+    width = {0x3000: ' ', **{c: unicodedata.normalize('NFKC', chr(c)) for c in range(0xff01, 0xfff0)
+                             if unicodedata.normalize('NFKC', chr(c)) != chr(c)}}
+    c1 = {c: bytes([c]).decode('cp1252', 'ignore') or chr(c) for c in range(0x80, 0xa0)}
+    fix = {**quotes, **width, **ligatures, **c1}
+    fix = {c: s.translate(ligatures).translate(width).translate(quotes) for c, s in fix.items()}
+    drop = dict.fromkeys([*range(9), 0xb, *range(0xe, 0x20), 0x7f, *range(0x206a, 0x2070), 0xfeff, *range(0xfff9, 0xfffd)])
+    return fix, drop
 
-    def __missing__(self, code):
-        drop = unicodedata.category(chr(code)) in ('Cc', 'Cf') and chr(code) not in '\t\n\f\r' or code == 0xFFFC
-        self[code] = None if drop else code
-        return self[code]
+
+_FTFY_FIX, _FTFY_DROP = _ftfy_tables()
+_FTFY_ESCAPE = re.compile('\x1b\\[[\\d;]*[a-zA-Z]')  # ftfy removes colour codes and cursor moves only
+_ENTITY = re.compile(r'&#?[0-9A-Za-z]{1,24};')  # ftfy's unescaping: only what ends in ';', some names in capitals
+_ENTITIES = {f'&{n}': c for n, c in html.entities.html5.items() if n.endswith(';')}
+_ENTITIES.update({f'&{n.upper()}': c.upper() for n, c in html.entities.html5.items() if n.endswith(';')
+                  and n == n.lower() and html.unescape(f'&{n.upper()}') == f'&{n.upper()}'})
 
 
-_INVISIBLE = _Invisible()
+def _entity(match):
+    """One '&...;' as ftfy unescapes it: a known name, or a numeric reference that html.unescape reads whole."""
+    text = match[0]
+    if text in _ENTITIES:
+        return _ENTITIES[text]
+    plain = html.unescape(text) if text.startswith('&#') else text
+    return text if ';' in plain else plain  # html.unescape read only a part of it
+
+
+def _ftfy(segment, unescape):
+    """ftfy.fix_text's passes over one segment, repeated until nothing changes, mojibake repair left out."""
+    while True:
+        before = segment
+        if unescape:
+            segment = _ENTITY.sub(_entity, segment)
+        segment = segment.translate(_FTFY_FIX)
+        segment = segment.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')  # pairs joined, else U+FFFD
+        segment = unicodedata.normalize('NFC', _FTFY_ESCAPE.sub('', segment).translate(_FTFY_DROP))
+        if segment == before:
+            return segment
 
 
 def clean_text(text):
-    """A caption as open_clip cleans it before BPE (ftfy.fix_text, html-unescape twice, collapse whitespace,
-    lower-case), with ftfy reduced to the fixes a file from an editor, a spreadsheet or a terminal needs. In order:
-    html entities unescaped (first, so that an escaped control is cleaned like a raw one); surrogates paired, a lone
-    one replaced by U+FFFD (as ftfy; it would crash UTF-8 encoding); C1 controls read as the Windows-1252 characters
-    they stand for (as ftfy and browsers: \\x92 -> ’); terminal escape sequences removed; control and format
-    characters dropped (_Invisible); curly quotes straightened, NFC, whitespace collapsed, lower case.
+    """A caption as open_clip cleans it before BPE: ftfy.fix_text with its defaults, html.unescape twice, whitespace
+    collapsed, lower case, with ftfy written out here (no dependency). ftfy works line by line (at most 1e6
+    characters a segment); it unescapes HTML entities that end in ';' unless a '<' was seen in this or an earlier
+    line; reads C1 controls as the Windows-1252 characters they stand for (\\x92 -> ’); splits Latin ligatures (ﬁ);
+    turns half- and full-width forms into plain ones; straightens curly quotes; joins surrogate pairs, a lone one
+    becoming U+FFFD; removes colour and cursor escapes (ESC [ digits ; letter); drops C0 controls but whitespace, DEL,
+    the byte-order mark and a few more (_ftfy_tables); NFC. It keeps zero-width spaces and joiners, soft hyphens,
+    bidi marks, variation selectors and emoji tags, and so does this.
 
-    Where this differs from ftfy, on purpose (a test pins each): every ECMA-48 escape is removed, where ftfy removes
-    only colour codes and leaves an OSC title's text; all format characters are dropped, where ftfy drops only the
-    byte-order mark and a few others and keeps zero-width spaces, joiners, bidi marks and soft hyphens, which would
-    become tokens of invisible bytes; the five C1 codes Windows-1252 leaves undefined are dropped, where ftfy keeps
-    them; the literal text '<start_of_text>' or '<end_of_text>' in a caption stays text, where open_clip makes it
-    the special token, so a caption could end the sequence early and the text tower, which pools at the first end
-    token, would ignore the rest. ftfy's repairs of mojibake, ligatures and full-width forms are left out."""
-    text = html.unescape(html.unescape(text)).encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
-    text = re.sub('[\x80-\x9f]', lambda c: c[0].encode('latin-1').decode('cp1252', 'ignore'), text)
-    text = _ESCAPES.sub('', text).translate(_INVISIBLE).translate(_STRAIGHT_QUOTES)
-    return ' '.join(unicodedata.normalize('NFC', text).split()).lower()
+    Where the ids differ from open_clip's (a test pins each): ftfy's mojibake repair (fix_encoding: text decoded in
+    the wrong encoding, 'Ã©' for 'é') is not done, so such a caption tokenizes as written; SimpleTokenizer keeps the
+    literal text '<end_of_text>' as text, where open_clip makes it the end token and the text tower, which pools at
+    the first end token, would ignore the rest of the caption; and a character newer than Python's Unicode database
+    (unicodedata.unidata_version, 14.0 in Python 3.11) is no letter to Python's re, where open_clip's regex module
+    may know it. A lone surrogate becomes U+FFFD, as ftfy makes it."""
+    out, unescape = [], True
+    for segment in re.findall(r'[^\n]{0,999999}\n|[^\n]{1,1000000}', text):
+        unescape = unescape and '<' not in segment  # ftfy: once a line looks like HTML, it unescapes no more
+        out.append(_ftfy(segment, unescape))
+    return ' '.join(html.unescape(html.unescape(''.join(out))).split()).lower()
 
 
 def _words(text):
@@ -453,13 +486,41 @@ def _find_bpe(path=None):
     return path
 
 
+_BPE_MERGES = 49152 - 256 - 2  # CLIP's 49408 ids: 256 bytes, the same with '</w>', these merges, 2 special tokens
+
+
+def read_bpe(path):
+    """The first _BPE_MERGES merges of CLIP's merges file -> [(a, b), ...], from the gzipped file or the same file
+    gunzipped (bpe_simple_vocab_16e6.txt: browsers unpack .gz on download). Anything else raises ValueError naming
+    the file and what it holds: an empty file, an HTML page, a download cut short, another first line."""
+    refuse = lambda what: ValueError(f"CLIP BPE vocabulary {path}: {what}. Expected bpe_simple_vocab_16e6.txt.gz "
+                                     "(or the same file gunzipped)")
+    raw = Path(path).read_bytes()
+    try:
+        raw = gzip.decompress(raw) if raw[:2] == b'\x1f\x8b' else raw
+    except (EOFError, OSError, zlib.error) as e:
+        raise refuse(f"a gzip file cut short or damaged ({e})") from None
+    lines = raw.decode('utf-8', 'replace').split('\n')
+    merges = [tuple(m.split()) for m in lines[1:_BPE_MERGES + 1]]
+    good = next((i for i, m in enumerate(merges) if len(m) != 2), len(merges))  # merges before the first bad line
+    if not raw.strip():
+        raise refuse('an empty file')
+    if re.match(rb'\s*<(!doctype|html|\?xml)', raw, re.I):
+        raise refuse("an HTML page, not the file (a download of the web page? take the 'raw' link)")
+    if '#version' not in lines[0]:
+        raise refuse(f"a first line {lines[0][:60]!r}, where a merges file has its '#version' line")
+    if good < _BPE_MERGES:
+        raise refuse(f"{good} merges, then {'the end' if good == len(merges) else f'line {good + 2}'} (cut short?), "
+                     f"where CLIP's vocabulary needs {_BPE_MERGES}")
+    return merges
+
+
 class SimpleTokenizer(Tokenizer):
     """CLIP's byte-level BPE (openai/CLIP simple_tokenizer.py), giving open_clip's ids: start 49406, end 49407,
     pad 0, after clean_text (open_clip's cleaning, with the differences listed there)."""
 
     def __init__(self, bpe_path=None, context_length=77):
-        merges = gzip.open(_find_bpe(bpe_path)).read().decode('utf-8').split('\n')[1:49152 - 256 - 2 + 1]
-        merges = [tuple(m.split()) for m in merges]
+        merges = read_bpe(_find_bpe(bpe_path))
         self.byte_encoder = _bytes_to_unicode()
         vocab = list(self.byte_encoder.values())
         vocab += [v + '</w>' for v in vocab] + [''.join(m) for m in merges] + ['<start_of_text>', '<end_of_text>']
@@ -467,7 +528,7 @@ class SimpleTokenizer(Tokenizer):
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.sot, self.eot = self.encoder['<start_of_text>'], self.encoder['<end_of_text>']
         self.vocab_size, self.context_length = len(vocab), context_length
-        self.cache = {}
+        self.cache = {'<start_of_text>': ['<start_of_text>']}  # as open_clip: the start token, in a caption too
 
     def bpe(self, token):
         """Merge the characters of one pre-token, lowest-ranked pair first, until no known pair is left."""
