@@ -350,6 +350,74 @@ def test_renamed_or_reshaped_key_is_named_in_the_error():
         models.load_checkpoint(model, sd)
 
 
+# --- other tools' weight files ---
+class TorchScriptCLIP(torch.nn.Module):
+    """What OpenAI's CLIP .pt archives hold: the open_clip names in a module tree, fp16, and three extra entries."""
+
+    def __init__(self, state_dict):
+        super().__init__()
+        for key, value in state_dict.items():
+            *path, name = key.split('.')
+            owner = self
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, torch.nn.Module())
+                owner = getattr(owner, part)
+            owner.register_buffer(name, value.half() if value.is_floating_point() else value)
+        for name, value in (('input_resolution', 64), ('context_length', 44), ('vocab_size', 160)):
+            self.register_buffer(name, torch.tensor(value))
+
+    def forward(self, x):
+        return x * self.logit_scale
+
+
+@pytest.mark.parametrize('make', ['script', 'trace'])
+def test_torchscript_clip_archive_loads_as_open_clip_reads_it(tmp_path, make):
+    source = randomize_(models.build_model(TOY_VIT))
+    holder = TorchScriptCLIP(source.state_dict())
+    archive = torch.jit.script(holder) if make == 'script' else torch.jit.trace(holder, torch.ones(1))
+    archive.save(tmp_path / 'ViT-toy.pt')
+    want = {k: v.half().to(v.dtype) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    model = models.load_checkpoint(models.build_model(TOY_VIT), tmp_path / 'ViT-toy.pt')
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    model, kind = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(want['visual.conv1.weight'], models.build_model(TOY_VIT).state_dict()['visual.conv1.weight'])
+
+
+def test_weight_files_torch_save_did_not_write_are_refused_in_one_line_naming_them(tmp_path):
+    import argparse
+    import zipfile
+    weights = models.build_model('toy-student').state_dict()
+    torch.save(weights, tmp_path / 'good.pt')
+    torch.save(weights, tmp_path / 'legacy.pt', _use_new_zipfile_serialization=False)
+    for name in ('good.pt', 'legacy.pt'):  # torch.save's two formats load, with and without mmap
+        models.load_checkpoint(models.build_model('toy-student'), tmp_path / name)
+        evaluation.load_model_and_tokenizer_kind(tmp_path / name, 'toy-student', weights=False)
+    raw, legacy = (tmp_path / 'good.pt').read_bytes(), (tmp_path / 'legacy.pt').read_bytes()
+    with zipfile.ZipFile(tmp_path / 'notes.zip', 'w') as z:
+        z.writestr('notes/readme.txt', 'weights elsewhere')
+    torch.save({'args': argparse.Namespace(lr=1.0), 'state_dict': weights}, tmp_path / 'open_clip_run.pt')
+    header = json.dumps({'w': {'dtype': 'F32', 'shape': [2], 'data_offsets': [0, 8]}}).encode()
+    files = {'empty.pt': b'', 'cut.pt': raw[:len(raw) // 2], 'legacy_cut.pt': legacy[:len(legacy) // 2],
+             'page.pt': b'\n<!DOCTYPE html><html><body>Sign in</body></html>', 'noise.bin': bytes(range(7, 250)) * 9,
+             'model.safetensors': len(header).to_bytes(8, 'little') + header + bytes(8)}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    expect = {'missing.pt': 'no such file', 'empty.pt': 'an empty file', 'cut.pt': 'a zip archive cut short',
+              'legacy_cut.pt': 'cut short, or not a torch.save file', 'noise.bin': 'cut short, or not a torch.save file',
+              'page.pt': 'an HTML page', 'model.safetensors': 'a safetensors file; convert it once with',
+              'notes.zip': 'a zip archive that torch.save did not write .it holds notes/readme.txt',
+              'open_clip_run.pt': r'it holds Python objects \(argparse.Namespace\) that weights_only loading refuses'}
+    for name, what in expect.items():
+        for load in (lambda p: models.load_checkpoint(models.build_model('toy-student'), p),
+                     lambda p: evaluation.load_model_and_tokenizer_kind(p, 'toy-student'),
+                     lambda p: evaluation.load_model_and_tokenizer_kind(p, 'toy-student', weights=False)):
+            with pytest.raises(ValueError, match=f"^cannot read checkpoint {re.escape(str(tmp_path / name))}: {what}") as e:
+                load(tmp_path / name)
+            assert '\n' not in str(e.value) and 'Re-running' not in str(e.value), name
+
+
 def to_ml_mobileclip(state_dict, prefix, stages):
     """Our timm-named trunk keys in Apple ml-mobileclip's mci.py layout (the inverse of the loader's rules)."""
     network, n = {}, 0  # ml-mobileclip's flat list: [blocks0, downsample1, blocks1, ..., downsample3, pe3, blocks3]
