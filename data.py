@@ -633,12 +633,24 @@ def as_l_or_rgb(image):
     return Image.fromarray(np.round(x.astype(np.float64) * (255 / top)).astype(np.uint8))
 
 
+def check_square(width, height):
+    """Raises DecompressionBombError when the black square that pad_square makes of a width x height image would
+    have more pixels than Pillow's bomb limit (Image.MAX_IMAGE_PIXELS; None: no limit): a 1.5 KB PNG of 60000 x 8
+    pixels pads to 3.6 G pixels."""
+    side, limit = max(width, height), Image.MAX_IMAGE_PIXELS
+    if limit and side * side > limit:
+        raise Image.DecompressionBombError(f"{width} x {height} pixels pad to a {side} x {side} square, over Pillow's "
+                                           f"limit of {limit} pixels (Image.MAX_IMAGE_PIXELS): crop or resize it")
+
+
 def load_image(source, where='', header_only=False):
     """Decode an image now -> PIL image in mode 'L' or 'RGB' (as_l_or_rgb). source: a path, or the bytes of a shard
     member. Anything in DECODE_ERRORS raises ValueError naming where (the file and row) and the cause; the readers
-    skip on it or stop. header_only: open without decoding the pixels (size and mode; a bomb is still refused)."""
+    skip on it or stop. An image whose padded square check_square refuses is one of them, refused from its header.
+    header_only: open without decoding the pixels (size and mode; a bomb is still refused)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            check_square(*image.size)
             if header_only:
                 return image
             image.load()
@@ -1030,9 +1042,10 @@ class TarShards(torch.utils.data.IterableDataset):
 # --- preprocessing, as FetalCLIP and MobileFetalCLIP do it ---
 def pad_square(image):
     """Zero-pad to a centred black square (FetalCLIP's make_image_square_with_zero_padding): resizing then keeps
-    the anatomy's proportions."""
+    the anatomy's proportions. A square over Pillow's bomb limit raises DecompressionBombError (check_square)."""
     image = as_l_or_rgb(image)
     w, h = image.size
+    check_square(w, h)
     square = Image.new(image.mode, (max(w, h),) * 2)
     square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
     return square

@@ -1180,6 +1180,49 @@ def test_tar_shards_stream_shard_and_skip(tmp_path):
     assert batches[0]['image'].shape == (2, 3, 32, 32) and batches[0]['ids'].shape == (2, data.TOY_CONTEXT)
 
 
+# --- extreme aspect ratios: a padded square over Pillow's bomb limit is refused by name ---
+@pytest.mark.parametrize('mode', ['L', 'RGB'])
+def test_image_whose_padded_square_is_too_large_is_refused_by_name_and_skipped(tmp_path, mode):
+    (tmp_path / 'img').mkdir()
+    for name, size in (('wide', (60000, 8)), ('tall', (8, 60000)), ('ok', (40, 30))):
+        Image.new(mode, size, 90).save(tmp_path / f'img/{name}.png')  # ~1.5 KB each
+    (tmp_path / 'pairs.csv').write_text('filepath,title\nimg/wide.png,a\nimg/ok.png,b\nimg/tall.png,c\n')
+    for name in ('wide', 'tall'):
+        with pytest.raises(ValueError, match=rf"line 9: cannot read image .*{name}\.png: DecompressionBombError: .*"
+                                             r"pad to a 60000 x 60000 square, over Pillow's limit"):
+            data.load_image(tmp_path / f'img/{name}.png', 'pairs.csv, line 9')
+    rows = data.read_captions(tmp_path / 'pairs.csv')
+    with pytest.raises(ValueError, match=r'pairs\.csv, line 2: .*wide\.png'):
+        data.ImageRows(rows)[0]
+    lenient = data.ImageRows(rows, skip_bad=True)
+    assert [lenient[i]['caption'] for i in range(3)] == ['b', 'b', 'b']
+    assert {w.split(', ')[-1] for w, _ in lenient.skipped} == {'line 2', 'line 4'}
+    png = lambda name: (tmp_path / f'img/{name}.png').read_bytes()
+    _write_shard(tmp_path / 'shard.tar', [('0.png', png('wide')), ('0.txt', b'a'), ('1.png', png('ok')),
+                                          ('1.txt', b'b'), ('2.png', png('tall')), ('2.txt', b'c')])
+    shards = data.TarShards(tmp_path / 'shard.tar', skip_bad=True)
+    assert [s['caption'] for s in shards] == ['b'] and [w for w, _ in shards.skipped] == [f"{tmp_path / 'shard.tar'}: 0",
+                                                                                         f"{tmp_path / 'shard.tar'}: 2"]
+    tf = data.DistillTransform((32, data.CLIP_MEAN, data.CLIP_STD))  # what is loaded pads and augments as before
+    assert tf(data.load_image(tmp_path / 'img/ok.png'))[0].shape == (3, 32, 32)
+
+
+def test_padded_square_limit_is_pillows_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 10_000)  # a side of 100 at most
+    for size, fits in (((100, 3), True), ((3, 100), True), ((101, 3), False), ((3, 101), False), ((100, 100), True)):
+        Image.new('L', size).save(tmp_path / 'x.png')
+        if fits:
+            assert data.Preprocess(16)(data.load_image(tmp_path / 'x.png')).shape == (3, 16, 16)
+        else:
+            with pytest.raises(ValueError, match=rf'{size[0]} x {size[1]} pixels pad to a 101 x 101 square'):
+                data.load_image(tmp_path / 'x.png', header_only=True)
+            with pytest.raises(Image.DecompressionBombError, match='101 x 101'):  # a PIL image given directly
+                data.pad_square(Image.new('RGB', size))
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', None)  # Pillow's own switch turns the check off too
+    Image.new('L', (60000, 8)).save(tmp_path / 'x.png')
+    assert data.load_image(tmp_path / 'x.png', header_only=True).size == (60000, 8)
+
+
 def test_fetal_planes_reader_tolerates_whitespace_not_unknown_labels(tmp_path):
     header = 'Image_name ; Patient_num;Plane;Brain_plane;Operator;US_Machine;Train \n'
     good = ('Patient00001_Plane1_1_of_15; 1 ;Fetal brain ; Trans-thalamic;Op. 1;Voluson E6;1\n'
