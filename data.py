@@ -927,6 +927,17 @@ def _group(body, pattern):
     raise ValueError(f"shard pattern {pattern!r}: '{{{body}}}' is neither a list (a,b) nor a range (1..9, a..z)")
 
 
+def shard_names(shards):
+    """The name each shard goes by in sample keys (and so in pair_id, augment_draw and --teacher_cache rows): its file
+    name, or as many of its last path components as every shard needs to differ ('yfcc/000.tar', 'cc/000.tar'); the
+    same from any working folder, and when the whole tree moves. A 'pipe:' spec is its own name."""
+    parts = [(s,) if s.startswith('pipe:') else Path(os.path.abspath(s)).parts for s in shards]
+    depth = 1
+    while len({p[-depth:] for p in parts}) < len(parts) and any(len(p) > depth for p in parts):
+        depth += 1
+    return {s: '/'.join(p[-depth:]) for s, p in zip(shards, parts)}
+
+
 # How a shard fails to read: cut short or not a tar (TarError; EOFError from a cut .tar.gz or .tar.xz), corrupt
 # compressed data (zlib.error, lzma.LZMAError), missing or unreadable (OSError)
 SHARD_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
@@ -943,6 +954,7 @@ class TarShards(torch.utils.data.IterableDataset):
 
     def __init__(self, pattern, skip_bad=False, shuffle=False, seed=0):
         self.shards = expand_braces(str(pattern))
+        self.names = shard_names(self.shards)
         self.skip_bad, self.shuffle, self.seed = skip_bad, shuffle, seed
         self.rank, self.world_size, self.epoch = 0, 1, 0
         self.skipped = []
@@ -1009,10 +1021,10 @@ class TarShards(torch.utils.data.IterableDataset):
         except ValueError as e:
             self._bad(where, e)
             return
-        yield dict(image=image, caption=caption, where=where, key=f"{os.path.basename(shard)}/{key}")
+        yield dict(image=image, caption=caption, where=where, key=f"{self.names[shard]}/{key}")
 
     def keys(self):
-        """The key ('shard file name/sample key') of every sample with a caption and an image, in shard order, read
+        """The key ('shard name/sample key', shard_names) of every sample with a caption and an image, in shard order, read
         from the tar headers alone (train.py's epoch length and --teacher_cache rows). An unreadable shard gives what
         came before the break and is skipped or named, as when streaming."""
         keys = []
@@ -1029,7 +1041,7 @@ class TarShards(torch.utils.data.IterableDataset):
                         raise tarfile.ReadError("unexpected end of data (no end-of-archive blocks)")
             except SHARD_ERRORS as e:
                 self._bad(shard, f"unreadable shard ({type(e).__name__}: {e})")
-            keys += [f"{os.path.basename(shard)}/{k}" for k, e in exts.items()
+            keys += [f"{self.names[shard]}/{k}" for k, e in exts.items()
                      if 'txt' in e and not e.isdisjoint(IMAGE_EXTENSIONS)]
         return keys
 
@@ -1173,7 +1185,7 @@ class TeacherCache:
             header = dict(header, pairs=len(keys))
             if len(set(keys)) < len(keys):
                 twice = next(key for key, n in collections.Counter(keys).items() if n > 1)
-                raise ValueError(f"sample {twice!r} appears twice: tar samples are stored by shard file name and key")
+                raise ValueError(f"sample {twice!r} appears twice: a shard listed twice, or a key twice in one shard?")
         root.mkdir(parents=True, exist_ok=True)
         n, k, d = header['pairs'], header['cache_views'], header['embed_dim']
         for name, size in (('image.f16', 2 * n * k * d), ('text.f16', 2 * n * d), ('done.u8', n)):

@@ -1223,6 +1223,32 @@ def test_padded_square_limit_is_pillows_own(tmp_path, monkeypatch):
     assert data.load_image(tmp_path / 'x.png', header_only=True).size == (60000, 8)
 
 
+# --- shards of one file name in two folders ---
+def test_shards_of_one_name_in_two_folders_get_keys_that_tell_them_apart(tmp_path, monkeypatch):
+    for folder, value in (('yfcc', 10), ('cc', 200)):
+        (tmp_path / folder).mkdir()
+        _write_shard(tmp_path / folder / '000.tar', [('00000.png', _png_bytes(value)), ('00000.txt', b'fetal brain'),
+                                                     ('00001.png', _png_bytes(value + 1)), ('00001.txt', b'fetal femur')])
+    _write_shard(tmp_path / 'cc' / '001.tar', [('00000.png', _png_bytes(7)), ('00000.txt', b'fetal thorax')])
+    monkeypatch.chdir(tmp_path)
+    shards = data.TarShards('yfcc/000.tar::cc/000.tar::cc/001.tar')
+    want = ['yfcc/000.tar/00000', 'yfcc/000.tar/00001', 'cc/000.tar/00000', 'cc/000.tar/00001', 'cc/001.tar/00000']
+    assert shards.keys() == [s['key'] for s in shards] == want
+    # the same keys from another working folder or with absolute paths: keys do not depend on where you stand
+    monkeypatch.chdir(tmp_path / 'cc')
+    assert data.TarShards(f'{tmp_path}/yfcc/000.tar::../cc/000.tar::001.tar').keys() == want
+    assert data.TarShards('001.tar').keys() == ['001.tar/00000']  # names alone where they differ, as before
+    assert data.TarShards(f'{tmp_path}/cc/{{000,001}}.tar').keys()[-1] == '001.tar/00000'
+    ids = {data.pair_id(dict(key=k)) for k in want}
+    draws = {tuple(data.augment_draw(0, data.pair_id(dict(key=k)), 0)) for k in want}
+    assert len(ids) == len(draws) == len(want)  # every sample its own pair id and augmentation
+    data.TeacherCache.create(tmp_path / 'cache', dict(cache_views=1, embed_dim=2), want)  # was "appears twice"
+    cache = data.TeacherCache(tmp_path / 'cache')
+    assert sorted(cache.rows(dict(key=want)).tolist()) == list(range(len(want)))
+    with pytest.raises(ValueError, match=r"sample 'cc/000.tar/00000' appears twice: a shard listed twice"):
+        data.TeacherCache.create(tmp_path / 'twice', dict(cache_views=1, embed_dim=2), want + want[2:3])
+
+
 def test_fetal_planes_reader_tolerates_whitespace_not_unknown_labels(tmp_path):
     header = 'Image_name ; Patient_num;Plane;Brain_plane;Operator;US_Machine;Train \n'
     good = ('Patient00001_Plane1_1_of_15; 1 ;Fetal brain ; Trans-thalamic;Op. 1;Voluson E6;1\n'
@@ -1923,6 +1949,20 @@ def test_tar_shards_and_two_ranks_read_the_right_rows(tmp_path):
         a, b = (np.fromfile(Path(c["teacher_cache"]) / name, np.float16) for c in (one, two))
         assert np.abs(a.astype(np.float32) - b).max() < 1e-3, name
     assert np.array_equal(np.load(tmp_path / "cache" / "keys.npy"), np.load(tmp_path / "two" / "keys.npy"))
+
+
+def test_teacher_cache_over_shards_of_one_name_in_two_folders_builds_and_holds_each(tmp_path):
+    world = data.ToyWorld("train", 64, length=4)
+    for k, folder in enumerate(("yfcc", "cc")):
+        (tmp_path / folder).mkdir()
+        _write_shard(tmp_path / folder / "000.tar", [member for i in (2 * k, 2 * k + 1) for member in (
+            (f"{i % 2:05d}.png", _toy_png(i)), (f"{i % 2:05d}.txt", world[i]["caption"].encode()))])
+    pattern = f"{tmp_path}/yfcc/000.tar::{tmp_path}/cc/000.tar"
+    cfg = _cached(tmp_path, kd="static", train_data=pattern, batch_size=2, epochs=1, samples_per_epoch=4, workers=0)
+    train.train(cfg)
+    items = list(data.TarShards(pattern))
+    assert len({item["key"] for item in items}) == 4
+    _assert_rows_hold_their_pairs(cfg, items)
 
 
 def test_readme_toy_numbers_come_from_the_committed_results():

@@ -350,7 +350,7 @@ def cache_header(cfg, spec, pairs):
             return hashlib.file_digest(f, "sha256").hexdigest()
     tar = isinstance(pairs, data.TarShards)
     if tar:
-        source = sorted([Path(s).name, os.path.getsize(s)] for s in pairs.shards)
+        source = sorted([pairs.names[s], os.path.getsize(s)] for s in pairs.shards)
     elif cfg["train_data"] == "toy":  # the protocol's version names the toy world: a cache of an older one is refused
         source = f"toy world ({evaluation.PROTOCOL}), {len(pairs)} pairs at {pairs.size} px"
     else:
