@@ -19,6 +19,7 @@ token of the toy tokenizer.
 The real formats: caption CSV/TSV, webdataset tar shards, FETAL_PLANES_DB, HC18; then FetalCLIP's preprocessing.
 """
 import collections
+import contextlib
 import csv
 import difflib
 import gzip
@@ -32,7 +33,9 @@ import math
 import os
 import random
 import re
+import signal
 import struct
+import subprocess
 import sys
 import tarfile
 import time
@@ -944,16 +947,50 @@ SHARD_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
 IMAGE_EXTENSIONS = ('png', 'jpg', 'jpeg', 'webp')  # open_clip's webdataset image keys
 
 
+@contextlib.contextmanager
+def open_shard(shard, stream=True):
+    """A shard -> tarfile.TarFile: a path (stream: one pass; else random access, which seeks over data), or
+    webdataset's 'pipe:COMMAND', whose standard output is read as one tar stream (its own messages go to stderr). A
+    command that exits with a non-zero status raises OSError naming it, once its output is read or fails to read."""
+    if not shard.startswith('pipe:'):
+        with tarfile.open(shard, 'r|*' if stream else 'r') as tar:
+            yield tar
+        return
+    proc = subprocess.Popen(shard[5:], shell=True, stdout=subprocess.PIPE, start_new_session=True)  # a group to stop
+    failed = None
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode='r|*') as tar:
+            yield tar
+        proc.stdout.read()  # the padding after the end of the archive: the command ends on its own
+    except SHARD_ERRORS as e:
+        failed = e
+    except BaseException:  # the reader stopped early (or an error that is not the shard's): stop the command
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    finally:
+        proc.stdout.close()
+        status = proc.wait()
+    if status:
+        raise OSError(f"command {shard[5:]!r} exited with status {status} (its own message is above)") from failed
+    if failed:
+        raise failed
+
+
 class TarShards(torch.utils.data.IterableDataset):
     """Image-caption pairs streamed from webdataset-style tar shards (members KEY.png|jpg|jpeg|webp and KEY.txt, next
     to each other), so a corpus never has to fit in memory. The shards (expand_braces) are dealt out over ranks
     (shard_by) and then over DataLoader workers; give each rank at least num_workers shards. A bad sample (an image
     in DECODE_ERRORS, a caption decode_text refuses or that is empty, a missing part) or an unreadable shard
     (SHARD_ERRORS: what came before the break is kept) raises ValueError naming the shard and the key; skip_bad=True
-    skips it instead, counted in .skipped and reported on stderr with this process's running count."""
+    skips it instead, counted in .skipped and reported on stderr with this process's running count. A shard is a
+    path or webdataset's 'pipe:COMMAND' (open_shard); a URL (http://, s3://) raises ValueError naming the pipe: that
+    reads it."""
 
     def __init__(self, pattern, skip_bad=False, shuffle=False, seed=0):
         self.shards = expand_braces(str(pattern))
+        if remote := next((s for s in self.shards if re.match(r'[a-z][a-z\d+.-]*://', s, re.I)), None):
+            raise ValueError(f"shard {remote!r} is remote, which is read only through a command, as webdataset does: "
+                             f"'pipe:curl -fsSL {remote}' (or 'pipe:aws s3 cp {remote} -')")
         self.names = shard_names(self.shards)
         self.skip_bad, self.shuffle, self.seed = skip_bad, shuffle, seed
         self.rank, self.world_size, self.epoch = 0, 1, 0
@@ -972,7 +1009,7 @@ class TarShards(torch.utils.data.IterableDataset):
         out = []
         for shard in self.shards:
             try:
-                with tarfile.open(shard) as tar:
+                with open_shard(shard, stream=False) as tar:
                     out += [tar.extractfile(m).read().decode('utf-8', 'replace') for m in tar
                             if m.isfile() and m.name.endswith('.txt')]
             except SHARD_ERRORS:
@@ -990,7 +1027,7 @@ class TarShards(torch.utils.data.IterableDataset):
         for shard in shards[self.rank * workers + worker::self.world_size * workers]:
             key, group = None, {}
             try:
-                with tarfile.open(shard, 'r|*') as tar:  # stream mode: one pass, no index
+                with open_shard(shard) as tar:  # stream mode: one pass, no index
                     for member in tar:
                         if not member.isfile():
                             continue
@@ -1031,7 +1068,7 @@ class TarShards(torch.utils.data.IterableDataset):
         for shard in self.shards:
             exts = {}
             try:
-                with tarfile.open(shard) as tar:  # random access: seeks over the members' data
+                with open_shard(shard, stream=False) as tar:  # random access: seeks over the members' data
                     for member in (m for m in tar if m.isfile()):
                         folder, name = os.path.split(member.name)
                         stem, _, ext = name.partition('.')

@@ -19,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
 import unicodedata
 import warnings
 from pathlib import Path
@@ -1249,6 +1250,52 @@ def test_shards_of_one_name_in_two_folders_get_keys_that_tell_them_apart(tmp_pat
         data.TeacherCache.create(tmp_path / 'twice', dict(cache_views=1, embed_dim=2), want + want[2:3])
 
 
+# --- shards streamed from a command (webdataset's pipe:) ---
+def test_pipe_shards_stream_a_commands_output_and_name_a_failing_command(tmp_path):
+    samples = [(f'{i:05d}.{ext}', _png_bytes(i) if ext == 'png' else f'fetal brain {i}'.encode())
+               for i in range(3) for ext in ('png', 'txt')]
+    _write_shard(tmp_path / '000.tar', samples)
+    (tmp_path / '001.tar.gz').write_bytes(gzip.compress((tmp_path / '000.tar').read_bytes()))
+    local = [(s['caption'], s['image'].getpixel((0, 0))) for s in data.TarShards(tmp_path / '000.tar')]
+    for spec in (f'pipe:cat {tmp_path}/000.tar', f'pipe:gzip -dc < {tmp_path}/001.tar.gz'):
+        shards = data.TarShards(spec)
+        assert [(s['caption'], s['image'].getpixel((0, 0))) for s in shards] == local
+        assert shards.keys() == [f'{spec}/{i:05d}' for i in range(3)] and len(shards.captions(9)) == 3
+    cut = f'pipe:head -c 1600 {tmp_path}/000.tar'  # the command ends well, its output is cut short
+    missing = f'pipe:cat {tmp_path}/nothing.tar'
+    with pytest.raises(ValueError, match=re.escape(f"{missing}: unreadable shard (OSError: command 'cat {tmp_path}/"
+                                                   "nothing.tar' exited with status 1")):
+        list(data.TarShards(missing))
+    with pytest.raises(ValueError, match=re.escape(f"{missing}: unreadable shard (OSError: command")):
+        data.TarShards(missing).keys()
+    with pytest.raises(ValueError, match=re.escape(cut) + r": unreadable shard \(ReadError"):
+        list(data.TarShards(cut))
+    lenient = data.TarShards(f'{missing}::pipe:cat {tmp_path}/000.tar::{cut}', skip_bad=True)
+    got, captions = [s['caption'] for s in lenient], [c for c, _ in local]
+    assert got[:3] == captions and got[3:] == captions[:len(got) - 3]  # and what came before the cut
+    assert [w for w, _ in lenient.skipped] == [missing, cut] and len(lenient.keys()) >= 3
+    _write_shard(tmp_path / 'long.tar', samples * 20)  # longer than what tarfile reads ahead (10 KB)
+    endless = iter(data.TarShards(f'pipe:cat {tmp_path}/long.tar; sleep 60'))  # a reader that stops early ...
+    start = time.time()
+    next(endless)
+    endless.close()  # ... stops the command, and does not wait for it
+    assert time.time() - start < 20
+
+
+def test_remote_shard_urls_are_refused_up_front_with_the_pipe_that_reads_them(tmp_path):
+    for spec in ('https://host/shards/{000..009}.tar', 's3://bucket/000.tar', 'local/0.tar::http://h/1.tar'):
+        url = spec.split('::')[-1].replace('{000..009}', '000')
+        with pytest.raises(ValueError, match=re.escape(f"shard {url!r} is remote") + ".*" + re.escape(f"'pipe:curl -fsSL {url}'")):
+            data.TarShards(spec)
+        with pytest.raises(SystemExit, match=re.escape(f"train.py: --train_data={spec}: shard {url!r} is remote")):
+            train.configure([f'--train_data={spec}', f'--out_dir={tmp_path}/run'])
+    spec = f'pipe:cat {tmp_path}/000.tar'  # a teacher cache knows shards by name and size: a stream is refused
+    with pytest.raises(SystemExit, match=r"--teacher_cache needs local shards, not 'pipe:' streams"):
+        train.configure([f'--train_data={spec}', f'--teacher_cache={tmp_path}/cache', '--kd=static',
+                         f'--out_dir={tmp_path}/run', f'--teacher={__file__}'])
+    assert not (tmp_path / 'cache').exists() and not (tmp_path / 'run').exists()
+
+
 def test_fetal_planes_reader_tolerates_whitespace_not_unknown_labels(tmp_path):
     header = 'Image_name ; Patient_num;Plane;Brain_plane;Operator;US_Machine;Train \n'
     good = ('Patient00001_Plane1_1_of_15; 1 ;Fetal brain ; Trans-thalamic;Op. 1;Voluson E6;1\n'
@@ -1716,6 +1763,19 @@ def test_a_shard_cut_short_is_named_or_skipped_at_start_up(tmp_path, capsys):
         assert len(streamed) <= counted <= 8 and len(shards.skipped) == 2
         with pytest.raises(ValueError, match=re.escape(pattern) + r": unreadable shard"):
             data.TarShards(tmp_path / pattern).keys()
+
+
+def test_training_streams_pipe_shards_and_skips_a_command_that_fails(tmp_path, capsys):
+    for k in (1, 2):
+        _write_shard(tmp_path / f"shard_{k}.tar", [item for i in range(4) for item in (
+            (f"s{k}_{i}.png", _png_bytes(30 * i)), (f"s{k}_{i}.txt", b"ultrasound of the fetal brain"))])
+    spec = f"pipe:cat {tmp_path}/shard_{{1..2}}.tar::pipe:cat {tmp_path}/gone.tar"  # braces expand inside pipe: too
+    cfg = _cfg(tmp_path, kd="none", train_data=spec, batch_size=4, epochs=1, workers=0)
+    with pytest.raises(ValueError, match=r"gone\.tar' exited with status 1"):
+        train.train(cfg)
+    train.train({**cfg, "skip_bad": True})  # 8 pairs from the two commands that work, batch 4
+    assert [r["step"] for r in _log(cfg) if "total" in r] == [1, 2]
+    assert re.search(r"skipped pipe:cat .*gone\.tar: unreadable shard \(OSError: command", capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("pattern, names", [
