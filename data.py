@@ -406,7 +406,8 @@ def _ftfy_tables():
     c1 = {c: bytes([c]).decode('cp1252', 'ignore') or chr(c) for c in range(0x80, 0xa0)}
     fix = {**quotes, **width, **ligatures, **c1}
     fix = {c: s.translate(ligatures).translate(width).translate(quotes) for c, s in fix.items()}
-    drop = dict.fromkeys([*range(9), 0xb, *range(0xe, 0x20), 0x7f, *range(0x206a, 0x2070), 0xfeff, *range(0xfff9, 0xfffd)])
+    drop = dict.fromkeys([*range(9), 0xb, *range(0xe, 0x20), 0x7f, *range(0x206a, 0x2070), 0xfeff,
+                          *range(0xfff9, 0xfffd)])
     return fix, drop
 
 
@@ -1061,9 +1062,9 @@ class TarShards(torch.utils.data.IterableDataset):
         yield dict(image=image, caption=caption, where=where, key=f"{self.names[shard]}/{key}")
 
     def keys(self):
-        """The key ('shard name/sample key', shard_names) of every sample with a caption and an image, in shard order, read
-        from the tar headers alone (train.py's epoch length and --teacher_cache rows). An unreadable shard gives what
-        came before the break and is skipped or named, as when streaming."""
+        """The key ('shard name/sample key', shard_names) of every sample with a caption and an image, in shard
+        order, read from the tar headers alone (train.py's epoch length and --teacher_cache rows). An unreadable shard
+        gives what came before the break and is skipped or named, as when streaming."""
         keys = []
         for shard in self.shards:
             exts = {}
