@@ -896,8 +896,11 @@ def test_clean_text_is_open_clips_cleaning_but_where_it_says_it_is_not():
 def test_bpe_tokenizer_cleans_like_open_clip_and_keeps_the_end_token_out_of_captions(shared):
     tok = data.get_tokenizer('bpe', 77, shared / 'vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz')
     assert tok(['\ufefffetal brain'])[0, :5].tolist() == [49406, 42031, 4812, 49407, 0]  # open_clip's ids
-    for dirty, clean in FTFY_CLEANS + FTFY_KEEPS:  # (a clean text with a '<' before an entity is cleaned further)
-        assert torch.equal(tok([dirty]), tok([clean])) or data.clean_text(clean) != clean, repr(dirty)
+    with pytest.MonkeyPatch.context() as raw:
+        raw.setattr(data, 'clean_text', lambda text: text)  # the clean texts tokenized as they stand
+        want = [tok([clean]) for _, clean in FTFY_CLEANS + FTFY_KEEPS]
+    for (dirty, _), ids in zip(FTFY_CLEANS + FTFY_KEEPS, want):
+        assert torch.equal(tok([dirty]), ids), repr(dirty)
     # open_clip 3.3.0's ids: the soft hyphen and the zero-width space are tokens of their own bytes, not dropped
     assert tok(['fe\u00adtal'])[0, :6].tolist() == [49406, 873, 22618, 2066, 49407, 0]
     assert tok(['fetal\u200bbrain'])[0, :6].tolist() == [49406, 42031, 9844, 4812, 49407, 0]
