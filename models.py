@@ -677,7 +677,7 @@ def read_checkpoint(path, mmap=False):
     write, Python objects that weights_only refuses; each with how to get a file that loads."""
     refuse = lambda what: ValueError(f"cannot read checkpoint {path}: {what}")
     if not Path(path).is_file():
-        raise refuse("no such file")
+        raise refuse("a folder, not a file" if Path(path).is_dir() else "no such file")
     with open(path, "rb") as f:
         head = f.read(4096)
     names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []

@@ -405,7 +405,8 @@ def test_weight_files_torch_save_did_not_write_are_refused_in_one_line_naming_th
              'model.safetensors': len(header).to_bytes(8, 'little') + header + bytes(8)}
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
-    expect = {'missing.pt': 'no such file', 'empty.pt': 'an empty file', 'cut.pt': 'a zip archive cut short',
+    (tmp_path / 'folder.pt').mkdir()
+    expect = {'missing.pt': 'no such file', 'folder.pt': 'a folder, not a file', 'empty.pt': 'an empty file', 'cut.pt': 'a zip archive cut short',
               'legacy_cut.pt': 'cut short, or not a torch.save file',
               'noise.bin': 'cut short, or not a torch.save file',
               'page.pt': 'an HTML page', 'model.safetensors': 'a safetensors file; convert it once with',
