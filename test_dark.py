@@ -1774,6 +1774,7 @@ def test_a_shard_cut_short_is_named_or_skipped_at_start_up(tmp_path, capsys):
             data.TarShards(tmp_path / pattern).keys()
 
 
+# --- pipe: shards in a run ---
 def test_training_streams_pipe_shards_and_skips_a_command_that_fails(tmp_path, capsys):
     for k in (1, 2):
         _write_shard(tmp_path / f"shard_{k}.tar", [item for i in range(4) for item in (
@@ -2020,6 +2021,7 @@ def test_tar_shards_and_two_ranks_read_the_right_rows(tmp_path):
     assert np.array_equal(np.load(tmp_path / "cache" / "keys.npy"), np.load(tmp_path / "two" / "keys.npy"))
 
 
+# --- a cache over shards of one file name in two folders ---
 def test_teacher_cache_over_shards_of_one_name_in_two_folders_builds_and_holds_each(tmp_path):
     world = data.ToyWorld("train", 64, length=4)
     for k, folder in enumerate(("yfcc", "cc")):
