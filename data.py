@@ -962,16 +962,17 @@ def open_shard(shard, stream=True):
     try:
         with tarfile.open(fileobj=proc.stdout, mode='r|*') as tar:
             yield tar
-        proc.stdout.read()  # the padding after the end of the archive: the command ends on its own
+        proc.stdout.read(1 << 20)  # what follows the archive's end (tar pads to a 10 KB record): the command ends
     except SHARD_ERRORS as e:
         failed = e
-    except BaseException:  # the reader stopped early (or an error that is not the shard's): stop the command
-        os.killpg(proc.pid, signal.SIGKILL)
-        raise
-    finally:
-        proc.stdout.close()
-        status = proc.wait()
-    if status:
+    finally:  # a command whose output has ended ends too; one still running is stopped (the reader stopped early,
+        proc.stdout.close()  # or its tar broke), and then its status says nothing, nor does the close's SIGPIPE
+        try:
+            status = proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            status = proc.wait() and 0
+    if status not in (0, -signal.SIGPIPE, 128 + signal.SIGPIPE):  # a shell reports a child's signal as 128 + it
         raise OSError(f"command {shard[5:]!r} exited with status {status} (its own message is above)") from failed
     if failed:
         raise failed

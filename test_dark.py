@@ -1278,6 +1278,8 @@ def test_pipe_shards_stream_a_commands_output_and_name_a_failing_command(tmp_pat
         data.TarShards(missing).keys()
     with pytest.raises(ValueError, match=re.escape(cut) + r": unreadable shard \(ReadError"):
         list(data.TarShards(cut))
+    start = time.time()  # a command that writes on after the archive (here: forever) is stopped, not awaited
+    assert len(list(data.TarShards(f'pipe:cat {tmp_path}/000.tar; yes'))) == 3 and time.time() - start < 20
     lenient = data.TarShards(f'{missing}::pipe:cat {tmp_path}/000.tar::{cut}', skip_bad=True)
     got, captions = [s['caption'] for s in lenient], [c for c, _ in local]
     assert got[:3] == captions and got[3:] == captions[:len(got) - 3]  # and what came before the cut
