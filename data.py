@@ -991,8 +991,9 @@ class TarShards(torch.utils.data.IterableDataset):
     def __init__(self, pattern, skip_bad=False, shuffle=False, seed=0):
         self.shards = expand_braces(str(pattern))
         if remote := next((s for s in self.shards if re.match(r'[a-z][a-z\d+.-]*://', s, re.I)), None):
+            via = f"aws s3 cp {remote} -" if remote.lower().startswith('s3://') else f"curl -fsSL {remote}"
             raise ValueError(f"shard {remote!r} is remote, which is read only through a command, as webdataset does: "
-                             f"'pipe:curl -fsSL {remote}' (or 'pipe:aws s3 cp {remote} -')")
+                             f"'pipe:{via}'")
         self.names = shard_names(self.shards)
         self.skip_bad, self.shuffle, self.seed = skip_bad, shuffle, seed
         self.rank, self.world_size, self.epoch = 0, 1, 0

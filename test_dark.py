@@ -1295,7 +1295,7 @@ def test_pipe_shards_stream_a_commands_output_and_name_a_failing_command(tmp_pat
 def test_remote_shard_urls_are_refused_up_front_with_the_pipe_that_reads_them(tmp_path):
     for spec in ('https://host/shards/{000..009}.tar', 's3://bucket/000.tar', 'local/0.tar::http://h/1.tar'):
         url = spec.split('::')[-1].replace('{000..009}', '000')
-        pipe = re.escape(f"'pipe:curl -fsSL {url}'")
+        pipe = re.escape(f"'pipe:aws s3 cp {url} -'" if url.startswith('s3') else f"'pipe:curl -fsSL {url}'")
         with pytest.raises(ValueError, match=re.escape(f"shard {url!r} is remote") + f".*{pipe}"):
             data.TarShards(spec)
         with pytest.raises(SystemExit, match=re.escape(f"train.py: --train_data={spec}: shard {url!r} is remote")):
