@@ -19,6 +19,7 @@ token of the toy tokenizer.
 The real formats: caption CSV/TSV, webdataset tar shards, FETAL_PLANES_DB, HC18; then FetalCLIP's preprocessing.
 """
 import collections
+import contextlib
 import csv
 import difflib
 import gzip
@@ -32,7 +33,9 @@ import math
 import os
 import random
 import re
+import signal
 import struct
+import subprocess
 import sys
 import tarfile
 import time
@@ -382,49 +385,83 @@ def _bytes_to_unicode():
     return dict(zip(bs, map(chr, cs)))
 
 
-# CLIP's pre-tokenizer. Python's re has no \p{L} / \p{N}: [^\W\d_] is letters plus the numeric characters outside
-# Nd (², ½, Ⅻ), which _words() splits off again, and (?:[^\s\w]|_) is [^\s\p{L}\p{N}].
-# CLIP's pattern also matches '<start_of_text>' and '<end_of_text>' as one piece each; clean_text says why not here.
-_CLIP_PAT = re.compile(r"'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+")
-_STRAIGHT_QUOTES = {**dict.fromkeys([0x2bc, *range(0x2018, 0x201c)], "'"), **dict.fromkeys(range(0x201c, 0x2020), '"')}
-# ECMA-48 escapes, as terminals read them: CSI (colours, cursor moves), OSC (titles, hyperlinks; ended by BEL or
-# ESC \\, or by the end of the text) and two-character escapes
-_ESCAPES = re.compile(r'\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\|$)|[ -/]*[0-~])')
+# CLIP's pre-tokenizer, as open_clip writes it but for '<end_of_text>' (clean_text says why). Python's re has no
+# \p{L} / \p{N}: [^\W\d_] is letters plus the numeric characters outside Nd (², ½, Ⅻ), which _words() splits off
+# again, and (?:[^\s\w]|_) is [^\s\p{L}\p{N}].
+_CLIP_PAT = re.compile(r"<start_of_text>|'s|'t|'re|'ve|'m|'ll|'d|[^\W\d_]+|\d|(?:[^\s\w]|_)+", re.I)  # I: 'ſ is 's
 
 
-class _Invisible(dict):
-    """str.translate table, filled on first sight of a character: control (Cc) and format (Cf: byte-order mark,
-    zero-width, bidi and soft-hyphen) characters map to None (dropped), but tab, newline, form feed and carriage
-    return, which the whitespace clean-up turns into spaces; so does U+FFFC, as in ftfy."""
+def _ftfy_tables():
+    """What ftfy.fix_text (6.x, default settings) does character by character, from Unicode's own data: one
+    str.translate table for its fixes in their order (C1 controls read as Windows-1252, keeping the five codes it
+    leaves undefined; Latin ligatures split one level; half- and full-width forms and U+3000 to their plain forms;
+    curly quotes straightened) and one for the controls it drops (C0 but tab, newline, form feed and carriage return;
+    DEL; deprecated Arabic format controls U+206A-206F; the byte-order mark; U+FFF9-FFFC)."""
+    quotes = {**dict.fromkeys([0x2bc, *range(0x2018, 0x201c)], "'"), **dict.fromkeys(range(0x201c, 0x2020), '"')}
+    split = lambda c: ''.join(chr(int(h, 16)) for h in unicodedata.decomposition(chr(c)).split()[1:])
+    ligatures = {c: split(c) for c in (0x132, 0x133, 0x149, *range(0x1c4, 0x1cd), *range(0x1f1, 0x1f4),
+                                       *range(0xfb00, 0xfb07))}
+    width = {0x3000: ' ', **{c: unicodedata.normalize('NFKC', chr(c)) for c in range(0xff01, 0xfff0)
+                             if unicodedata.normalize('NFKC', chr(c)) != chr(c)}}
+    c1 = {c: bytes([c]).decode('cp1252', 'ignore') or chr(c) for c in range(0x80, 0xa0)}
+    fix = {**quotes, **width, **ligatures, **c1}
+    fix = {c: s.translate(ligatures).translate(width).translate(quotes) for c, s in fix.items()}
+    drop = dict.fromkeys([*range(9), 0xb, *range(0xe, 0x20), 0x7f, *range(0x206a, 0x2070), 0xfeff,
+                          *range(0xfff9, 0xfffd)])
+    return fix, drop
 
-    def __missing__(self, code):
-        drop = unicodedata.category(chr(code)) in ('Cc', 'Cf') and chr(code) not in '\t\n\f\r' or code == 0xFFFC
-        self[code] = None if drop else code
-        return self[code]
+
+_FTFY_FIX, _FTFY_DROP = _ftfy_tables()
+_FTFY_ESCAPE = re.compile('\x1b\\[[\\d;]*[a-zA-Z]')  # ftfy removes colour codes and cursor moves only
+_ENTITY = re.compile(r'&#?[0-9A-Za-z]{1,24};')  # ftfy's unescaping: only what ends in ';', some names in capitals
+_ENTITIES = {f'&{n}': c for n, c in html.entities.html5.items() if n.endswith(';')}
+_ENTITIES.update({f'&{n.upper()}': c.upper() for n, c in html.entities.html5.items() if n.endswith(';')
+                  and n == n.lower() and html.unescape(f'&{n.upper()}') == f'&{n.upper()}'})
 
 
-_INVISIBLE = _Invisible()
+def _entity(match):
+    """One '&...;' as ftfy unescapes it: a known name, or a numeric reference that html.unescape reads whole."""
+    text = match[0]
+    if text in _ENTITIES:
+        return _ENTITIES[text]
+    plain = html.unescape(text) if text.startswith('&#') else text
+    return text if ';' in plain else plain  # html.unescape read only a part of it
+
+
+def _ftfy(segment, unescape):
+    """ftfy.fix_text's passes over one segment, repeated until nothing changes, mojibake repair left out."""
+    while True:
+        before = segment
+        if unescape:
+            segment = _ENTITY.sub(_entity, segment)
+        segment = segment.translate(_FTFY_FIX)
+        segment = segment.encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')  # pairs joined, else U+FFFD
+        segment = unicodedata.normalize('NFC', _FTFY_ESCAPE.sub('', segment).translate(_FTFY_DROP))
+        if segment == before:
+            return segment
 
 
 def clean_text(text):
-    """A caption as open_clip cleans it before BPE (ftfy.fix_text, html-unescape twice, collapse whitespace,
-    lower-case), with ftfy reduced to the fixes a file from an editor, a spreadsheet or a terminal needs. In order:
-    html entities unescaped (first, so that an escaped control is cleaned like a raw one); surrogates paired, a lone
-    one replaced by U+FFFD (as ftfy; it would crash UTF-8 encoding); C1 controls read as the Windows-1252 characters
-    they stand for (as ftfy and browsers: \\x92 -> ’); terminal escape sequences removed; control and format
-    characters dropped (_Invisible); curly quotes straightened, NFC, whitespace collapsed, lower case.
+    """A caption as open_clip cleans it before BPE: ftfy.fix_text with its defaults, html.unescape twice, whitespace
+    collapsed, lower case, with ftfy written out here (no dependency). ftfy works line by line (at most 1e6
+    characters a segment); it unescapes HTML entities that end in ';' unless a '<' was seen in this or an earlier
+    line; reads C1 controls as the Windows-1252 characters they stand for (\\x92 -> ’); splits Latin ligatures (ﬁ);
+    turns half- and full-width forms into plain ones; straightens curly quotes; joins surrogate pairs, a lone one
+    becoming U+FFFD; removes colour and cursor escapes (ESC [ digits ; letter); drops C0 controls but whitespace, DEL,
+    the byte-order mark and a few more (_ftfy_tables); NFC. It keeps zero-width spaces and joiners, soft hyphens,
+    bidi marks, variation selectors and emoji tags, and so does this.
 
-    Where this differs from ftfy, on purpose (a test pins each): every ECMA-48 escape is removed, where ftfy removes
-    only colour codes and leaves an OSC title's text; all format characters are dropped, where ftfy drops only the
-    byte-order mark and a few others and keeps zero-width spaces, joiners, bidi marks and soft hyphens, which would
-    become tokens of invisible bytes; the five C1 codes Windows-1252 leaves undefined are dropped, where ftfy keeps
-    them; the literal text '<start_of_text>' or '<end_of_text>' in a caption stays text, where open_clip makes it
-    the special token, so a caption could end the sequence early and the text tower, which pools at the first end
-    token, would ignore the rest. ftfy's repairs of mojibake, ligatures and full-width forms are left out."""
-    text = html.unescape(html.unescape(text)).encode('utf-16', 'surrogatepass').decode('utf-16', 'replace')
-    text = re.sub('[\x80-\x9f]', lambda c: c[0].encode('latin-1').decode('cp1252', 'ignore'), text)
-    text = _ESCAPES.sub('', text).translate(_INVISIBLE).translate(_STRAIGHT_QUOTES)
-    return ' '.join(unicodedata.normalize('NFC', text).split()).lower()
+    Where the ids differ from open_clip's (a test pins each): ftfy's mojibake repair (fix_encoding: text decoded in
+    the wrong encoding, 'Ã©' for 'é') is not done, so such a caption tokenizes as written; SimpleTokenizer keeps the
+    literal text '<end_of_text>' as text, where open_clip makes it the end token and the text tower, which pools at
+    the first end token, would ignore the rest of the caption; and a character newer than Python's Unicode database
+    (unicodedata.unidata_version, 14.0 in Python 3.11) is no letter to Python's re, where open_clip's regex module
+    may know it. A lone surrogate becomes U+FFFD, as ftfy makes it."""
+    out, unescape = [], True
+    for segment in re.findall(r'[^\n]{0,999999}\n|[^\n]{1,1000000}', text):
+        unescape = unescape and '<' not in segment  # ftfy: once a line looks like HTML, it unescapes no more
+        out.append(_ftfy(segment, unescape))
+    return ' '.join(html.unescape(html.unescape(''.join(out))).split()).lower()
 
 
 def _words(text):
@@ -453,13 +490,41 @@ def _find_bpe(path=None):
     return path
 
 
+_BPE_MERGES = 49152 - 256 - 2  # CLIP's 49408 ids: 256 bytes, the same with '</w>', these merges, 2 special tokens
+
+
+def read_bpe(path):
+    """The first _BPE_MERGES merges of CLIP's merges file -> [(a, b), ...], from the gzipped file or the same file
+    gunzipped (bpe_simple_vocab_16e6.txt: browsers unpack .gz on download). Anything else raises ValueError naming
+    the file and what it holds: an empty file, an HTML page, a download cut short, another first line."""
+    refuse = lambda what: ValueError(f"CLIP BPE vocabulary {path}: {what}. Expected bpe_simple_vocab_16e6.txt.gz "
+                                     "(or the same file gunzipped)")
+    raw = Path(path).read_bytes()
+    try:
+        raw = gzip.decompress(raw) if raw[:2] == b'\x1f\x8b' else raw
+    except (EOFError, OSError, zlib.error) as e:
+        raise refuse(f"a gzip file cut short or damaged ({e})") from None
+    lines = raw.decode('utf-8', 'replace').split('\n')
+    merges = [tuple(m.split()) for m in lines[1:_BPE_MERGES + 1]]
+    good = next((i for i, m in enumerate(merges) if len(m) != 2), len(merges))  # merges before the first bad line
+    if not raw.strip():
+        raise refuse('an empty file')
+    if re.match(rb'\s*<(!doctype|html|\?xml)', raw, re.I):
+        raise refuse("an HTML page, not the file (a download of the web page? take the 'raw' link)")
+    if '#version' not in lines[0]:
+        raise refuse(f"a first line {lines[0][:60]!r}, where a merges file has its '#version' line")
+    if good < _BPE_MERGES:
+        raise refuse(f"{good} merges, then {'the end' if good == len(merges) else f'line {good + 2}'} (cut short?), "
+                     f"where CLIP's vocabulary needs {_BPE_MERGES}")
+    return merges
+
+
 class SimpleTokenizer(Tokenizer):
     """CLIP's byte-level BPE (openai/CLIP simple_tokenizer.py), giving open_clip's ids: start 49406, end 49407,
     pad 0, after clean_text (open_clip's cleaning, with the differences listed there)."""
 
     def __init__(self, bpe_path=None, context_length=77):
-        merges = gzip.open(_find_bpe(bpe_path)).read().decode('utf-8').split('\n')[1:49152 - 256 - 2 + 1]
-        merges = [tuple(m.split()) for m in merges]
+        merges = read_bpe(_find_bpe(bpe_path))
         self.byte_encoder = _bytes_to_unicode()
         vocab = list(self.byte_encoder.values())
         vocab += [v + '</w>' for v in vocab] + [''.join(m) for m in merges] + ['<start_of_text>', '<end_of_text>']
@@ -467,7 +532,7 @@ class SimpleTokenizer(Tokenizer):
         self.ranks = {m: i for i, m in enumerate(merges)}
         self.sot, self.eot = self.encoder['<start_of_text>'], self.encoder['<end_of_text>']
         self.vocab_size, self.context_length = len(vocab), context_length
-        self.cache = {}
+        self.cache = {'<start_of_text>': ['<start_of_text>']}  # as open_clip: the start token, in a caption too
 
     def bpe(self, token):
         """Merge the characters of one pre-token, lowest-ranked pair first, until no known pair is left."""
@@ -572,12 +637,24 @@ def as_l_or_rgb(image):
     return Image.fromarray(np.round(x.astype(np.float64) * (255 / top)).astype(np.uint8))
 
 
+def check_square(width, height):
+    """Raises DecompressionBombError when the black square that pad_square makes of a width x height image would
+    have more pixels than Pillow's bomb limit (Image.MAX_IMAGE_PIXELS; None: no limit): a 1.5 KB PNG of 60000 x 8
+    pixels pads to 3.6 G pixels."""
+    side, limit = max(width, height), Image.MAX_IMAGE_PIXELS
+    if limit and side * side > limit:
+        raise Image.DecompressionBombError(f"{width} x {height} pixels pad to a {side} x {side} square, over Pillow's "
+                                           f"limit of {limit} pixels (Image.MAX_IMAGE_PIXELS): crop or resize it")
+
+
 def load_image(source, where='', header_only=False):
     """Decode an image now -> PIL image in mode 'L' or 'RGB' (as_l_or_rgb). source: a path, or the bytes of a shard
     member. Anything in DECODE_ERRORS raises ValueError naming where (the file and row) and the cause; the readers
-    skip on it or stop. header_only: open without decoding the pixels (size and mode; a bomb is still refused)."""
+    skip on it or stop. An image whose padded square check_square refuses is one of them, refused from its header.
+    header_only: open without decoding the pixels (size and mode; a bomb is still refused)."""
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+            check_square(*image.size)
             if header_only:
                 return image
             image.load()
@@ -854,6 +931,17 @@ def _group(body, pattern):
     raise ValueError(f"shard pattern {pattern!r}: '{{{body}}}' is neither a list (a,b) nor a range (1..9, a..z)")
 
 
+def shard_names(shards):
+    """The name each shard goes by in sample keys (and so in pair_id, augment_draw and --teacher_cache rows): its file
+    name, or as many of its last path components as every shard needs to differ ('yfcc/000.tar', 'cc/000.tar'); the
+    same from any working folder, and when the whole tree moves. A 'pipe:' spec is its own name."""
+    parts = [(s,) if s.startswith('pipe:') else Path(os.path.abspath(s)).parts for s in shards]
+    depth = 1
+    while len({p[-depth:] for p in parts}) < len(parts) and any(len(p) > depth for p in parts):
+        depth += 1
+    return {s: '/'.join(p[-depth:]) for s, p in zip(shards, parts)}
+
+
 # How a shard fails to read: cut short or not a tar (TarError; EOFError from a cut .tar.gz or .tar.xz), corrupt
 # compressed data (zlib.error, lzma.LZMAError), missing or unreadable (OSError)
 SHARD_ERRORS = (tarfile.TarError, EOFError, zlib.error, lzma.LZMAError, OSError)
@@ -868,16 +956,53 @@ def _check_end(tar, shard):
         raise tarfile.ReadError("unexpected end of data (no end-of-archive blocks)")
 
 
+@contextlib.contextmanager
+def open_shard(shard, stream=True):
+    """A shard -> tarfile.TarFile: a path (stream: one pass; else random access, which seeks over data), or
+    webdataset's 'pipe:COMMAND', whose standard output is read as one tar stream (its own messages go to stderr). A
+    command that exits with a non-zero status raises OSError naming it, once its output is read or fails to read."""
+    if not shard.startswith('pipe:'):
+        with tarfile.open(shard, 'r|*' if stream else 'r') as tar:
+            yield tar
+        return
+    proc = subprocess.Popen(shard[5:], shell=True, stdout=subprocess.PIPE, start_new_session=True)  # a group to stop
+    failed = None
+    try:
+        with tarfile.open(fileobj=proc.stdout, mode='r|*') as tar:
+            yield tar
+        proc.stdout.read(1 << 20)  # what follows the archive's end (tar pads to a 10 KB record): the command ends
+    except SHARD_ERRORS as e:
+        failed = e
+    finally:  # a command whose output has ended ends too; one still running is stopped (the reader stopped early,
+        proc.stdout.close()  # or its tar broke), and then its status says nothing, nor does the close's SIGPIPE
+        try:
+            status = proc.wait(timeout=1)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            status = proc.wait() and 0
+    if status not in (0, -signal.SIGPIPE, 128 + signal.SIGPIPE):  # a shell reports a child's signal as 128 + it
+        raise OSError(f"command {shard[5:]!r} exited with status {status} (its own message is above)") from failed
+    if failed:
+        raise failed
+
+
 class TarShards(torch.utils.data.IterableDataset):
     """Image-caption pairs streamed from webdataset-style tar shards (members KEY.png|jpg|jpeg|webp and KEY.txt, next
     to each other), so a corpus never has to fit in memory. The shards (expand_braces) are dealt out over ranks
     (shard_by) and then over DataLoader workers; give each rank at least num_workers shards. A bad sample (an image
     in DECODE_ERRORS, a caption decode_text refuses or that is empty, a missing part) or an unreadable shard
     (SHARD_ERRORS: what came before the break is kept) raises ValueError naming the shard and the key; skip_bad=True
-    skips it instead, counted in .skipped and reported on stderr with this process's running count."""
+    skips it instead, counted in .skipped and reported on stderr with this process's running count. A shard is a
+    path or webdataset's 'pipe:COMMAND' (open_shard); a URL (http://, s3://) raises ValueError naming the pipe: that
+    reads it."""
 
     def __init__(self, pattern, skip_bad=False, shuffle=False, seed=0):
         self.shards = expand_braces(str(pattern))
+        if remote := next((s for s in self.shards if re.match(r'[a-z][a-z\d+.-]*://', s, re.I)), None):
+            via = f"aws s3 cp {remote} -" if remote.lower().startswith('s3://') else f"curl -fsSL {remote}"
+            raise ValueError(f"shard {remote!r} is remote, which is read only through a command, as webdataset does: "
+                             f"'pipe:{via}'")
+        self.names = shard_names(self.shards)
         self.skip_bad, self.shuffle, self.seed = skip_bad, shuffle, seed
         self.rank, self.world_size, self.epoch = 0, 1, 0
         self.skipped = []
@@ -895,7 +1020,7 @@ class TarShards(torch.utils.data.IterableDataset):
         out = []
         for shard in self.shards:
             try:
-                with tarfile.open(shard) as tar:
+                with open_shard(shard, stream=False) as tar:
                     out += [tar.extractfile(m).read().decode('utf-8', 'replace') for m in tar
                             if m.isfile() and m.name.endswith('.txt')]
             except SHARD_ERRORS:
@@ -913,7 +1038,7 @@ class TarShards(torch.utils.data.IterableDataset):
         for shard in shards[self.rank * workers + worker::self.world_size * workers]:
             key, group = None, {}
             try:
-                with tarfile.open(shard, 'r|*') as tar:  # stream mode: one pass, no index
+                with open_shard(shard) as tar:  # stream mode: one pass, no index
                     for member in tar:
                         if not member.isfile():
                             continue
@@ -945,17 +1070,17 @@ class TarShards(torch.utils.data.IterableDataset):
         except ValueError as e:
             self._bad(where, e)
             return
-        yield dict(image=image, caption=caption, where=where, key=f"{os.path.basename(shard)}/{key}")
+        yield dict(image=image, caption=caption, where=where, key=f"{self.names[shard]}/{key}")
 
     def keys(self):
-        """The key ('shard file name/sample key') of every sample with a caption and an image, in shard order, read
-        from the tar headers alone (train.py's epoch length and --teacher_cache rows). An unreadable shard gives what
-        came before the break and is skipped or named, as when streaming."""
+        """The key ('shard name/sample key', shard_names) of every sample with a caption and an image, in shard
+        order, read from the tar headers alone (train.py's epoch length and --teacher_cache rows). An unreadable shard
+        gives what came before the break and is skipped or named, as when streaming."""
         keys = []
         for shard in self.shards:
             exts = {}
             try:
-                with tarfile.open(shard) as tar:  # random access: seeks over the members' data
+                with open_shard(shard, stream=False) as tar:  # random access: seeks over the members' data
                     for member in (m for m in tar if m.isfile()):
                         folder, name = os.path.split(member.name)
                         stem, _, ext = name.partition('.')
@@ -963,7 +1088,7 @@ class TarShards(torch.utils.data.IterableDataset):
                     _check_end(tar, shard)
             except SHARD_ERRORS as e:
                 self._bad(shard, f"unreadable shard ({type(e).__name__}: {e})")
-            keys += [f"{os.path.basename(shard)}/{k}" for k, e in exts.items()
+            keys += [f"{self.names[shard]}/{k}" for k, e in exts.items()
                      if 'txt' in e and not e.isdisjoint(IMAGE_EXTENSIONS)]
         return keys
 
@@ -976,9 +1101,10 @@ class TarShards(torch.utils.data.IterableDataset):
 # --- preprocessing, as FetalCLIP and MobileFetalCLIP do it ---
 def pad_square(image):
     """Zero-pad to a centred black square (FetalCLIP's make_image_square_with_zero_padding): resizing then keeps
-    the anatomy's proportions."""
+    the anatomy's proportions. A square over Pillow's bomb limit raises DecompressionBombError (check_square)."""
     image = as_l_or_rgb(image)
     w, h = image.size
+    check_square(w, h)
     square = Image.new(image.mode, (max(w, h),) * 2)
     square.paste(image, ((max(w, h) - w) // 2, (max(w, h) - h) // 2))
     return square
@@ -1106,7 +1232,7 @@ class TeacherCache:
             header = dict(header, pairs=len(keys))
             if len(set(keys)) < len(keys):
                 twice = next(key for key, n in collections.Counter(keys).items() if n > 1)
-                raise ValueError(f"sample {twice!r} appears twice: tar samples are stored by shard file name and key")
+                raise ValueError(f"sample {twice!r} appears twice: a shard listed twice, or a key twice in one shard?")
         root.mkdir(parents=True, exist_ok=True)
         n, k, d = header['pairs'], header['cache_views'], header['embed_dim']
         for name, size in (('image.f16', 2 * n * k * d), ('text.f16', 2 * n * d), ('done.u8', n)):

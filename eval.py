@@ -751,7 +751,7 @@ def load_model_and_tokenizer_kind(path, model_config=None, weights=True):
     {'model': state_dict, 'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too).
     Raw open_clip weights (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict.
     weights=False reads no weight and builds the model on the meta device: its sizes and preprocessing only."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=not weights)  # mmap: tensors stay on disk
+    ckpt = models.read_checkpoint(path, mmap=not weights)  # mmap: tensors stay on disk
     cfg = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or model_config
     if cfg is None:
         raise ValueError(f"{path} has no 'model_config': raw open_clip weights need their config, a preset "

@@ -17,6 +17,7 @@ import json
 import math
 import os
 import re
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
@@ -667,15 +668,55 @@ def unwrap_state_dict(sd):
     return {_WRAPPERS.sub('', key): value for key, value in sd.items()}
 
 
+def read_checkpoint(path, mmap=False):
+    """A weights file -> what torch.save stored, read with torch.load(weights_only=True) so that no code is unpickled,
+    or the state_dict of a TorchScript archive (OpenAI's CLIP .pt files) read as open_clip reads one: torch.jit.load on
+    the CPU (TorchScript runs no Python), less its 'input_resolution', 'context_length' and 'vocab_size' entries.
+    mmap: leave the tensors on disk (torch.save's zip format only). Anything else raises ValueError, one line naming
+    the file and what it holds: none, empty, an HTML page, cut short, a zip or safetensors file torch.save did not
+    write, Python objects that weights_only refuses; each with how to get a file that loads."""
+    refuse = lambda what: ValueError(f"cannot read checkpoint {path}: {what}")
+    if not Path(path).is_file():
+        raise refuse("a folder, not a file" if Path(path).is_dir() else "no such file")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    names = zipfile.ZipFile(path).namelist() if zipfile.is_zipfile(path) else []
+    if any(n.endswith("/constants.pkl") for n in names):  # TorchScript keeps its constants beside the weights
+        try:
+            sd = torch.jit.load(path, map_location="cpu").state_dict()
+        except Exception as e:  # torch.jit raises RuntimeError for nearly everything
+            raise refuse(f"a TorchScript archive torch.jit.load cannot read ({str(e).splitlines()[0]})") from None
+        return {k: v for k, v in sd.items() if k not in ("input_resolution", "context_length", "vocab_size")}
+    size = int.from_bytes(head[:8], "little")
+    if not head:
+        raise refuse("an empty file")
+    if names and not any(n.endswith("/data.pkl") for n in names):
+        raise refuse(f"a zip archive that torch.save did not write (it holds {', '.join(names[:3])})")
+    if head[8:9] == b"{" and size < os.path.getsize(path):  # safetensors: a header length, then its JSON
+        raise refuse("a safetensors file; convert it once with: python -c \"import torch, safetensors.torch as s; "
+                     f"torch.save(s.load_file('{path}'), 'weights.pt')\"")
+    if re.match(rb"\s*<", head):
+        raise refuse("an HTML page (text starting with '<'), not the file: download the file itself")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and bool(names))
+    except Exception as e:  # torch.load raises pickle, zip, EOF and runtime errors alike
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):
+            raise refuse(f"it holds Python objects ({found[1]}) that weights_only loading refuses (unpickling could "
+                         f"run code). If you trust the file, save its weights alone: torch.save(torch.load('{path}', "
+                         "weights_only=False)['state_dict'], 'weights.pt')") from None
+        cut = "a zip archive cut short" if head[:4] == b"PK\x03\x04" else "cut short, or not a torch.save file"
+        raise refuse(f"{cut} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
+
+
 def load_checkpoint(model, state_dict_or_path):
-    """Load weights strictly from a state_dict or a file read with torch.load(weights_only=True) (no code is
-    unpickled), in any layout the project's models are published in: open_clip's, Apple ml-mobileclip's (both
+    """Load weights strictly from a state_dict or a file (read_checkpoint: torch.save's, or a TorchScript
+    archive's weights), in any layout the project's models are published in: open_clip's, Apple ml-mobileclip's (both
     towers mapped), inside {'state_dict': ...} or a train.py checkpoint, with any stack of wrapper names (`module.`,
     `_orig_mod.`); text positions resized. Missing, unexpected or mis-shaped keys raise a ValueError naming them (the
     first 10 of each kind) and the likely cause. Half-precision weights are cast to the model's dtype."""
     sd = state_dict_or_path
     if not isinstance(sd, dict):
-        sd = torch.load(sd, map_location='cpu', weights_only=True)
+        sd = read_checkpoint(sd)
     sd = from_ml_mobileclip(unwrap_state_dict(sd), 'text.' if model.custom_text else '')
     sd = resize_text_positions(sd, model)
     expected = model.state_dict()

@@ -19,6 +19,8 @@ import socket
 import subprocess
 import sys
 import tarfile
+import time
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -358,6 +360,77 @@ def test_renamed_or_reshaped_key_is_named_in_the_error():
     sd['visual.trunk.head.fc.weight'] = sd['visual.trunk.head.fc.weight'][:, :-1]
     with pytest.raises(ValueError, match=rf"wrong shape: visual\.trunk\.head\.fc\.weight is \({out}, {features - 1}\)"):
         models.load_checkpoint(model, sd)
+
+
+# --- other tools' weight files ---
+class TorchScriptCLIP(torch.nn.Module):
+    """What OpenAI's CLIP .pt archives hold: the open_clip names in a module tree, fp16, and three extra entries."""
+
+    def __init__(self, state_dict):
+        super().__init__()
+        for key, value in state_dict.items():
+            *path, name = key.split('.')
+            owner = self
+            for part in path:
+                if not hasattr(owner, part):
+                    owner.add_module(part, torch.nn.Module())
+                owner = getattr(owner, part)
+            owner.register_buffer(name, value.half() if value.is_floating_point() else value)
+        for name, value in (('input_resolution', 64), ('context_length', 44), ('vocab_size', 160)):
+            self.register_buffer(name, torch.tensor(value))
+
+    def forward(self, x):
+        return x * self.logit_scale
+
+
+@pytest.mark.parametrize('make', ['script', 'trace'])
+def test_torchscript_clip_archive_loads_as_open_clip_reads_it(tmp_path, make):
+    source = randomize_(models.build_model(TOY_VIT))
+    holder = TorchScriptCLIP(source.state_dict())
+    archive = torch.jit.script(holder) if make == 'script' else torch.jit.trace(holder, torch.ones(1))
+    archive.save(tmp_path / 'ViT-toy.pt')
+    want = {k: v.half().to(v.dtype) if v.is_floating_point() else v for k, v in source.state_dict().items()}
+    model = models.load_checkpoint(models.build_model(TOY_VIT), tmp_path / 'ViT-toy.pt')
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    model, kind = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
+    assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
+    assert not torch.equal(want['visual.conv1.weight'], models.build_model(TOY_VIT).state_dict()['visual.conv1.weight'])
+
+
+def test_weight_files_torch_save_did_not_write_are_refused_in_one_line_naming_them(tmp_path):
+    import argparse
+    import zipfile
+    weights = models.build_model('toy-student').state_dict()
+    torch.save(weights, tmp_path / 'good.pt')
+    torch.save(weights, tmp_path / 'legacy.pt', _use_new_zipfile_serialization=False)
+    for name in ('good.pt', 'legacy.pt'):  # torch.save's two formats load, with and without mmap
+        models.load_checkpoint(models.build_model('toy-student'), tmp_path / name)
+        evaluation.load_model_and_tokenizer_kind(tmp_path / name, 'toy-student', weights=False)
+    raw, legacy = (tmp_path / 'good.pt').read_bytes(), (tmp_path / 'legacy.pt').read_bytes()
+    with zipfile.ZipFile(tmp_path / 'notes.zip', 'w') as z:
+        z.writestr('notes/readme.txt', 'weights elsewhere')
+    torch.save({'args': argparse.Namespace(lr=1.0), 'state_dict': weights}, tmp_path / 'open_clip_run.pt')
+    header = json.dumps({'w': {'dtype': 'F32', 'shape': [2], 'data_offsets': [0, 8]}}).encode()
+    files = {'empty.pt': b'', 'cut.pt': raw[:len(raw) // 2], 'legacy_cut.pt': legacy[:len(legacy) // 2],
+             'page.pt': b'\n<!DOCTYPE html><html><body>Sign in</body></html>', 'noise.bin': bytes(range(7, 250)) * 9,
+             'model.safetensors': len(header).to_bytes(8, 'little') + header + bytes(8)}
+    for name, content in files.items():
+        (tmp_path / name).write_bytes(content)
+    (tmp_path / 'folder.pt').mkdir()
+    expect = {'missing.pt': 'no such file', 'folder.pt': 'a folder, not a file', 'empty.pt': 'an empty file', 'cut.pt': 'a zip archive cut short',
+              'legacy_cut.pt': 'cut short, or not a torch.save file',
+              'noise.bin': 'cut short, or not a torch.save file',
+              'page.pt': 'an HTML page', 'model.safetensors': 'a safetensors file; convert it once with',
+              'notes.zip': 'a zip archive that torch.save did not write .it holds notes/readme.txt',
+              'open_clip_run.pt': r'it holds Python objects \(argparse.Namespace\) that weights_only loading refuses'}
+    for name, what in expect.items():
+        for load in (lambda p: models.load_checkpoint(models.build_model('toy-student'), p),
+                     lambda p: evaluation.load_model_and_tokenizer_kind(p, 'toy-student'),
+                     lambda p: evaluation.load_model_and_tokenizer_kind(p, 'toy-student', weights=False)):
+            where = re.escape(str(tmp_path / name))
+            with pytest.raises(ValueError, match=f"^cannot read checkpoint {where}: {what}") as e:
+                load(tmp_path / name)
+            assert '\n' not in str(e.value) and 'Re-running' not in str(e.value), name
 
 
 def to_ml_mobileclip(state_dict, prefix, stages):
@@ -822,28 +895,78 @@ FTFY_CLEANS = [('\ufefffetal brain', 'fetal brain'), ('fe\ufefftal brain\ufeff',
                ('\x1b[1;31mfetal\x1b[0m brain', 'fetal brain'),  # a terminal's colours
                ('a\ufffcb', 'ab'), ('fetal\ud83d brain', 'fetal\ufffd brain'),  # a lone surrogate: U+FFFD, no crash
                ('\ud83d\udc76 \u201cFETAL\u201d &amp;amp; brain', '\U0001f476 "fetal" & brain')]
-NOT_FTFY = [('\x1b]0;title\x07fetal\x1b]8;;http://x\x1b\\ brain', 'fetal brain'),  # OSC title, hyperlink: ftfy keeps text
-            ('\x1b[?25lfetal\x1b(B brain\x1b]2;cut', 'fetal brain'),  # other CSI, charset, unterminated OSC
-            ('fetal\u200bbrain', 'fetalbrain'), ('x\u00adx\u2060x', 'xxx'), ('\u202ebrain\u202c\u200e', 'brain'),
-            ('fetal\x81 brain\x9d', 'fetal brain'), ('&#xfeff;fetal&#8203; brain', 'fetal brain')]  # escaped ones too
+# what ftfy keeps or changes where an editor's cleaning would differ, as open_clip's cleaning gives it (ftfy 6.3.1's
+# fix_text, html.unescape twice, whitespace collapsed, lower case): zero-width, soft-hyphen, bidi, emoji sequences
+# and the five undefined C1 codes stay; only colour and cursor escapes go (the ESC of others is a control); ligatures
+# split, full-width forms plain; entities unescaped by ftfy before its fixes, unless a '<' came earlier in the text
+FTFY_KEEPS = [('fetal\u200bbrain', 'fetal\u200bbrain'), ('fe\u00adtal brain', 'fe\u00adtal brain'),
+              ('\u202ebrain\u202c\u200e', '\u202ebrain\u202c\u200e'), ('x\u2060x\u200dx', 'x\u2060x\u200dx'),
+              ('\U0001f469\u200d\U0001f467 baby\ufe0f', '\U0001f469\u200d\U0001f467 baby\ufe0f'),
+              ('\U0001f3f4\U000e0067\U000e0062\U000e007f flag', '\U0001f3f4\U000e0067\U000e0062\U000e007f flag'),
+              ('fetal\x81 brain\x9d', 'fetal\x81 brain\x9d'), ('\u206afetal\ufff9brain\ufffc', 'fetalbrain'),
+              ('\x1b]0;title\x07fetal brain', ']0;titlefetal brain'),
+              ('\x1b[?25lfetal\x1b[2J brain', '[?25lfetal brain'), ('\x1b\uff3b31mred', 'red'),
+              ('\ufb01rst \ufb02ow \ufb05 \u0132ssel \u0149 \u01c4', "first flow \u017ft ijssel 'n d\u017e"),
+              ('\uff26\uff25\uff34\uff21\uff2c\u3000\uff42\uff52\uff41\uff49\uff4e\uff0c\uff12\uff12\uff57 \uff76\uff9e',
+               'fetal brain,22w \u30ac'),
+              ('&#xfeff;fetal&#8203; brain', 'fetal\u200b brain'),
+              ('P&EACUTE;REZ &semi; &not &notit; &#65abc; &amp;amp;lt;', 'p\u00e9rez ; \u00ac \u00acit; aabc; <'),
+              ('a < b &#8220;x&#8221; &#xfeff;', 'a < b \u201cx\u201d \ufeff'),
+              ('a &#8220;x&#8221;\n< b &#8220;y&#8221;', 'a "x" < b \u201cy\u201d')]
+# where clean_text knowingly differs from open_clip: ftfy's mojibake repair is not done (open_clip: "café au lait",
+# "fetal's brain")
+NOT_OPEN_CLIP = [('caf\u00c3\u00a9 au lait', 'caf\u00e3\u00a9 au lait'),
+                 ('fetal\u00e2\u20ac\u2122s brain', 'fetal\u00e2\u20ac\u2122s brain')]
 
 
-def test_clean_text_drops_what_is_invisible_as_ftfy_does_and_where_it_does_not():
-    for dirty, clean in FTFY_CLEANS + NOT_FTFY:
+def test_clean_text_is_open_clips_cleaning_but_where_it_says_it_is_not():
+    for dirty, clean in FTFY_CLEANS + FTFY_KEEPS + NOT_OPEN_CLIP:
         assert data.clean_text(dirty) == clean, repr(dirty)
     toy = data.ToyTokenizer()
-    assert torch.equal(toy(['\ufeffFetal\x1b[0m  brain\u200b']), toy(['fetal brain']))
+    assert torch.equal(toy(['\ufeffFetal\x1b[0m  brain\x07']), toy(['fetal brain']))
 
 
-def test_bpe_tokenizer_cleans_like_open_clip_and_keeps_special_tokens_out_of_captions(shared):
+def test_bpe_tokenizer_cleans_like_open_clip_and_keeps_the_end_token_out_of_captions(shared):
     tok = data.get_tokenizer('bpe', 77, shared / 'vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz')
     assert tok(['\ufefffetal brain'])[0, :5].tolist() == [49406, 42031, 4812, 49407, 0]  # open_clip's ids
-    for dirty, clean in FTFY_CLEANS + NOT_FTFY:
-        assert torch.equal(tok([dirty]), tok([clean])), repr(dirty)
-    # a literal '<end_of_text>' is text, not the end token that would end the caption early (open_clip: 320, 49407, 321)
+    with pytest.MonkeyPatch.context() as raw:
+        raw.setattr(data, 'clean_text', lambda text: text)  # the clean texts tokenized as they stand
+        want = [tok([clean]) for _, clean in FTFY_CLEANS + FTFY_KEEPS]
+    for (dirty, _), ids in zip(FTFY_CLEANS + FTFY_KEEPS, want):
+        assert torch.equal(tok([dirty]), ids), repr(dirty)
+    # open_clip 3.3.0's ids: the soft hyphen and the zero-width space are tokens of their own bytes, not dropped
+    assert tok(['fe\u00adtal'])[0, :6].tolist() == [49406, 873, 22618, 2066, 49407, 0]
+    assert tok(['fetal\u200bbrain'])[0, :6].tolist() == [49406, 42031, 9844, 4812, 49407, 0]
+    # a literal '<end_of_text>' is text, not the end token that would end the caption early (open_clip: 320, 49407,
+    # 321); a literal '<start_of_text>' is the start token, as in open_clip (it ends nothing)
     ids = tok(['a <end_of_text> b <start_of_text>'])[0]
-    assert (ids == tok.eot).sum() == 1 and (ids == tok.sot).sum() == 1 and ids[ids > 0][-1] == tok.eot
-    assert torch.equal(ids, tok(['a < end _ of _ text > b < start _ of _ text >'])[0])
+    assert (ids == tok.eot).sum() == 1 and (ids == tok.sot).sum() == 2 and ids[ids > 0][-1] == tok.eot
+    assert ids[ids > 0][-2] == tok.sot and torch.equal(ids[:8], tok(['a < end _ of _ text > b'])[0, :8])
+    # open_clip's pattern ignores case: "'ſ" is the piece "'s" (ſ folds to s), as in open_clip's ids
+    assert list(data._words("x'\u017ft")) == ['x', "'\u017f", 't']
+    # a character Python's Unicode database does not know (U+1C89, Unicode 16) is a symbol, not a letter
+    new = '\u1c89' if unicodedata.category('\u1c89') == 'Cn' else '\U000e01f0'  # the other: never assigned
+    assert list(data._words(f'a{new}b')) == ['a', new, 'b']
+
+
+def test_bpe_file_gzipped_or_plain_and_nothing_else(shared, tmp_path):
+    real = (shared / 'vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz').read_bytes()
+    plain = gzip.decompress(real)
+    (tmp_path / 'plain.txt').write_bytes(plain)  # what a browser saves: the same file, unpacked
+    text = ['fe\u00adtal brain, 22 weeks', 'Ultrasound of the maternal cervix.']
+    assert torch.equal(data.SimpleTokenizer(tmp_path / 'plain.txt')(text),
+                       data.SimpleTokenizer(shared / 'vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz')(text))
+    cut_at = plain.index(b'\n', len(plain) // 10)  # a tenth of the merges: a download cut at a line end
+    bad = {'empty.txt': (b'', 'an empty file'), 'page.txt.gz': (b'<!DOCTYPE html>\n<html><body>CLIP</body></html>',
+                                                                   'an HTML page'),
+           'cut.txt.gz': (real[:len(real) // 2], 'gzip file cut short'), 'cut.txt': (plain[:cut_at], 'cut short'),
+           'cut_mid_line.txt': (plain[:cut_at - 2], 'cut short'), 'vocab.json': (b'{"a": 1}\n' * 50000, 'first line'),
+           'page.gz': (gzip.compress(b'<html><body>404</body></html>'), 'an HTML page')}
+    for name, (content, what) in bad.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match=f"CLIP BPE vocabulary {re.escape(str(tmp_path / name))}: .*{what}") as e:
+            data.SimpleTokenizer(tmp_path / name)
+        assert '\n' not in str(e.value), name
 
 
 def test_bpe_tokenizer_without_vocabulary_says_where_to_get_it(tmp_path, monkeypatch):
@@ -877,7 +1000,7 @@ def test_caption_csv_and_tsv(tmp_path):
     assert data.read_captions(tmp_path / 'pairs.tsv')[0]['image_path'] == tmp_path / 'img/a.png'
     item = data.ImageRows(rows)[0]
     assert item['image'].size == (40, 30) and item['caption'] == 'fetal brain, 20 weeks'
-    for blank in ('  ', '\u200b\x1b[0m\ufeff'):  # nothing, or nothing a tokenizer keeps
+    for blank in ('  ', '\x07\x1b[0m\ufeff'):  # nothing, or nothing a tokenizer keeps
         (tmp_path / 'empty.csv').write_text(f'filepath,title\nimg/a.png,ok\nimg/b.png,{blank}\n')
         with pytest.raises(ValueError, match=r'empty\.csv, line 3: empty caption'):
             data.read_captions(tmp_path / 'empty.csv')
@@ -1103,6 +1226,124 @@ def test_tar_shards_stream_shard_and_skip(tmp_path):
     batches = list(loader)  # each worker streams its own shard: every sample once
     assert sorted(c for b in batches for c in b['caption']) == sorted(c for c, _ in got)
     assert batches[0]['image'].shape == (2, 3, 32, 32) and batches[0]['ids'].shape == (2, data.TOY_CONTEXT)
+
+
+# --- extreme aspect ratios: a padded square over Pillow's bomb limit is refused by name ---
+@pytest.mark.parametrize('mode', ['L', 'RGB'])
+def test_image_whose_padded_square_is_too_large_is_refused_by_name_and_skipped(tmp_path, mode):
+    (tmp_path / 'img').mkdir()
+    for name, size in (('wide', (60000, 8)), ('tall', (8, 60000)), ('ok', (40, 30))):
+        Image.new(mode, size, 90).save(tmp_path / f'img/{name}.png')  # ~1.5 KB each
+    (tmp_path / 'pairs.csv').write_text('filepath,title\nimg/wide.png,a\nimg/ok.png,b\nimg/tall.png,c\n')
+    for name in ('wide', 'tall'):
+        with pytest.raises(ValueError, match=rf"line 9: cannot read image .*{name}\.png: DecompressionBombError: .*"
+                                             r"pad to a 60000 x 60000 square, over Pillow's limit"):
+            data.load_image(tmp_path / f'img/{name}.png', 'pairs.csv, line 9')
+    rows = data.read_captions(tmp_path / 'pairs.csv')
+    with pytest.raises(ValueError, match=r'pairs\.csv, line 2: .*wide\.png'):
+        data.ImageRows(rows)[0]
+    lenient = data.ImageRows(rows, skip_bad=True)
+    assert [lenient[i]['caption'] for i in range(3)] == ['b', 'b', 'b']
+    assert {w.split(', ')[-1] for w, _ in lenient.skipped} == {'line 2', 'line 4'}
+    png = lambda name: (tmp_path / f'img/{name}.png').read_bytes()
+    _write_shard(tmp_path / 'shard.tar', [('0.png', png('wide')), ('0.txt', b'a'), ('1.png', png('ok')),
+                                          ('1.txt', b'b'), ('2.png', png('tall')), ('2.txt', b'c')])
+    shards = data.TarShards(tmp_path / 'shard.tar', skip_bad=True)
+    assert [s['caption'] for s in shards] == ['b']
+    assert [w for w, _ in shards.skipped] == [f"{tmp_path / 'shard.tar'}: 0", f"{tmp_path / 'shard.tar'}: 2"]
+    tf = data.DistillTransform((32, data.CLIP_MEAN, data.CLIP_STD))  # what is loaded pads and augments as before
+    assert tf(data.load_image(tmp_path / 'img/ok.png'))[0].shape == (3, 32, 32)
+
+
+def test_padded_square_limit_is_pillows_own(tmp_path, monkeypatch):
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 10_000)  # a side of 100 at most
+    for size, fits in (((100, 3), True), ((3, 100), True), ((101, 3), False), ((3, 101), False), ((100, 100), True)):
+        Image.new('L', size).save(tmp_path / 'x.png')
+        if fits:
+            assert data.Preprocess(16)(data.load_image(tmp_path / 'x.png')).shape == (3, 16, 16)
+        else:
+            with pytest.raises(ValueError, match=rf'{size[0]} x {size[1]} pixels pad to a 101 x 101 square'):
+                data.load_image(tmp_path / 'x.png', header_only=True)
+            with pytest.raises(Image.DecompressionBombError, match='101 x 101'):  # a PIL image given directly
+                data.pad_square(Image.new('RGB', size))
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', None)  # Pillow's own switch turns the check off too
+    Image.new('L', (60000, 8)).save(tmp_path / 'x.png')
+    assert data.load_image(tmp_path / 'x.png', header_only=True).size == (60000, 8)
+
+
+# --- shards of one file name in two folders ---
+def test_shards_of_one_name_in_two_folders_get_keys_that_tell_them_apart(tmp_path, monkeypatch):
+    for folder, value in (('yfcc', 10), ('cc', 200)):
+        (tmp_path / folder).mkdir()
+        _write_shard(tmp_path / folder / '000.tar', [('00000.png', _png_bytes(value)), ('00000.txt', b'fetal brain'),
+                                                     ('00001.png', _png_bytes(value + 1)), ('00001.txt', b'femur')])
+    _write_shard(tmp_path / 'cc' / '001.tar', [('00000.png', _png_bytes(7)), ('00000.txt', b'fetal thorax')])
+    monkeypatch.chdir(tmp_path)
+    shards = data.TarShards('yfcc/000.tar::cc/000.tar::cc/001.tar')
+    want = ['yfcc/000.tar/00000', 'yfcc/000.tar/00001', 'cc/000.tar/00000', 'cc/000.tar/00001', 'cc/001.tar/00000']
+    assert shards.keys() == [s['key'] for s in shards] == want
+    # the same keys from another working folder or with absolute paths: keys do not depend on where you stand
+    monkeypatch.chdir(tmp_path / 'cc')
+    assert data.TarShards(f'{tmp_path}/yfcc/000.tar::../cc/000.tar::001.tar').keys() == want
+    assert data.TarShards('001.tar').keys() == ['001.tar/00000']  # names alone where they differ, as before
+    assert data.TarShards(f'{tmp_path}/cc/{{000,001}}.tar').keys()[-1] == '001.tar/00000'
+    ids = {data.pair_id(dict(key=k)) for k in want}
+    draws = {tuple(data.augment_draw(0, data.pair_id(dict(key=k)), 0)) for k in want}
+    assert len(ids) == len(draws) == len(want)  # every sample its own pair id and augmentation
+    data.TeacherCache.create(tmp_path / 'cache', dict(cache_views=1, embed_dim=2), want)  # was "appears twice"
+    cache = data.TeacherCache(tmp_path / 'cache')
+    assert sorted(cache.rows(dict(key=want)).tolist()) == list(range(len(want)))
+    with pytest.raises(ValueError, match=r"sample 'cc/000.tar/00000' appears twice: a shard listed twice"):
+        data.TeacherCache.create(tmp_path / 'twice', dict(cache_views=1, embed_dim=2), want + want[2:3])
+
+
+# --- shards streamed from a command (webdataset's pipe:) ---
+def test_pipe_shards_stream_a_commands_output_and_name_a_failing_command(tmp_path):
+    samples = [(f'{i:05d}.{ext}', _png_bytes(i) if ext == 'png' else f'fetal brain {i}'.encode())
+               for i in range(3) for ext in ('png', 'txt')]
+    _write_shard(tmp_path / '000.tar', samples)
+    (tmp_path / '001.tar.gz').write_bytes(gzip.compress((tmp_path / '000.tar').read_bytes()))
+    local = [(s['caption'], s['image'].getpixel((0, 0))) for s in data.TarShards(tmp_path / '000.tar')]
+    for spec in (f'pipe:cat {tmp_path}/000.tar', f'pipe:gzip -dc < {tmp_path}/001.tar.gz'):
+        shards = data.TarShards(spec)
+        assert [(s['caption'], s['image'].getpixel((0, 0))) for s in shards] == local
+        assert shards.keys() == [f'{spec}/{i:05d}' for i in range(3)] and len(shards.captions(9)) == 3
+    cut = f'pipe:head -c 1600 {tmp_path}/000.tar'  # the command ends well, its output is cut short
+    missing = f'pipe:cat {tmp_path}/nothing.tar'
+    with pytest.raises(ValueError, match=re.escape(f"{missing}: unreadable shard (OSError: command 'cat {tmp_path}/"
+                                                   "nothing.tar' exited with status 1")):
+        list(data.TarShards(missing))
+    with pytest.raises(ValueError, match=re.escape(f"{missing}: unreadable shard (OSError: command")):
+        data.TarShards(missing).keys()
+    with pytest.raises(ValueError, match=re.escape(cut) + r": unreadable shard \(ReadError"):
+        list(data.TarShards(cut))
+    start = time.time()  # a command that writes on after the archive (here: forever) is stopped, not awaited
+    assert len(list(data.TarShards(f'pipe:cat {tmp_path}/000.tar; yes'))) == 3 and time.time() - start < 20
+    lenient = data.TarShards(f'{missing}::pipe:cat {tmp_path}/000.tar::{cut}', skip_bad=True)
+    got, captions = [s['caption'] for s in lenient], [c for c, _ in local]
+    assert got[:3] == captions and got[3:] == captions[:len(got) - 3]  # and what came before the cut
+    assert [w for w, _ in lenient.skipped] == [missing, cut] and len(lenient.keys()) >= 3
+    _write_shard(tmp_path / 'long.tar', samples * 20)  # longer than what tarfile reads ahead (10 KB)
+    endless = iter(data.TarShards(f'pipe:cat {tmp_path}/long.tar; sleep 60'))  # a reader that stops early ...
+    start = time.time()
+    next(endless)
+    endless.close()  # ... stops the command, and does not wait for it
+    assert time.time() - start < 20
+
+
+def test_remote_shard_urls_are_refused_up_front_with_the_pipe_that_reads_them(tmp_path):
+    for spec in ('https://host/shards/{000..009}.tar', 's3://bucket/000.tar', 'local/0.tar::http://h/1.tar'):
+        url = spec.split('::')[-1].replace('{000..009}', '000')
+        pipe = re.escape(f"'pipe:aws s3 cp {url} -'" if url.startswith('s3') else f"'pipe:curl -fsSL {url}'")
+        with pytest.raises(ValueError, match=re.escape(f"shard {url!r} is remote") + f".*{pipe}"):
+            data.TarShards(spec)
+        with pytest.raises(SystemExit, match=re.escape(f"train.py: --train_data={spec}: shard {url!r} is remote")):
+            train.configure([f'--train_data={spec}', f'--out_dir={tmp_path}/run'])
+    spec = f'pipe:cat {tmp_path}/000.tar'  # a teacher cache knows shards by name and size: a stream is refused
+    with pytest.raises(SystemExit, match=r"--teacher_cache needs local shards, not 'pipe:' streams"):
+        train.configure([f'--train_data={spec}', f'--teacher_cache={tmp_path}/cache', '--kd=static',
+                         f'--out_dir={tmp_path}/run', f'--teacher={__file__}'])
+    assert not (tmp_path / 'cache').exists() and not (tmp_path / 'run').exists()
 
 
 def test_fetal_planes_reader_tolerates_whitespace_not_unknown_labels(tmp_path):
@@ -1729,6 +1970,20 @@ def test_a_shard_cut_short_is_named_or_skipped_at_start_up(tmp_path, capsys):
             data.TarShards(tmp_path / pattern).keys()
 
 
+# --- pipe: shards in a run ---
+def test_training_streams_pipe_shards_and_skips_a_command_that_fails(tmp_path, capsys):
+    for k in (1, 2):
+        _write_shard(tmp_path / f"shard_{k}.tar", [item for i in range(4) for item in (
+            (f"s{k}_{i}.png", _png_bytes(30 * i)), (f"s{k}_{i}.txt", b"ultrasound of the fetal brain"))])
+    spec = f"pipe:cat {tmp_path}/shard_{{1..2}}.tar::pipe:cat {tmp_path}/gone.tar"  # braces expand inside pipe: too
+    cfg = _cfg(tmp_path, kd="none", train_data=spec, batch_size=4, epochs=1, workers=0)
+    with pytest.raises(ValueError, match=r"gone\.tar' exited with status 1"):
+        train.train(cfg)
+    train.train({**cfg, "skip_bad": True})  # 8 pairs from the two commands that work, batch 4
+    assert [r["step"] for r in _log(cfg) if "total" in r] == [1, 2]
+    assert re.search(r"skipped pipe:cat .*gone\.tar: unreadable shard \(OSError: command", capsys.readouterr().err)
+
+
 @pytest.mark.parametrize("pattern, names", [
     ("d/{yfcc/{0..1},cc/{0..1}}.tar", ["d/yfcc/0.tar", "d/yfcc/1.tar", "d/cc/0.tar", "d/cc/1.tar"]),  # nesting
     ("a/{0..1}.tar::b/{2..3}.tar", ["a/0.tar", "a/1.tar", "b/2.tar", "b/3.tar"]),  # open_clip's and webdataset's ::
@@ -2023,6 +2278,21 @@ def test_cache_reads_the_view_asked_for_and_refuses_rows_never_stored(tmp_path):
     for rows, never in (([0], "0"), ([1, 2], "2"), ([2, 3, 0], "2 0")):
         with pytest.raises(ValueError, match=rf"rows \[{never}\] were never stored"):
             cache.read(dict(index=rows, view=[0] * len(rows)))
+
+
+# --- a cache over shards of one file name in two folders ---
+def test_teacher_cache_over_shards_of_one_name_in_two_folders_builds_and_holds_each(tmp_path):
+    world = data.ToyWorld("train", 64, length=4)
+    for k, folder in enumerate(("yfcc", "cc")):
+        (tmp_path / folder).mkdir()
+        _write_shard(tmp_path / folder / "000.tar", [member for i in (2 * k, 2 * k + 1) for member in (
+            (f"{i % 2:05d}.png", _toy_png(i)), (f"{i % 2:05d}.txt", world[i]["caption"].encode()))])
+    pattern = f"{tmp_path}/yfcc/000.tar::{tmp_path}/cc/000.tar"
+    cfg = _cached(tmp_path, kd="static", train_data=pattern, batch_size=2, epochs=1, samples_per_epoch=4, workers=0)
+    train.train(cfg)
+    items = list(data.TarShards(pattern))
+    assert len({item["key"] for item in items}) == 4
+    _assert_rows_hold_their_pairs(cfg, items)
 
 
 def test_readme_toy_numbers_come_from_the_committed_results():

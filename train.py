@@ -135,6 +135,14 @@ def configure(argv):
     elif not cfg["overwrite"] and any((out / f).exists() for f in ("ckpt.pt", "best.pt")):
         sys.exit(f"train.py: {out} holds another run's checkpoints: continue it with --resume=true, replace it with "
                  f"--overwrite=true, or write this run to a new --out_dir")
+    if cfg["train_data"] != "toy" and not cfg["train_data"].lower().endswith((".csv", ".tsv")):  # tar shards
+        try:
+            shards = data.TarShards(cfg["train_data"]).shards  # a pattern outside the grammar, a URL: refused here
+        except ValueError as e:
+            sys.exit(f"train.py: --train_data={cfg['train_data']}: {e}")
+        if cfg["teacher_cache"] and cfg["kd"] != "none" and any(s.startswith("pipe:") for s in shards):
+            sys.exit(f"train.py: --teacher_cache needs local shards, not 'pipe:' streams ({cfg['train_data']!r}): a "
+                     "cache knows its shards by name and size, which a stream has not. Copy the shards to disk first")
     if cfg["kd"] != "none" and not Path(cfg["teacher"]).is_file() and (cfg["resume"] or not toy_teacher_missing(cfg)):
         sys.exit(f"train.py: --teacher={cfg['teacher']}: no such file (the toy teacher is pretrained only at the "
                  f"default --teacher={KEYS['teacher']} with --train_data=toy)")
@@ -350,7 +358,7 @@ def cache_header(cfg, spec, pairs):
             return hashlib.file_digest(f, "sha256").hexdigest()
     tar = isinstance(pairs, data.TarShards)
     if tar:
-        source = sorted([Path(s).name, os.path.getsize(s)] for s in pairs.shards)
+        source = sorted([pairs.names[s], os.path.getsize(s)] for s in pairs.shards)
     elif cfg["train_data"] == "toy":  # the protocol's version names the toy world: a cache of an older one is refused
         source = f"toy world ({evaluation.PROTOCOL}), {len(pairs)} pairs at {pairs.size} px"
     else:
