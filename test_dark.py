@@ -2559,6 +2559,33 @@ def test_bad_checkpoints_raise_a_named_error(tmp_path):
         export_ios.export(tmp_path / "absent.pt", out=tmp_path)
 
 
+# --- deployment targets ---
+@pytest.mark.parametrize("argv, message", [
+    (["--target=iOS14"], "--target=iOS14: iOS14 is older than iOS15, the first iOS that reads an ML program: give "
+                         "--target=iOS15 or later"),
+    (["--target=macOS11"], "older than macOS12"), (["--target=watchOS7"], "older than watchOS8"),
+    (["--target=tvOS13"], "older than tvOS15"),
+    (["--target=iOS15", "--quantize=int8"], "--target=iOS15: iOS15 is older than iOS16, the first iOS that reads "
+                                            "--quantize=int8's compressed weights: give --target=iOS16 or later or "
+                                            "--quantize=none"),
+    (["--target=macOS12", "--quantize=palettize4"], "older than macOS13"),
+    (["--target=watchOS8", "--quantize=int8"], "older than watchOS9"), (["--quantize=int8", "--target=tvOS15"], "tvOS16")])
+def test_targets_below_what_the_package_needs_are_refused_before_any_work(tmp_path, monkeypatch, argv, message):
+    monkeypatch.setattr(export_ios, "load_student", lambda *a: pytest.fail("the checkpoint was read"))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        export_ios.main([f"--checkpoint={toy_checkpoint(tmp_path / 's.pt')}", f"--out={tmp_path / 'ios'}", *argv])
+    assert not (tmp_path / "ios").exists()
+
+
+@pytest.mark.parametrize("target, quantize", [("iOS15", "none"), ("macOS13", "int8")])
+def test_the_package_is_for_the_target_the_summary_names(tmp_path, target, quantize):
+    import coremltools as ct
+    summary = export_ios.export(toy_checkpoint(tmp_path / "s.pt"), out=tmp_path, classes="none", target=target,
+                                quantize=quantize)["image"]
+    spec = ct.models.MLModel(summary["path"], skip_model_load=True).get_spec()
+    assert summary["target"] == target and spec.specificationVersion == getattr(ct.target, target).value
+
+
 # ==================== porting to another modality: the README's files and its three commands ====================
 
 def test_porting_files_and_three_commands_end_to_end(tmp_path):
