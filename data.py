@@ -21,6 +21,7 @@ The real formats: caption CSV/TSV, webdataset tar shards, FETAL_PLANES_DB, HC18;
 import collections
 import csv
 import difflib
+import errno
 import gzip
 import hashlib
 import html
@@ -32,6 +33,7 @@ import math
 import os
 import random
 import re
+import shutil
 import struct
 import sys
 import tarfile
@@ -1092,8 +1094,10 @@ class TeacherCache:
 
     @staticmethod
     def create(root, header, keys=None):
-        """Zero-filled (sparse) files for header's 'pairs' x 'cache_views' x 'embed_dim', or with keys (tar sample
-        keys, which must be unique) one row per key. The header is written last: a folder without one is unfinished."""
+        """Zero-filled files for header's 'pairs' x 'cache_views' x 'embed_dim', or with keys (tar sample keys, which
+        must be unique) one row per key, allocated on the disk now (os.posix_fallocate where there is one). The header
+        is written last: a folder without one is unfinished. A disk too small raises OSError naming root, the bytes
+        needed and free."""
         root = Path(root)
         if keys is not None:
             header = dict(header, pairs=len(keys))
@@ -1102,9 +1106,22 @@ class TeacherCache:
                 raise ValueError(f"sample {twice!r} appears twice: tar samples are stored by shard file name and key")
         root.mkdir(parents=True, exist_ok=True)
         n, k, d = header['pairs'], header['cache_views'], header['embed_dim']
-        for name, size in (('image.f16', 2 * n * k * d), ('text.f16', 2 * n * d), ('done.u8', n)):
+        sizes = {'image.f16': 2 * n * k * d, 'text.f16': 2 * n * d, 'done.u8': n}
+        free = shutil.disk_usage(root).free
+        if sum(sizes.values()) > free:  # mapped files past the disk's end would kill the pass with SIGBUS
+            raise OSError(f"--teacher_cache {root}: the cache needs {sum(sizes.values())} bytes "
+                          f"({n} pairs x {k} views x {d} dims in fp16) and its disk has {free} free: free some space, "
+                          "or give a folder on a larger disk")
+        for name, size in sizes.items():
             with open(root / name, 'wb') as f:
                 f.truncate(size)
+                try:  # the blocks are taken now, so a disk filled by others since is an error here, not a SIGBUS
+                    if size and hasattr(os, 'posix_fallocate'):
+                        os.posix_fallocate(f.fileno(), 0, size)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: sparse, checked
+                        raise OSError(f"--teacher_cache {root}: cannot allocate {name} ({size} bytes): "
+                                      f"{write_failure(root / name, e)}") from e
         if keys is not None:
             np.save(root / 'keys.npy', np.array(sorted(k.encode() for k in keys), dtype=bytes))  # utf-8 keeps the order
         _write_json(root / 'header.json', header)
@@ -1174,8 +1191,28 @@ class TeacherCache:
 
 def _write_json(path, obj):
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + '\n')
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + '\n')
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {write_failure(path, e)}") from e
+
+
+def write_failure(path, e, written=0):
+    """Why a write to path failed, for an error message: no space left, or a file too large (ENOSPC and EFBIG; for
+    torch.save's zip writer, which says only 'unexpected pos', told apart by the space left and the size limit after
+    `written` bytes), else e's own first line."""
+    free, code = shutil.disk_usage(Path(path).parent).free, getattr(e, 'errno', None)
+    limit = -1  # no size limit: RLIM_INFINITY
+    if os.name == 'posix':
+        import resource  # Unix only
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if code == errno.ENOSPC or code is None and free < 2**20:
+        return f"no space left on its disk ({free} bytes free)"
+    if code == errno.EFBIG or code is None and 0 <= limit <= written:
+        return f"file too large for its file system or the size limit (ulimit -f) after {written} bytes"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 # --- the command line: one grammar for train.py, eval.py, export_ios.py and this file ---

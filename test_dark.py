@@ -1377,6 +1377,73 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
 
 
+# --- a disk that fills while the run writes ---
+FULL_DISK = [  # what the write raises after some bytes of the temp file, and the cause the message must name
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1536 vs 1472"), 0, "no space left"),
+    (OSError(28, "No space left on device"), 10**12, "no space left on its disk"),
+    (OSError(27, "File too large"), 10**12, "file too large"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"), 10**12, "file too large")]
+
+
+@pytest.mark.parametrize("error, free, cause", FULL_DISK)
+def test_a_full_disk_stops_the_run_naming_file_step_cause_and_last_checkpoint(tmp_path, monkeypatch, capsys, error,
+                                                                              free, cause):
+    cfg = _cfg(tmp_path, ckpt_every=2)
+    real_save, saves = torch.save, []
+
+    def fills_the_disk(obj, f):
+        saves.append(f)
+        if len(saves) < 2:
+            return real_save(obj, f)
+        Path(f).write_bytes(b"PK" * 100)  # part of the archive was written
+        raise error
+    monkeypatch.setattr(train.torch, "save", fills_the_disk)
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=free))())
+    if "large" in cause and isinstance(error, RuntimeError):  # torch's message names neither: the size limit does
+        import resource
+        monkeypatch.setattr(resource, "getrlimit", lambda what: (200, 200))
+    with pytest.raises(SystemExit) as e:
+        train.main(_argv(cfg))
+    ckpt = Path(cfg["out_dir"]) / "ckpt.pt"
+    said = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(said) == 1, said
+    assert re.fullmatch(rf"train\.py: cannot write {re.escape(str(ckpt))} at step 4: {cause}.*; any earlier ckpt\.pt is "
+                        rf"kept\. stopping\. The last good checkpoint is {re.escape(str(ckpt))}", said[0]), said[0]
+    assert sorted(os.listdir(cfg["out_dir"])) == ["ckpt.pt", "log.jsonl"]  # the temp file is gone
+    assert torch.load(ckpt, weights_only=False)["step"] == 2  # the earlier checkpoint, whole
+
+
+def test_every_run_file_names_itself_when_the_disk_is_full(tmp_path, monkeypatch):
+    """results.md and .json (train.save_atomic of text), the cache's JSON files, log.jsonl: each failed write names
+    its file and the cause, and leaves no temp file and the earlier file as it was."""
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=0))())
+    real_write_text = Path.write_text
+
+    def fills_the_disk(self, text):
+        real_write_text(self, text[:3])
+        raise OSError(28, "No space left on device")
+    for name, write in (("results.json", lambda text: train.save_atomic(text, tmp_path / "results.json", then="x")),
+                        ("header.json", lambda text: data._write_json(tmp_path / "header.json", text))):
+        write("earlier")
+        monkeypatch.setattr(Path, "write_text", fills_the_disk)
+        with pytest.raises(OSError, match=rf"cannot write .*{name}: no space left on its disk \(0 bytes free\)"):
+            write("later")
+        monkeypatch.setattr(Path, "write_text", real_write_text)
+        assert not list(tmp_path.glob("*.tmp")) and "earlier" in (tmp_path / name).read_text()
+
+    class FullLog(io.StringIO):  # log.jsonl on a disk that fills after two rows
+        name = str(tmp_path / "run" / "log.jsonl")
+
+        def write(self, text):
+            if self.getvalue().count("\n") == 2:
+                raise OSError(28, "No space left on device")
+            return super().write(text)
+    monkeypatch.setattr(train, "open", lambda path, mode: FullLog(), raising=False)
+    with pytest.raises(OSError, match=r"cannot write .*log\.jsonl at step 3: no space left on its disk .* The last "
+                                      r"good checkpoint is none yet"):
+        train.train(_cfg(tmp_path))
+
+
 def test_selection_on_fetal_planes_train_rows(tmp_path):
     """The real path's model selection: FETAL_PLANES_DB Train=1 rows, planes and brain, class F1 picks best.pt."""
     cfg = _cfg(tmp_path, epochs=1, val_every=1, kd="none", val_data=str(_write_fetal_planes(tmp_path / "fpdb")))
@@ -1681,6 +1748,36 @@ def test_mismatching_cache_is_refused_naming_the_field(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"for data = 'toy world \(dark-eval-.*run has data = 'toy world \(a-later"):
         train.train(cfg)
     assert before == {name: (tmp_path / "cache" / name).read_bytes() for name in CACHE_FILES}  # nothing touched
+
+
+# --- a cache larger than its disk ---
+def test_a_cache_too_large_for_its_disk_is_refused_before_the_pass(tmp_path, monkeypatch, capsys):
+    """32 pairs x 2 views x 32 dims in fp16 + text + done flags = 6176 bytes: refused with less free, by name; with
+    enough, the blocks are taken at once (no sparse file to SIGBUS the pass when the disk fills later)."""
+    cfg = _cached(tmp_path)
+    root, real_usage = Path(cfg["teacher_cache"]), data.shutil.disk_usage
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=6175))())
+    monkeypatch.setattr(data.TeacherCache, "fill", lambda *a: pytest.fail("the pass began"))
+    with pytest.raises(SystemExit) as e:
+        train.main(_argv(cfg))
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"train.py: --teacher_cache {root}: the cache needs 6176 bytes (32 pairs x 2 views x 32 dims in fp16) and its "
+        "disk has 6175 free: free some space, or give a folder on a larger disk")
+    assert not (root / "header.json").exists()
+    monkeypatch.setattr(data.shutil, "disk_usage", real_usage)
+    real_fallocate = os.posix_fallocate
+
+    def others_filled_it(fd, offset, size):  # free at the check, full a moment later
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", others_filled_it)
+    with pytest.raises(OSError, match=rf"--teacher_cache {re.escape(str(root))}: cannot allocate image\.f16 \(4096 "
+                                      r"bytes\): no space left on its disk"):
+        train.train(cfg)
+    assert not (root / "header.json").exists()
+    monkeypatch.setattr(os, "posix_fallocate", real_fallocate)
+    data.TeacherCache.create(root, dict(pairs=32, cache_views=2, embed_dim=32))
+    for name, size in (("image.f16", 4096), ("text.f16", 2048), ("done.u8", 32)):
+        assert (root / name).stat().st_size == size and (root / name).stat().st_blocks * 512 >= size, name
 
 
 def test_killed_caching_pass_resumes_to_the_same_files(tmp_path, monkeypatch):

@@ -202,9 +202,9 @@ def barrier():
         dist.barrier()
 
 
-def print0(*args, rank=0):
+def print0(*args, rank=0, file=None):
     if rank == 0:
-        print(*args, flush=True)
+        print(*args, flush=True, file=file)
 
 
 # --- data ---
@@ -393,12 +393,20 @@ def fill_cache(cfg, header, view, tokenizer, pairs, rank, world, dev, autocast):
     return cache
 
 
-def save_atomic(obj, path):
-    """Write to a temp file, then rename: a run killed mid-write never leaves a truncated checkpoint."""
+def save_atomic(obj, path, step=None, then=""):
+    """Write obj (torch.save's; a str as text) to a temp file beside path, then rename: a run killed mid-write never
+    leaves a truncated file. A write that fails (a full disk, a file too large) removes the temp file, leaves any
+    earlier file at path as it was, and raises OSError naming path, the step, the cause, then `then`."""
     path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(obj) if isinstance(obj, str) else torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer raises RuntimeError "... unexpected pos ..."
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}" + (f" at step {step}" if step is not None else "") +
+                      f": {data.write_failure(path, e, written)}; any earlier {path.name} is kept. {then}") from e
 
 
 def val_setup(cfg):
@@ -493,14 +501,22 @@ def train(cfg):
         save_atomic(dict(model=student.state_dict(), model_config=student.config, tokenizer=tokenizer_kind(student),
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, best_val=best, config=cfg,
                          rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)),
-                    path)
+                    path, step, last_good())
 
-    def last_good():  # a non-finite step stops the run before anything is written
+    def last_good():  # a non-finite step or a failed write stops the run; what is on disk is what was good
         return f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
 
     for stale in ("ckpt.pt", "best.pt", "results.md") if rank == 0 and not cfg["resume"] else ():
         (out / stale).unlink(missing_ok=True)  # a new run, past every start-up check (configure() asked first)
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
+
+    def log_row(row):
+        try:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        except OSError as e:
+            raise OSError(f"cannot write {out / 'log.jsonl'} at step {step}: {data.write_failure(log.name, e)}; "
+                          + last_good()) from e
     n_params = sum(p.numel() for p in student.parameters())
     select_on = val_setup(cfg)[1]
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
@@ -571,8 +587,7 @@ def train(cfg):
                        f"{rate:.0f} samples/s eta {eta / 60:.1f} min" + (f" {row['cuda_gb']} GB" if cuda else ""),
                        rank=rank)
                 if log:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                    log_row(row)
             end_of_epoch = step % steps_per_epoch == 0
             done = step // steps_per_epoch  # epochs done: validate every val_every of them, and after the last
             if rank == 0 and end_of_epoch and (done % cfg["val_every"] == 0 or done == cfg["epochs"]):
@@ -583,9 +598,8 @@ def train(cfg):
                     score = metrics[select_on]
                     print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics) +
                            f"; best.pt on {select_on} (best so far {max(best, score):.4f})")
-                    log.write(json.dumps(dict(step=step, epoch=epoch + 1, select_on=select_on, **{
-                        f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})) + "\n")
-                    log.flush()
+                    log_row(dict(step=step, epoch=epoch + 1, select_on=select_on, **{
+                        f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}))
                     if score > best:
                         best = score
                         checkpoint(out / "best.pt")
@@ -640,8 +654,10 @@ def report(checkpoints, cfg):
     print("\nzero-shot on the toy test split (image_ms: CPU, batch 1, reparameterized where foldable)\n" + table +
           f"\nthe median age at each stated pixel spacing, no image: validity {base['ga_validity_spacing_only']:.2f}%"
           + evaluation.noise_warning(speeds))
-    Path(cfg["out_dir"], "results.md").write_text(table + "\n")
-    Path(cfg["out_dir"], "results.json").write_text(json.dumps(dict(rows=rows, configs=configs), indent=1) + "\n")
+    kept = f"The checkpoints in {cfg['out_dir']} are kept"
+    save_atomic(table + "\n", Path(cfg["out_dir"], "results.md"), then=kept)
+    save_atomic(json.dumps(dict(rows=rows, configs=configs), indent=1) + "\n", Path(cfg["out_dir"], "results.json"),
+                then=kept)
     return rows
 
 
@@ -677,10 +693,13 @@ def main(argv):
             barrier()
         run = cfg
         best = train(cfg)
+        if rank == 0 and cfg["train_data"] == "toy":
+            report([("teacher", cfg["teacher"])] * (cfg["kd"] != "none") + [(f"student ({cfg['kd']})", best)], cfg)
     except KeyboardInterrupt:  # each rank gets the signal; rank 0 says it once, without a traceback
         sys.exit(interrupted(run, cfg) if rank == 0 else 130)
-    if rank == 0 and cfg["train_data"] == "toy":
-        report([("teacher", cfg["teacher"])] * (cfg["kd"] != "none") + [(f"student ({cfg['kd']})", best)], cfg)
+    except (OSError, FloatingPointError) as e:  # a full disk, a non-finite step: the message names the last good file
+        print0(f"train.py: {e}", rank=rank, file=sys.stderr)
+        sys.exit(2)
     print0(f"done in {(time.time() - t0) / 60:.1f} min", rank=rank)
     if dist.is_initialized():
         dist.destroy_process_group()
