@@ -1276,8 +1276,8 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch, cache):
     killed = _cfg(tmp_path, out_dir=str(tmp_path / "killed"), ckpt_every=5, teacher_cache=cache, cache_views=3)
     real_save = train.save_atomic
 
-    def save_then_die(obj, path):
-        real_save(obj, path)
+    def save_then_die(obj, path, *args):
+        real_save(obj, path, *args)
         raise KeyboardInterrupt("killed after the first checkpoint")
     monkeypatch.setattr(train, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
