@@ -5,6 +5,7 @@
     torchrun --nproc_per_node=8 train.py --teacher=FetalCLIP_weights.pt --teacher_config=fetalclip \\
         --student=mobileclip2-s0 --student_init=mobileclip2_s0.pt --bpe=bpe_simple_vocab_16e6.txt.gz \\
         --train_data='shards/shard_{0000000001..0000000025}.tar' --val_data=FETAL_PLANES_DB
+    srun --ntasks=8 python train.py ...               # the same ranks from SLURM (or Open MPI: mpirun -np 8 python ...)
 
 Every default below can be overridden with --key=value; `python train.py --help` lists them. The defaults are the
 paper's recipe; with train_data='toy' the TOY overrides (below them) apply to every key not given on the command line.
