@@ -1519,7 +1519,8 @@ def test_every_run_file_names_itself_when_the_disk_is_full(tmp_path, monkeypatch
             if self.getvalue().count("\n") == 2:
                 raise OSError(28, "No space left on device")
             return super().write(text)
-    monkeypatch.setattr(train, "open", lambda path, mode: FullLog(), raising=False)
+    monkeypatch.setattr(train, "open", lambda path, mode: FullLog() if str(path).endswith("log.jsonl") else
+                        open(path, mode), raising=False)
     with pytest.raises(OSError, match=r"cannot write .*log\.jsonl at step 3: no space left on its disk .* The last "
                                       r"good checkpoint is none yet"):
         train.train(_cfg(tmp_path))
