@@ -1445,6 +1445,10 @@ def test_resume_after_the_run_files_moved(tmp_path, monkeypatch):
     train.train(resumed)
     assert [r["step"] for r in _log(cfg) if "total" in r] == list(range(1, 9))
     assert torch.load(Path(cfg["out_dir"], "ckpt.pt"), weights_only=True)["config"]["teacher_cache"] == str(new / "cache")
+    spec, pairs = models.build_model("toy-teacher"), data.ToyWorld("train", 64, length=8)  # a cache's teacher JSON too
+    header = lambda path: train.cache_header({**resumed, "teacher_config": str(path)}, spec, pairs)
+    (tmp_path / "copy.json").write_bytes((new / "student.json").read_bytes())
+    assert header(new / "student.json") == header(tmp_path / "copy.json") != header(tmp_path / "other.json")
 
 
 def test_the_one_pair_check_counts_the_global_batch():

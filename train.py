@@ -423,7 +423,7 @@ def cache_header(cfg, spec, pairs):
         source = f"toy world ({evaluation.PROTOCOL}), {len(pairs)} pairs at {pairs.size} px"
     else:
         source = f"caption CSV sha256 {sha256(cfg['train_data'])}, images under {cfg['image_root'] or 'its folder'}"
-    return dict(format=1, teacher_sha256=sha256(cfg["teacher"]), teacher_config=cfg["teacher_config"],
+    return dict(format=1, teacher_sha256=sha256(cfg["teacher"]), teacher_config=identity(cfg["teacher_config"]),
                 teacher_image_size=spec.image_size, teacher_mean=spec.image_mean, teacher_std=spec.image_std,
                 embed_dim=spec.config["embed_dim"], tokenizer=tokenizer_kind(spec), context_length=spec.context_length,
                 augment=data.AUGMENT if cfg["augment"] else "off", seed=cfg["seed"], data=source,
