@@ -1121,7 +1121,7 @@ class TeacherCache:
                 except OSError as e:
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: sparse, checked
                         raise OSError(f"--teacher_cache {root}: cannot allocate {name} ({size} bytes): "
-                                      f"{write_failure(root / name, e)}") from e
+                                      f"{e.strerror or e}") from e
         if keys is not None:
             np.save(root / 'keys.npy', np.array(sorted(k.encode() for k in keys), dtype=bytes))  # utf-8 keeps the order
         _write_json(root / 'header.json', header)
@@ -1196,23 +1196,7 @@ def _write_json(path, obj):
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except OSError as e:
         tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write {path}: {write_failure(path, e)}") from e
-
-
-def write_failure(path, e, written=0):
-    """Why a write to path failed, for an error message: no space left, or a file too large (ENOSPC and EFBIG; for
-    torch.save's zip writer, which says only 'unexpected pos', told apart by the space left and the size limit after
-    `written` bytes), else e's own first line."""
-    free, code = shutil.disk_usage(Path(path).parent).free, getattr(e, 'errno', None)
-    limit = -1  # no size limit: RLIM_INFINITY
-    if os.name == 'posix':
-        import resource  # Unix only
-        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
-    if code == errno.ENOSPC or code is None and free < 2**20:
-        return f"no space left on its disk ({free} bytes free)"
-    if code == errno.EFBIG or code is None and 0 <= limit <= written:
-        return f"file too large for its file system or the size limit (ulimit -f) after {written} bytes"
-    return str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 # --- the command line: one grammar for train.py, eval.py, export_ios.py and this file ---

@@ -10,10 +10,12 @@
 Every default below can be overridden with --key=value; `python train.py --help` lists them. The defaults are the
 paper's recipe; with train_data='toy' the TOY overrides (below them) apply to every key not given on the command line.
 """
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -461,6 +463,22 @@ def fill_cache(cfg, header, view, tokenizer, pairs, rank, world, dev, autocast):
     return cache
 
 
+def write_failure(path, e, written=0):
+    """Why a write to path failed, for an error message: no space left, or a file too large (ENOSPC and EFBIG; for
+    torch.save's zip writer, which says only 'unexpected pos', told apart by the space left and the size limit after
+    `written` bytes), else e's own first line."""
+    free, code = shutil.disk_usage(Path(path).parent).free, getattr(e, "errno", None)
+    limit = -1  # no size limit: RLIM_INFINITY
+    if os.name == "posix":
+        import resource  # Unix only
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if code == errno.ENOSPC or code is None and free < 2**20:
+        return f"no space left on its disk ({free} bytes free)"
+    if code == errno.EFBIG or code is None and 0 <= limit <= written:
+        return f"file too large for its file system or the size limit (ulimit -f) after {written} bytes"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def save_atomic(obj, path, step=None, then=""):
     """Write obj (torch.save's; a str as text) to a temp file beside path, then rename: a run killed mid-write never
     leaves a truncated file. A write that fails (a full disk, a file too large) removes the temp file, leaves any
@@ -474,7 +492,7 @@ def save_atomic(obj, path, step=None, then=""):
         written = tmp.stat().st_size if tmp.exists() else 0
         tmp.unlink(missing_ok=True)
         raise OSError(f"cannot write {path}" + (f" at step {step}" if step is not None else "") +
-                      f": {data.write_failure(path, e, written)}; any earlier {path.name} is kept. {then}") from e
+                      f": {write_failure(path, e, written)}; any earlier {path.name} is kept. {then}") from e
 
 
 def val_setup(cfg):
@@ -593,7 +611,7 @@ def train(cfg):
             log.write(json.dumps(row) + "\n")
             log.flush()
         except OSError as e:
-            raise OSError(f"cannot write {out / 'log.jsonl'} at step {step}: {data.write_failure(log.name, e)}; "
+            raise OSError(f"cannot write {out / 'log.jsonl'} at step {step}: {write_failure(log.name, e)}; "
                           + last_good()) from e
     n_params = sum(p.numel() for p in student.parameters())
     select_on = val_setup(cfg)[1]
