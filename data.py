@@ -22,6 +22,7 @@ import collections
 import contextlib
 import csv
 import difflib
+import errno
 import gzip
 import hashlib
 import html
@@ -33,6 +34,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -1225,8 +1227,10 @@ class TeacherCache:
 
     @staticmethod
     def create(root, header, keys=None):
-        """Zero-filled (sparse) files for header's 'pairs' x 'cache_views' x 'embed_dim', or with keys (tar sample
-        keys, which must be unique) one row per key. The header is written last: a folder without one is unfinished."""
+        """Zero-filled files for header's 'pairs' x 'cache_views' x 'embed_dim', or with keys (tar sample keys, which
+        must be unique) one row per key, allocated on the disk now (os.posix_fallocate where there is one). The header
+        is written last: a folder without one is unfinished. A disk too small raises OSError naming root, the bytes
+        needed and free."""
         root = Path(root)
         if keys is not None:
             header = dict(header, pairs=len(keys))
@@ -1235,9 +1239,22 @@ class TeacherCache:
                 raise ValueError(f"sample {twice!r} appears twice: a shard listed twice, or a key twice in one shard?")
         root.mkdir(parents=True, exist_ok=True)
         n, k, d = header['pairs'], header['cache_views'], header['embed_dim']
-        for name, size in (('image.f16', 2 * n * k * d), ('text.f16', 2 * n * d), ('done.u8', n)):
+        sizes = {'image.f16': 2 * n * k * d, 'text.f16': 2 * n * d, 'done.u8': n}
+        free = shutil.disk_usage(root).free
+        if sum(sizes.values()) > free:  # mapped files past the disk's end would kill the pass with SIGBUS
+            raise OSError(f"--teacher_cache {root}: the cache needs {sum(sizes.values())} bytes "
+                          f"({n} pairs x {k} views x {d} dims in fp16) and its disk has {free} free: free some space, "
+                          "or give a folder on a larger disk")
+        for name, size in sizes.items():
             with open(root / name, 'wb') as f:
                 f.truncate(size)
+                try:  # the blocks are taken now, so a disk filled by others since is an error here, not a SIGBUS
+                    if size and hasattr(os, 'posix_fallocate'):
+                        os.posix_fallocate(f.fileno(), 0, size)
+                except OSError as e:
+                    if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: sparse, checked
+                        raise OSError(f"--teacher_cache {root}: cannot allocate {name} ({size} bytes): "
+                                      f"{e.strerror or e}") from e
         if keys is not None:
             np.save(root / 'keys.npy', np.array(sorted(k.encode() for k in keys), dtype=bytes))  # utf-8 keeps the order
         _write_json(root / 'header.json', header)
@@ -1307,8 +1324,12 @@ class TeacherCache:
 
 def _write_json(path, obj):
     tmp = Path(f"{path}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + '\n')
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
+    try:
+        tmp.write_text(json.dumps(obj, indent=1) + '\n')
+        os.replace(tmp, path)  # atomic: a reader never sees half a file
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 # --- the command line: one grammar for train.py, eval.py, export_ios.py and this file ---

@@ -12,7 +12,8 @@ What it writes (the README documents these names; every run checks them on the s
   gets class probabilities from one call and needs no text encoder. The class names are in the metadata (`classes`).
 - <out>/<name>Text.mlpackage (--text): input `input_ids` int32 [1, context], output `embedding` float32 [1, D]. The
   app must tokenize exactly as training did (the checkpoint's tokenizer: CLIP BPE, or the toy word tokenizer).
-Both are ML programs with fp16 weights and fp16 compute, for iOS 17 and later unless --target says otherwise.
+Both are ML programs with fp16 weights and fp16 compute, for iOS 17 and later unless --target says otherwise
+(iOS 15 at the oldest, iOS 16 with --quantize: older targets are refused before any work).
 
 How: reparameterize a copy of the student (every multi-branch block folded), wrap it (the per-channel mean/std goes
 inside the graph: ImageType has one scale for all channels), torch.export(...).run_decompositions({}), coremltools.
@@ -258,11 +259,14 @@ def feature(desc):
     return f"{array.ArrayDataType.Name(array.dataType).lower()} {list(array.shape)}"
 
 
-def check_package(path, io, n_params, quantize):
+def check_package(path, io, n_params, quantize, target):
     """Reload the saved package and check it against the documented interface -> summary dict."""
     import coremltools as ct
     from coremltools.proto import MIL_pb2
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
+    if spec.specificationVersion != getattr(ct.target, target).value:  # what a device checks before loading it
+        raise ExportCheckError(f"{path.name}: Core ML specification {spec.specificationVersion}, but --target={target} "
+                               f"is {getattr(ct.target, target).value}")
     got = {d.name: feature(d) for d in [*spec.description.input, *spec.description.output]}
     if got != io:
         raise ExportCheckError(f"{path.name}: inputs/outputs {got}, documented {io}")
@@ -333,8 +337,8 @@ def build_package(path, module, example, ct_input, io, docs, feeds, meta, target
     describe(mlmodel, meta, docs)
     path.parent.mkdir(parents=True, exist_ok=True)
     mlmodel.save(str(path))
-    summary = check_package(path, io, n_weights(program), quantize)
-    summary.update(path=str(path), export_error=err, predict=check_predictions(path, module, feeds, quantize))
+    summary = check_package(path, io, n_weights(program), quantize, target)
+    summary.update(path=str(path), target=target, export_error=err, predict=check_predictions(path, module, feeds, quantize))
     print_summary(summary, target)
     return summary
 
@@ -369,9 +373,9 @@ def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", 
         raise FileExistsError(f"{', '.join(there)} exists: replace it with --overwrite=true, or give another --out "
                               "or --name")
     ct = import_coremltools()
-    if quantize not in QUANTIZE or not hasattr(ct.target, target):
-        raise ValueError(f"quantize must be one of {list(QUANTIZE)} and target a coremltools ct.target name "
-                         f"(iOS16, iOS17, iOS18, macOS14, ...); got {quantize!r}, {target!r}")
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {list(QUANTIZE)}; got {quantize!r}")
+    check_target(target, quantize)
     model, kind, sha = load_student(checkpoint, model_config)
     model = models.reparameterize(copy.deepcopy(model)).eval()
     prompts = class_prompts(classes, kind)
@@ -451,11 +455,22 @@ def check_classes(classes):
         raise ValueError(f"takes {check_classes.__doc__}; there is no file {classes}")
 
 
-def check_target(target):
-    """a coremltools ct.target name: iOS16 | iOS17 | iOS18 | macOS14 | ..."""
+def check_target(target, quantize="none"):
+    """a coremltools ct.target name from iOS15 | macOS12 | watchOS8 | tvOS15 on (with --quantize from iOS16 | macOS13 |
+    watchOS9 | tvOS16): iOS17 | iOS18 | macOS14 | ..."""
     ct = import_coremltools()
-    if not hasattr(ct.target, target):
-        raise ValueError(f"takes one of {', '.join(t for t in vars(ct.target) if not t.startswith('_'))}")
+    names = [t for t in vars(ct.target) if not t.startswith("_")]
+    version, family = (lambda t: getattr(ct.target, t).value), (lambda t: re.match(r"[a-zA-Z]+", t)[0])
+    if target not in names:
+        raise ValueError(f"takes one of {', '.join(names)}")
+    # Core ML specification versions: an ML program needs 6; compressed weights (constexpr ops) need 7, and
+    # coremltools would otherwise raise the package's version above the target without saying so
+    need = 6 if quantize == "none" else 7
+    if version(target) < need:
+        oldest = min((t for t in names if family(t) == family(target) and version(t) >= need), key=version)
+        raise ValueError(f"{target} is older than {oldest}, the first {family(target)} that reads "
+                         + (f"--quantize={quantize}'s compressed weights" if need == 7 else "an ML program")
+                         + f": give --target={oldest} or later" + (" or --quantize=none" if need == 7 else ""))
 
 
 ACCEPTS = dict(classes=check_classes, quantize=tuple(QUANTIZE), target=check_target)
@@ -467,6 +482,10 @@ def main(argv=None):
     warnings.filterwarnings("ignore", re.escape("`isinstance(treespec, LeafSpec)`"), FutureWarning)
     if not opt["checkpoint"]:
         sys.exit("export_ios.py: --checkpoint=PATH is required (--help lists the options)")
+    try:  # the flag check saw --target alone
+        check_target(opt["target"], opt["quantize"])
+    except ValueError as e:
+        sys.exit(f"export_ios.py: --target={opt['target']}: {e}")
     try:
         return export(**{**opt, "model_config": opt["model_config"] or None, "bpe": opt["bpe"] or None})
     except FileExistsError as e:

@@ -1701,8 +1701,8 @@ def test_resume_matches_uninterrupted(tmp_path, monkeypatch, cache):
     killed = _cfg(tmp_path, out_dir=str(tmp_path / "killed"), ckpt_every=5, teacher_cache=cache, cache_views=3)
     real_save = train.save_atomic
 
-    def save_then_die(obj, path):
-        real_save(obj, path)
+    def save_then_die(obj, path, *args):
+        real_save(obj, path, *args)
         raise KeyboardInterrupt("killed after the first checkpoint")
     monkeypatch.setattr(train, "save_atomic", save_then_die)
     with pytest.raises(KeyboardInterrupt):
@@ -1800,6 +1800,161 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         train.train(cfg)
     ckpt = torch.load(os.path.join(cfg["out_dir"], "ckpt.pt"), weights_only=False)
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+# --- resumes: the best score, the step plan, files that moved ---
+def _killed_after(cfg, monkeypatch, step):
+    """Run cfg until its ckpt.pt of `step` is written, then as if killed."""
+    real_save = train.save_atomic
+
+    def save_then_die(obj, path, *args):
+        real_save(obj, path, *args)
+        if Path(path).name == "ckpt.pt" and obj["step"] == step:
+            raise KeyboardInterrupt
+    monkeypatch.setattr(train, "save_atomic", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(cfg)
+    monkeypatch.setattr(train, "save_atomic", real_save)
+
+
+def test_resume_keeps_the_best_score_and_refuses_other_data(tmp_path, monkeypatch):
+    """Epoch 1 validates at 0.9, epoch 2 (after the resume) at 0.5: best.pt stays epoch 1's. Data that now gives
+    another step plan is refused by name."""
+    cfg = _cfg(tmp_path, val_every=1, ckpt_every=4)  # 32 pairs, batch 8: 4 steps an epoch
+    scores = iter([0.9, 0.5])
+    monkeypatch.setattr(train, "validate", lambda *a: dict(composite=next(scores)))
+    _killed_after(cfg, monkeypatch, 4)
+    best = Path(cfg["out_dir"], "best.pt")
+    before = best.read_bytes()
+    real_make_pairs = train.make_pairs
+    monkeypatch.setattr(train, "make_pairs", lambda c, *a: data.ToyWorld("train", a[0], length=24))
+    with pytest.raises(ValueError, match=r"--resume=true: toy now gives 24 pairs, 3 steps an epoch; the run had 32, 4: "
+                                         r"resume it on the data it trained on"):
+        train.train({**cfg, "resume": True})
+    monkeypatch.setattr(train, "make_pairs", real_make_pairs)
+    train.train({**cfg, "resume": True})
+    assert [r["val_composite"] for r in _log(cfg) if "select_on" in r] == [0.9, 0.5]
+    assert best.read_bytes() == before and torch.load(best, weights_only=True)["step"] == 4
+
+
+def test_resume_after_the_run_files_moved(tmp_path, monkeypatch):
+    """--student JSON, --student_init, --teacher and --teacher_cache moved: the student comes from the checkpoint, the
+    teacher and the cache are accepted at their new paths by content; other content at a new path is refused."""
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    student = models.build_model("toy-student")
+    (old / "student.json").write_text(json.dumps(student.config))
+    torch.save(dict(model=student.state_dict()), old / "init.pt")
+    cfg = _cached(tmp_path, epochs=2, ckpt_every=4, student=str(old / "student.json"), student_init=str(old / "init.pt"),
+                  teacher_cache=str(old / "cache"))
+    os.replace(cfg["teacher"], old / "teacher.pt")
+    cfg["teacher"] = str(old / "teacher.pt")
+    _killed_after(cfg, monkeypatch, 4)
+    os.replace(old, new)
+    out = f"--out_dir={cfg['out_dir']}"
+    with pytest.raises(SystemExit, match=r"--teacher=.*old/teacher\.pt: no such file"):
+        train.configure(["--resume=true", out])
+    moved = [f"--teacher={new / 'teacher.pt'}", f"--teacher_cache={new / 'cache'}", f"--student={new / 'student.json'}"]
+    torch.save(dict(model=models.build_model("toy-teacher").state_dict(), model_config=models.get_config("toy-teacher"),
+                    tokenizer="toy"), tmp_path / "other.pt")
+    (tmp_path / "other_cache").mkdir()
+    (tmp_path / "other_cache" / "header.json").write_text(
+        (new / "cache" / "header.json").read_text().replace('"seed": 0', '"seed": 1'))
+    (tmp_path / "other.json").write_text(json.dumps({**student.config, "embed_dim": 16}))
+    for key, value in (("teacher", tmp_path / "other.pt"), ("teacher_cache", tmp_path / "other_cache"),
+                       ("student", tmp_path / "other.json")):
+        with pytest.raises(SystemExit, match=rf"--{key}={re.escape(str(value))} \(the run has .*old.*\) would change it"):
+            train.configure(["--resume=true", out, *moved, f"--{key}={value}"])
+    resumed = train.configure(["--resume=true", out, *moved])
+    assert resumed["teacher"] == str(new / "teacher.pt") and resumed["student_init"] == str(old / "init.pt")
+    train.train(resumed)
+    assert [r["step"] for r in _log(cfg) if "total" in r] == list(range(1, 9))
+    assert torch.load(Path(cfg["out_dir"], "ckpt.pt"), weights_only=True)["config"]["teacher_cache"] == str(new / "cache")
+    spec, pairs = models.build_model("toy-teacher"), data.ToyWorld("train", 64, length=8)  # a cache's teacher JSON too
+    header = lambda path: train.cache_header({**resumed, "teacher_config": str(path)}, spec, pairs)
+    (tmp_path / "copy.json").write_bytes((new / "student.json").read_bytes())
+    assert header(new / "student.json") == header(tmp_path / "copy.json") != header(tmp_path / "other.json")
+
+
+def test_the_one_pair_check_counts_the_global_batch():
+    """A batch of one pair per rank on two ranks is a global batch of two (it trains); one pair a micro-batch is still
+    one pair however many micro-batches make a step (its contrastive loss is 0)."""
+    cfg = dict(train.KEYS, batch_size=1, grad_accum=1, epochs=1, warmup_steps=0)
+    assert train.plan_steps(16, cfg, 2) == (8, 8)
+    for world, accum in ((1, 1), (1, 4)):
+        with pytest.raises(ValueError, match=rf"16 pairs, batch 1 x 1 ranks x {accum} micro-batches: .* a global batch "
+                                             r"of one pair has no negatives"):
+            train.plan_steps(16, {**cfg, "grad_accum": accum}, world)
+
+
+# --- a disk that fills while the run writes ---
+FULL_DISK = [  # what the write raises after some bytes of the temp file, and the cause the message must name
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1536 vs 1472"), 0, "no space left"),
+    (OSError(28, "No space left on device"), 10**12, "no space left on its disk"),
+    (OSError(27, "File too large"), 10**12, "file too large"),
+    (RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"), 10**12, "file too large")]
+
+
+@pytest.mark.parametrize("error, free, cause", FULL_DISK)
+def test_a_full_disk_stops_the_run_naming_file_step_cause_and_last_checkpoint(tmp_path, monkeypatch, capsys, error,
+                                                                              free, cause):
+    cfg = _cfg(tmp_path, ckpt_every=2)
+    real_save, saves = torch.save, []
+
+    def fills_the_disk(obj, f):
+        saves.append(f)
+        if len(saves) < 2:
+            return real_save(obj, f)
+        Path(f).write_bytes(b"PK" * 100)  # part of the archive was written
+        raise error
+    monkeypatch.setattr(train.torch, "save", fills_the_disk)
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=free))())
+    if "large" in cause and isinstance(error, RuntimeError):  # torch's message names neither: the size limit does
+        import resource
+        monkeypatch.setattr(resource, "getrlimit", lambda what: (200, 200))
+    with pytest.raises(SystemExit) as e:
+        train.main(_argv(cfg))
+    ckpt = Path(cfg["out_dir"]) / "ckpt.pt"
+    said = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(said) == 1, said
+    assert re.fullmatch(rf"train\.py: cannot write {re.escape(str(ckpt))} at step 4: {cause}.*; any earlier ckpt\.pt is "
+                        rf"kept\. stopping\. The last good checkpoint is {re.escape(str(ckpt))}", said[0]), said[0]
+    assert sorted(os.listdir(cfg["out_dir"])) == ["ckpt.pt", "log.jsonl"]  # the temp file is gone
+    assert torch.load(ckpt, weights_only=False)["step"] == 2  # the earlier checkpoint, whole
+
+
+def test_every_run_file_names_itself_when_the_disk_is_full(tmp_path, monkeypatch):
+    """results.md and .json (train.save_atomic of text), the cache's JSON files, log.jsonl: each failed write names
+    its file and the cause, and leaves no temp file and the earlier file as it was."""
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=0))())
+    real_write_text = Path.write_text
+
+    def fills_the_disk(self, text):
+        real_write_text(self, text[:3])
+        raise OSError(28, "No space left on device")
+    for name, write, cause in (
+            ("results.json", lambda text: train.save_atomic(text, tmp_path / "results.json", then="x"),
+             r"no space left on its disk \(0 bytes free\)"),
+            ("header.json", lambda text: data._write_json(tmp_path / "header.json", text), "No space left on device")):
+        write("earlier")
+        monkeypatch.setattr(Path, "write_text", fills_the_disk)
+        with pytest.raises(OSError, match=rf"cannot write .*{name}: {cause}"):
+            write("later")
+        monkeypatch.setattr(Path, "write_text", real_write_text)
+        assert not list(tmp_path.glob("*.tmp")) and "earlier" in (tmp_path / name).read_text()
+
+    class FullLog(io.StringIO):  # log.jsonl on a disk that fills after two rows
+        name = str(tmp_path / "run" / "log.jsonl")
+
+        def write(self, text):
+            if self.getvalue().count("\n") == 2:
+                raise OSError(28, "No space left on device")
+            return super().write(text)
+    monkeypatch.setattr(train, "open", lambda path, mode: FullLog() if str(path).endswith("log.jsonl") else
+                        open(path, mode), raising=False)
+    with pytest.raises(OSError, match=r"cannot write .*log\.jsonl at step 3: no space left on its disk .* The last "
+                                      r"good checkpoint is none yet"):
+        train.train(_cfg(tmp_path))
 
 
 def test_selection_on_fetal_planes_train_rows(tmp_path):
@@ -2081,6 +2236,81 @@ def test_trivial_answers_are_a_uniform_guess_and_the_training_heads_median_age(m
     assert 0 < base["ga_validity"] < 40 and 0 < base["ga_validity_spacing_only"] < 40
 
 
+# --- launchers other than torchrun ---
+LAUNCH_ENV = dict(  # what srun --ntasks=2 and mpirun -np 2 set for task `rank` on one node
+    srun=lambda rank, port: dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=2, SLURM_NNODES=1,
+                                 SLURM_JOB_ID=port - 20000),  # the port is derived from the job id
+    mpirun=lambda rank, port: dict(OMPI_COMM_WORLD_RANK=rank, OMPI_COMM_WORLD_LOCAL_RANK=rank, OMPI_COMM_WORLD_SIZE=2,
+                                   OMPI_COMM_WORLD_LOCAL_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+
+
+def _launched_worker(rank, launcher, port, cfg):
+    os.environ.update({k: str(v) for k, v in LAUNCH_ENV[launcher](rank, port).items()})
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        train.train(cfg)
+    torch.distributed.destroy_process_group()
+    Path(cfg["out_dir"], f"rank{rank}.txt").write_text(printed.getvalue())
+
+
+@pytest.mark.parametrize("launcher", ["srun", "mpirun"])
+def test_srun_and_mpirun_tasks_are_ranks_of_one_run_and_resume_on_its_global_batch(tmp_path, launcher):
+    """Two tasks are one run of global batch 4 x 2 (2 steps of 16 pairs), not two runs of 4 steps each in one folder.
+    Resumed in one process it is refused, naming both rank counts and the --batch_size that keeps the global batch;
+    with that batch the finished run trains no further step."""
+    port = 0
+    while not 20000 <= port < 60000:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    cfg = _cfg(tmp_path, epochs=1, toy_train_size=16, batch_size=4)
+    mp.spawn(_launched_worker, args=(launcher, port, cfg), nprocs=2, join=True)
+    printed = [Path(cfg["out_dir"], f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert "global batch 4 x 2 ranks" in printed[0] and printed[1] == ""
+    assert [r["step"] for r in _log(cfg) if "total" in r] == [1, 2]
+    out = f"--out_dir={cfg['out_dir']}"
+    for argv in ([], ["--batch_size=6"]):
+        with pytest.raises(SystemExit, match=r"the run in .* trained on 2 ranks x --batch_size=4 \(global batch 8\); "
+                                             rf"this launch has 1 rank x {argv and 6 or 4}, which would change its steps "
+                                             r"and schedule: launch 2 ranks, or give --batch_size=8$"):
+            train.configure(["--resume=true", out, *argv])
+    train.train(train.configure(["--resume=true", out, "--batch_size=8"]))
+    assert [r["step"] for r in _log(cfg) if "total" in r] == [1, 2]
+    assert torch.load(Path(cfg["out_dir"], "ckpt.pt"), weights_only=True)["step"] == 2
+
+
+def test_launcher_variables_one_task_several_nodes_and_torchrun_inside_slurm(tmp_path, monkeypatch):
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "MASTER_")) or k in train.LAUNCHERS["torchrun"]]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job runs as plain python
+    assert train.launch_info() == ("python", 0, 0, 1)
+    assert train.compute_init(dict(device="cpu")) == (False, 0, 1, torch.device("cpu"))
+    assert not torch.distributed.is_initialized()
+    cfg = dict(out_dir=str(tmp_path))
+    (tmp_path / "ckpt.pt").touch()  # Ctrl-C names the launcher's command
+    for env, message in ((dict(SLURM_NTASKS="8", SLURM_NNODES="2"), "srun on several nodes (SLURM_NNODES)"),
+                         (dict(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="8", OMPI_COMM_WORLD_LOCAL_SIZE="4"),
+                          "mpirun on several nodes (OMPI_COMM_WORLD_LOCAL_SIZE < OMPI_COMM_WORLD_SIZE)")):
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            if "OMPI_COMM_WORLD_RANK" in env:
+                m.delenv("SLURM_PROCID")
+            with pytest.raises(SystemExit, match=re.escape(message) + ": set MASTER_ADDR to the first node's host name"):
+                train.configure([f"--out_dir={tmp_path}"])
+            m.setenv("MASTER_ADDR", "node1")
+            m.setenv("MASTER_PORT", "29400")
+            assert train.rendezvous(train.launch_info()[0]) == "tcp://node1:29400"
+            launch = "srun --ntasks=8" if "SLURM_NNODES" in env else "mpirun -np 8"
+            assert train.interrupted(cfg, cfg).endswith(f"resume with: {launch} python train.py --resume=true "
+                                                        f"--out_dir={tmp_path}")
+    monkeypatch.setenv("RANK", "1")  # torchrun inside a SLURM allocation: torchrun's ranks
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert train.launch_info() == ("torchrun", 1, 1, 2) and train.rendezvous("torchrun") == "env://"
+
+
 # ==================== train.py --teacher_cache: stored teacher embeddings ====================
 
 def _cached(tmp_path, **over):
@@ -2152,6 +2382,36 @@ def test_mismatching_cache_is_refused_naming_the_field(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"for data = 'toy world \(dark-eval-.*run has data = 'toy world \(a-later"):
         train.train(cfg)
     assert before == {name: (tmp_path / "cache" / name).read_bytes() for name in CACHE_FILES}  # nothing touched
+
+
+# --- a cache larger than its disk ---
+def test_a_cache_too_large_for_its_disk_is_refused_before_the_pass(tmp_path, monkeypatch, capsys):
+    """32 pairs x 2 views x 32 dims in fp16 + text + done flags = 6176 bytes: refused with less free, by name; with
+    enough, the blocks are taken at once (no sparse file to SIGBUS the pass when the disk fills later)."""
+    cfg = _cached(tmp_path)
+    root, real_usage = Path(cfg["teacher_cache"]), data.shutil.disk_usage
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=6175))())
+    monkeypatch.setattr(data.TeacherCache, "fill", lambda *a: pytest.fail("the pass began"))
+    with pytest.raises(SystemExit) as e:
+        train.main(_argv(cfg))
+    assert e.value.code == 2 and capsys.readouterr().err.strip() == (
+        f"train.py: --teacher_cache {root}: the cache needs 6176 bytes (32 pairs x 2 views x 32 dims in fp16) and its "
+        "disk has 6175 free: free some space, or give a folder on a larger disk")
+    assert not (root / "header.json").exists()
+    monkeypatch.setattr(data.shutil, "disk_usage", real_usage)
+    real_fallocate = os.posix_fallocate
+
+    def others_filled_it(fd, offset, size):  # free at the check, full a moment later
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "posix_fallocate", others_filled_it)
+    with pytest.raises(OSError, match=rf"--teacher_cache {re.escape(str(root))}: cannot allocate image\.f16 \(4096 "
+                                      r"bytes\): No space left on device"):
+        train.train(cfg)
+    assert not (root / "header.json").exists()
+    monkeypatch.setattr(os, "posix_fallocate", real_fallocate)
+    data.TeacherCache.create(root, dict(pairs=32, cache_views=2, embed_dim=32))
+    for name, size in (("image.f16", 4096), ("text.f16", 2048), ("done.u8", 32)):
+        assert (root / name).stat().st_size == size and (root / name).stat().st_blocks * 512 >= size, name
 
 
 def test_killed_caching_pass_resumes_to_the_same_files(tmp_path, monkeypatch):
@@ -3420,6 +3680,33 @@ def test_bad_checkpoints_raise_a_named_error(tmp_path):
         export_ios.export(mismatched, out=tmp_path)
     with pytest.raises(export_ios.CheckpointError, match="absent.pt"):
         export_ios.export(tmp_path / "absent.pt", out=tmp_path)
+
+
+# --- deployment targets ---
+@pytest.mark.parametrize("argv, message", [
+    (["--target=iOS14"], "--target=iOS14: iOS14 is older than iOS15, the first iOS that reads an ML program: give "
+                         "--target=iOS15 or later"),
+    (["--target=macOS11"], "older than macOS12"), (["--target=watchOS7"], "older than watchOS8"),
+    (["--target=tvOS13"], "older than tvOS15"),
+    (["--target=iOS15", "--quantize=int8"], "--target=iOS15: iOS15 is older than iOS16, the first iOS that reads "
+                                            "--quantize=int8's compressed weights: give --target=iOS16 or later or "
+                                            "--quantize=none"),
+    (["--target=macOS12", "--quantize=palettize4"], "older than macOS13"),
+    (["--target=watchOS8", "--quantize=int8"], "older than watchOS9"), (["--quantize=int8", "--target=tvOS15"], "tvOS16")])
+def test_targets_below_what_the_package_needs_are_refused_before_any_work(tmp_path, monkeypatch, argv, message):
+    monkeypatch.setattr(export_ios, "load_student", lambda *a: pytest.fail("the checkpoint was read"))
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        export_ios.main([f"--checkpoint={toy_checkpoint(tmp_path / 's.pt')}", f"--out={tmp_path / 'ios'}", *argv])
+    assert not (tmp_path / "ios").exists()
+
+
+@pytest.mark.parametrize("target, quantize", [("iOS15", "none"), ("macOS13", "int8")])
+def test_the_package_is_for_the_target_the_summary_names(tmp_path, target, quantize):
+    import coremltools as ct
+    summary = export_ios.export(toy_checkpoint(tmp_path / "s.pt"), out=tmp_path, classes="none", target=target,
+                                quantize=quantize)["image"]
+    spec = ct.models.MLModel(summary["path"], skip_model_load=True).get_spec()
+    assert summary["target"] == target and spec.specificationVersion == getattr(ct.target, target).value
 
 
 # ==================== porting to another modality: the README's files and its three commands ====================

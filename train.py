@@ -5,14 +5,17 @@
     torchrun --nproc_per_node=8 train.py --teacher=FetalCLIP_weights.pt --teacher_config=fetalclip \\
         --student=mobileclip2-s0 --student_init=mobileclip2_s0.pt --bpe=bpe_simple_vocab_16e6.txt.gz \\
         --train_data='shards/shard_{0000000001..0000000025}.tar' --val_data=FETAL_PLANES_DB
+    srun --ntasks=8 python train.py ...               # the same ranks from SLURM (or Open MPI: mpirun -np 8 python ...)
 
 Every default below can be overridden with --key=value; `python train.py --help` lists them. The defaults are the
 paper's recipe; with train_data='toy' the TOY overrides (below them) apply to every key not given on the command line.
 """
+import errno
 import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
@@ -99,8 +102,12 @@ ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)", toy_train_size="[1, 
                grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)", weight_decay="[0, inf)",
                adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="(0, inf)",
                device=data.pick_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
-# --resume=true restores the checkpoint's config: these keys may differ from it (how the run goes, not what it trains)
+# --resume=true restores the checkpoint's config: these keys may differ from it (how the run goes, not what it trains);
+# so may batch_size where batch_size x ranks stays the run's global batch
 RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "ckpt_every", "log_every", "workers", "device", "threads")
+# options that name files: at a resume a file moved elsewhere is the same file when its content is (identity())
+FILE_KEYS = ("teacher", "teacher_config", "student", "student_init", "teacher_cache", "train_data", "val_data",
+             "val_prompts", "bpe")
 
 
 # --- configuration from the command line ---
@@ -119,14 +126,27 @@ def configure(argv):
     """The run's config from the command line, checked before any work: the flags, the saved config that
     --resume=true restores, an out_dir holding another run, a teacher that is not there. Raises SystemExit."""
     cfg, given = parse_args(argv)
-    out = Path(cfg["out_dir"])
+    out, (launcher, _, _, ranks) = Path(cfg["out_dir"]), launch_info()
+    try:
+        rendezvous(launcher)
+    except ValueError as e:
+        sys.exit(f"train.py: {e}")
     if cfg["resume"]:
         if not (out / "ckpt.pt").is_file():
             sys.exit(f"train.py: --resume=true: no checkpoint at {out / 'ckpt.pt'} (is --out_dir the run's folder?)")
         # mmap: only the config is read from disk, not every weight of a large checkpoint
-        saved = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)["config"]
+        ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
+        saved, files, runs = ckpt["config"], ckpt.get("files", {}), ckpt.get("plan", {}).get("ranks", ranks)
+        batch, keep = cfg["batch_size"] if "batch_size" in given else saved["batch_size"], saved["batch_size"] * runs
+        if batch * ranks != keep:  # the global batch fixes the steps per epoch, hence the schedule
+            plural = lambda n: f"{n} rank{'s' * (n != 1)}"
+            sys.exit(f"train.py: --resume=true: the run in {out} trained on {plural(runs)} x --batch_size="
+                     f"{saved['batch_size']} (global batch {keep}); this launch has {plural(ranks)} x {batch}, "
+                     f"which would change its steps and schedule: launch {plural(runs)}"
+                     + (f", or give --batch_size={keep // ranks}" if keep % ranks == 0 else ""))
         changed = [f"--{k}={cfg[k]} (the run has {saved[k]})" for k in sorted(given - set(RESUME_MAY_CHANGE))
-                   if k in saved and cfg[k] != saved[k]]
+                   if k in saved and cfg[k] != saved[k] and not (k in files and identity(cfg[k]) == files[k])
+                   and k != "batch_size"]
         if changed:
             sys.exit(f"train.py: --resume=true continues the run in {out} as it was trained; {', '.join(changed)} "
                      f"would change it: drop the flag, or start a new run with another --out_dir. Only "
@@ -147,6 +167,21 @@ def configure(argv):
         sys.exit(f"train.py: --teacher={cfg['teacher']}: no such file (the toy teacher is pretrained only at the "
                  f"default --teacher={KEYS['teacher']} with --train_data=toy)")
     return cfg
+
+
+def sha256(path):
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def identity(value):
+    """What a path-valued option names, whatever its path: a file's sha256, a --teacher_cache folder's header, else
+    the value itself (a preset name, a folder, shard patterns)."""
+    if value and Path(value).is_file():
+        return f"sha256 {sha256(value)}"
+    if value and Path(value, "header.json").is_file():
+        return Path(value, "header.json").read_text()
+    return value
 
 
 def toy_teacher_missing(cfg):
@@ -173,16 +208,50 @@ def kd_weight(cfg, step, total_steps):
 
 
 # --- distributed ---
+# each launcher's variables for (rank, local rank, world size), as open_clip's world_info_from_env reads them
+LAUNCHERS = dict(torchrun=("RANK", "LOCAL_RANK", "WORLD_SIZE"), srun=("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
+                 mpirun=("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"))
+
+
+def launch_info():
+    """-> (launcher, rank, local rank, world size) from the environment of torchrun, SLURM's srun or Open MPI's mpirun;
+    plain python, or a one-task srun/mpirun, is ('python', 0, 0, 1). torchrun's variables win inside a SLURM job."""
+    for name, keys in LAUNCHERS.items():
+        if keys[0] in os.environ:
+            rank, local, world = (int(os.environ.get(k, 0)) for k in keys)
+            if name == "torchrun" or world > 1:
+                return name, rank, local, world
+    return "python", 0, 0, 1
+
+
+def rendezvous(launcher):
+    """-> init_method where the ranks meet: torchrun's env://; for srun and mpirun MASTER_ADDR and MASTER_PORT, or on
+    one node 127.0.0.1 and a port from the SLURM job id (29500 under mpirun), as every rank derives the same. Several
+    nodes without MASTER_ADDR raise ValueError naming the variables."""
+    if launcher == "torchrun":
+        return "env://"
+    one_node = (os.environ.get("SLURM_NNODES", "1") == "1" if launcher == "srun" else
+                os.environ.get("OMPI_COMM_WORLD_LOCAL_SIZE") == os.environ.get("OMPI_COMM_WORLD_SIZE"))
+    if "MASTER_ADDR" not in os.environ and not one_node:
+        where = "SLURM_NNODES" if launcher == "srun" else "OMPI_COMM_WORLD_LOCAL_SIZE < OMPI_COMM_WORLD_SIZE"
+        raise ValueError(f"{launcher} on several nodes ({where}): set MASTER_ADDR to the first node's host name and "
+                         "MASTER_PORT to a free port there, the same for every task (e.g. MASTER_ADDR=$(scontrol show "
+                         "hostnames $SLURM_JOB_NODELIST | head -n 1))")
+    port = 20000 + int(os.environ.get("SLURM_JOB_ID", 9500)) % 40000  # jobs that share a node: other ports
+    return f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ.get('MASTER_PORT', port)}"
+
+
 def compute_init(cfg):
-    """-> (ddp, rank, world_size, device). torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain python is one process."""
-    ddp = int(os.environ.get("RANK", -1)) != -1
+    """-> (ddp, rank, world_size, device) for the launcher (launch_info); one process is not distributed."""
+    launcher, rank, local, world = launch_info()
     want = str(data.pick_device(cfg["device"]))
-    if ddp:
+    if launcher != "python":
         if want.startswith("cuda"):
-            want = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+            want = f"cuda:{local}"
             torch.cuda.set_device(want)
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if want.startswith("cuda") else "gloo")
+            dist.init_process_group("nccl" if want.startswith("cuda") else "gloo", init_method=rendezvous(launcher),
+                                    rank=rank, world_size=world)
         return True, dist.get_rank(), dist.get_world_size(), torch.device(want)
     return False, 0, 1, torch.device(want)
 
@@ -210,9 +279,9 @@ def barrier():
         dist.barrier()
 
 
-def print0(*args, rank=0):
+def print0(*args, rank=0, file=None):
     if rank == 0:
-        print(*args, flush=True)
+        print(*args, flush=True, file=file)
 
 
 # --- data ---
@@ -303,8 +372,12 @@ def load_teacher(cfg, device, weights=True):
     return model.to(device).eval() if weights else model
 
 
-def build_student(cfg):
-    model = models.build_model(cfg["student"])
+def build_student(cfg, config=None):
+    """--student initialised from --student_init; at a resume (config: the checkpoint's model_config) the checkpoint's
+    architecture, whose weights come next, so that neither file is read again (they may have moved)."""
+    model = models.build_model(config or cfg["student"])
+    if config:
+        return model
     if cfg["student_init"]:
         models.load_checkpoint(model, cfg["student_init"])
     elif tokenizer_kind(model) == "toy":
@@ -353,9 +426,6 @@ def cache_header(cfg, spec, pairs):
     """What stored teacher embeddings depend on (a cache made for other values is refused, naming the field). Data:
     the toy world's version and size, a CSV's bytes, or the shards' names and sizes (hashing every image would cost
     a pass)."""
-    def sha256(path):
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
     tar = isinstance(pairs, data.TarShards)
     if tar:
         source = sorted([pairs.names[s], os.path.getsize(s)] for s in pairs.shards)
@@ -363,7 +433,7 @@ def cache_header(cfg, spec, pairs):
         source = f"toy world ({evaluation.PROTOCOL}), {len(pairs)} pairs at {pairs.size} px"
     else:
         source = f"caption CSV sha256 {sha256(cfg['train_data'])}, images under {cfg['image_root'] or 'its folder'}"
-    return dict(format=1, teacher_sha256=sha256(cfg["teacher"]), teacher_config=cfg["teacher_config"],
+    return dict(format=1, teacher_sha256=sha256(cfg["teacher"]), teacher_config=identity(cfg["teacher_config"]),
                 teacher_image_size=spec.image_size, teacher_mean=spec.image_mean, teacher_std=spec.image_std,
                 embed_dim=spec.config["embed_dim"], tokenizer=tokenizer_kind(spec), context_length=spec.context_length,
                 augment=data.AUGMENT if cfg["augment"] else "off", seed=cfg["seed"], data=source,
@@ -401,12 +471,36 @@ def fill_cache(cfg, header, view, tokenizer, pairs, rank, world, dev, autocast):
     return cache
 
 
-def save_atomic(obj, path):
-    """Write to a temp file, then rename: a run killed mid-write never leaves a truncated checkpoint."""
+def write_failure(path, e, written=0):
+    """Why a write to path failed, for an error message: no space left, or a file too large (ENOSPC and EFBIG; for
+    torch.save's zip writer, which says only 'unexpected pos', told apart by the space left and the size limit after
+    `written` bytes), else e's own first line."""
+    free, code = shutil.disk_usage(Path(path).parent).free, getattr(e, "errno", None)
+    limit = -1  # no size limit: RLIM_INFINITY
+    if os.name == "posix":
+        import resource  # Unix only
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if code == errno.ENOSPC or code is None and free < 2**20:
+        return f"no space left on its disk ({free} bytes free)"
+    if code == errno.EFBIG or code is None and 0 <= limit <= written:
+        return f"file too large for its file system or the size limit (ulimit -f) after {written} bytes"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
+def save_atomic(obj, path, step=None, then=""):
+    """Write obj (torch.save's; a str as text) to a temp file beside path, then rename: a run killed mid-write never
+    leaves a truncated file. A write that fails (a full disk, a file too large) removes the temp file, leaves any
+    earlier file at path as it was, and raises OSError naming path, the step, the cause, then `then`."""
     path = Path(path)
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(obj) if isinstance(obj, str) else torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:  # torch.save's zip writer raises RuntimeError "... unexpected pos ..."
+        written = tmp.stat().st_size if tmp.exists() else 0
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}" + (f" at step {step}" if step is not None else "") +
+                      f": {write_failure(path, e, written)}; any earlier {path.name} is kept. {then}") from e
 
 
 def val_setup(cfg):
@@ -460,7 +554,9 @@ def train(cfg):
     autocast = torch.autocast("cuda", dtype=ptdtype) if cuda and ptdtype != torch.float32 else nullcontext()
     scaler = torch.amp.GradScaler("cuda", enabled=cuda and ptdtype == torch.float16)
 
-    student = build_student(cfg).to(dev)
+    ckpt_path = out / "ckpt.pt"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True) if cfg["resume"] else None  # it is there
+    student = build_student(cfg, ckpt and ckpt["model_config"]).to(dev)
     cached = bool(cfg["teacher_cache"]) and cfg["kd"] != "none"  # then the teacher runs in the caching pass, if at all
     teacher = load_teacher(cfg, dev) if cfg["kd"] != "none" and not cached else None
     spec = load_teacher(cfg, dev, weights=False) if cached else teacher or student  # the teacher's shapes
@@ -477,6 +573,13 @@ def train(cfg):
     # tar shards have no length: --samples_per_epoch, or a count of their pairs from the tar headers
     n_pairs = len(pairs) if hasattr(pairs, "__len__") else cfg["samples_per_epoch"] or len(pairs.keys())
     steps_per_epoch, total_steps = plan_steps(n_pairs, cfg, world)
+    plan = dict(ranks=world, batch_size=cfg["batch_size"], pairs=n_pairs, steps_per_epoch=steps_per_epoch,
+                total_steps=total_steps)
+    was = ckpt.get("plan") if ckpt else None  # configure() checked the global batch; the data may have changed
+    if was and (was["pairs"], was["steps_per_epoch"]) != (n_pairs, steps_per_epoch):
+        raise ValueError(f"--resume=true: {cfg['train_data']} now gives {n_pairs} pairs, {steps_per_epoch} steps an "
+                         f"epoch; the run had {was['pairs']}, {was['steps_per_epoch']}: resume it on the data it "
+                         "trained on, or start a new run")
     check_val_data(cfg)
     cache = fill_cache(cfg, cache_header(cfg, spec, pairs), views[0], tokenizer, pairs, rank, world, dev,
                        autocast) if cached else None
@@ -485,9 +588,9 @@ def train(cfg):
     model = torch.nn.parallel.DistributedDataParallel(student, device_ids=[dev] if cuda else None) if ddp else student
     gather = AllGather.apply if ddp else (lambda x: x)  # [B, D] -> [world * B, D]
 
-    step, best, ckpt_path = 0, -math.inf, out / "ckpt.pt"
-    if cfg["resume"]:  # configure() has checked that it is there
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    step, best = 0, -math.inf
+    files = {k: identity(cfg[k]) for k in FILE_KEYS} if rank == 0 else None  # what a resume accepts at a new path
+    if ckpt is not None:
         student.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         step, best = ckpt["step"], ckpt["best_val"]
@@ -500,15 +603,24 @@ def train(cfg):
     def checkpoint(path):
         save_atomic(dict(model=student.state_dict(), model_config=student.config, tokenizer=tokenizer_kind(student),
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, best_val=best, config=cfg,
+                         plan=plan, files=files,
                          rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)),
-                    path)
+                    path, step, last_good())
 
-    def last_good():  # a non-finite step stops the run before anything is written
+    def last_good():  # a non-finite step or a failed write stops the run; what is on disk is what was good
         return f"stopping. The last good checkpoint is {ckpt_path if ckpt_path.exists() else 'none yet'}"
 
     for stale in ("ckpt.pt", "best.pt", "results.md") if rank == 0 and not cfg["resume"] else ():
         (out / stale).unlink(missing_ok=True)  # a new run, past every start-up check (configure() asked first)
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
+
+    def log_row(row):
+        try:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        except OSError as e:
+            raise OSError(f"cannot write {out / 'log.jsonl'} at step {step}: {write_failure(log.name, e)}; "
+                          + last_good()) from e
     n_params = sum(p.numel() for p in student.parameters())
     select_on = val_setup(cfg)[1]
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
@@ -579,8 +691,7 @@ def train(cfg):
                        f"{rate:.0f} samples/s eta {eta / 60:.1f} min" + (f" {row['cuda_gb']} GB" if cuda else ""),
                        rank=rank)
                 if log:
-                    log.write(json.dumps(row) + "\n")
-                    log.flush()
+                    log_row(row)
             end_of_epoch = step % steps_per_epoch == 0
             done = step // steps_per_epoch  # epochs done: validate every val_every of them, and after the last
             if rank == 0 and end_of_epoch and (done % cfg["val_every"] == 0 or done == cfg["epochs"]):
@@ -591,9 +702,8 @@ def train(cfg):
                     score = metrics[select_on]
                     print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics) +
                            f"; best.pt on {select_on} (best so far {max(best, score):.4f})")
-                    log.write(json.dumps(dict(step=step, epoch=epoch + 1, select_on=select_on, **{
-                        f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})) + "\n")
-                    log.flush()
+                    log_row(dict(step=step, epoch=epoch + 1, select_on=select_on, **{
+                        f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}))
                     if score > best:
                         best = score
                         checkpoint(out / "best.pt")
@@ -648,8 +758,10 @@ def report(checkpoints, cfg):
     print("\nzero-shot on the toy test split (image_ms: CPU, batch 1, reparameterized where foldable)\n" + table +
           f"\nthe median age at each stated pixel spacing, no image: validity {base['ga_validity_spacing_only']:.2f}%"
           + evaluation.noise_warning(speeds))
-    Path(cfg["out_dir"], "results.md").write_text(table + "\n")
-    Path(cfg["out_dir"], "results.json").write_text(json.dumps(dict(rows=rows, configs=configs), indent=1) + "\n")
+    kept = f"The checkpoints in {cfg['out_dir']} are kept"
+    save_atomic(table + "\n", Path(cfg["out_dir"], "results.md"), then=kept)
+    save_atomic(json.dumps(dict(rows=rows, configs=configs), indent=1) + "\n", Path(cfg["out_dir"], "results.json"),
+                then=kept)
     return rows
 
 
@@ -661,13 +773,15 @@ def interrupted(run, cfg):
     if not ckpt.is_file():
         return f"interrupted before the first checkpoint in {cfg['out_dir']}: nothing to resume; run the same " \
                "command with --overwrite=true"
-    launcher = f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')}" if "RANK" in os.environ else "python"
+    name, _, _, world = launch_info()
+    launcher = dict(torchrun=f"torchrun --nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE')}",
+                    srun=f"srun --ntasks={world} python", mpirun=f"mpirun -np {world} python").get(name, "python")
     return f"interrupted. The last checkpoint is {ckpt}; resume with: {launcher} train.py --resume=true " \
            f"--out_dir={cfg['out_dir']}"
 
 
 def main(argv):
-    rank = int(os.environ.get("RANK", 0))  # under torchrun every rank runs this; rank 0 does the talking
+    rank = launch_info()[1]  # under a launcher every rank runs this; rank 0 does the talking
     try:
         cfg = configure(argv)
     except SystemExit as e:
@@ -685,10 +799,13 @@ def main(argv):
             barrier()
         run = cfg
         best = train(cfg)
+        if rank == 0 and cfg["train_data"] == "toy":
+            report([("teacher", cfg["teacher"])] * (cfg["kd"] != "none") + [(f"student ({cfg['kd']})", best)], cfg)
     except KeyboardInterrupt:  # each rank gets the signal; rank 0 says it once, without a traceback
         sys.exit(interrupted(run, cfg) if rank == 0 else 130)
-    if rank == 0 and cfg["train_data"] == "toy":
-        report([("teacher", cfg["teacher"])] * (cfg["kd"] != "none") + [(f"student ({cfg['kd']})", best)], cfg)
+    except (OSError, FloatingPointError) as e:  # a full disk, a non-finite step: the message names the last good file
+        print0(f"train.py: {e}", rank=rank, file=sys.stderr)
+        sys.exit(2)
     print0(f"done in {(time.time() - t0) / 60:.1f} min", rank=rank)
     if dist.is_initialized():
         dist.destroy_process_group()
