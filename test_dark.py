@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -1221,8 +1222,20 @@ def test_documented_commands_fail_fast_and_help(tmp_path):
     helped = run("data.py", "--help")
     assert helped.returncode == 0 and "--out=toy_samples.png" in helped.stdout
     refused = run("train.py", "--batch_size=0")
-    assert refused.returncode == 1 and refused.stderr.strip() == "train.py: --batch_size=0: takes a value in [1, inf)"
+    assert refused.returncode == 2 and refused.stderr.strip() == "train.py: --batch_size=0: takes a value in [1, inf)"
     assert os.listdir(tmp_path) == []
+    # refusals raised inside train(), before the first step, read the same: one line, status 2, no traceback
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text("filepath,title\na.png,fetal brain\na.png,fetal femur\n")
+    (tmp_path / "labels.csv").write_text("filepath,label\na.png,cat\n")
+    (tmp_path / "p.json").write_text('{"dog": ["a dog"]}')
+    for argv, message in ((["--student=toy-student", "--kd=none", "--train_data=pairs.csv"],
+                           "train.py: 2 pairs, batch 512 x 1 ranks x 1 micro-batches: 0 optimizer steps per epoch"),
+                          (["--student=toy-student", "--kd=none", "--train_data=pairs.csv", "--batch_size=2", "--warmup_steps=1",
+                            "--val_data=labels.csv", "--val_prompts=p.json"], "no prompts for label(s) 'cat'")):
+        refused = run("train.py", *argv, "--out_dir=out", "--workers=0")
+        assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.splitlines()) == 1, (
+            refused.stderr)
 
 
 def test_help_lists_every_option_with_its_comment(capsys, tmp_path):
@@ -2136,6 +2149,83 @@ def test_speed_counts_and_folds(tiny, tmp_path, monkeypatch, capsys):
     assert "warning: timed runs disagree by up to 30% of the median" in capsys.readouterr().out
 
 
+# --- what a checkpoint carries, what retrieval measured, speed at any size ---
+def _bpe_model(width=32):
+    """A BPE-vocabulary model of toy size: CLIP's 49,408 ids, a one-layer text tower."""
+    cfg = copy.deepcopy(models.get_config("toy-student"))
+    cfg["text_cfg"].update(vocab_size=49408, context_length=77, width=width, heads=2, layers=1)
+    torch.manual_seed(0)
+    return models.build_model(cfg).eval()
+
+
+def test_a_checkpoint_carries_its_bpe_vocabulary(shared, tmp_path, monkeypatch):
+    """eval.py, export_ios.py and train.py's teacher read a BPE checkpoint's own vocabulary: no --bpe, no DARK_BPE,
+    no open_clip. Without one (raw weights) --bpe is taken, and the refusal says where to get the file."""
+    bpe = shared / "vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
+    model, tok = _bpe_model(), data.get_tokenizer("bpe", 77, bpe)
+    assert tok.vocab_file == bpe.read_bytes()
+    carried, raw = tmp_path / "carried.pt", tmp_path / "raw.pt"
+    torch.save(dict(model=model.state_dict(), model_config=model.config, tokenizer="bpe", bpe_vocab=tok.vocab_file),
+               carried)
+    torch.save(dict(model=model.state_dict(), model_config=model.config, tokenizer="bpe"), raw)
+    monkeypatch.delenv("DARK_BPE", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # no open_clip to borrow it from
+    texts = ["a chest x-ray with pneumonia", "no finding"]
+    _, loaded = evaluation.load_model_from_checkpoint(carried)
+    assert torch.equal(loaded(texts), tok(texts)) and not torch.equal(loaded(texts)[0], loaded(texts)[1])
+    with pytest.raises(FileNotFoundError, match="pip install open_clip_torch.*--bpe=PATH to train.py, eval.py or"):
+        evaluation.load_model_from_checkpoint(raw)
+    assert torch.equal(evaluation.load_model_from_checkpoint(raw, bpe_path=str(bpe))[1](texts), tok(texts))
+    cfg = dict(train.KEYS, kd="dark", teacher=str(carried), bpe="")
+    assert train.make_tokenizer(cfg, model).vocab_file == tok.vocab_file  # the student's tokenizer: the teacher's
+    built = {}
+    monkeypatch.setattr(export_ios, "build_package", lambda path, module, *a: built.update({path.name: (module, a)}))
+    export_ios.export(carried, out=tmp_path, classes="brain", text=True)  # head prompts and the text tower
+    assert built["MobileFetalCLIPImage.mlpackage"][0].classes.shape[0] == 3 and "MobileFetalCLIPText.mlpackage" in built
+    cmd = [sys.executable, str(Path(__file__).parent / "eval.py"), f"--checkpoint={carried}", "--task=retrieval",
+           "--data=none.csv", "--quiet"]  # from a shell: the missing CSV is the one line, not the vocabulary
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and "none.csv" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_retrieval_says_when_repeated_captions_cap_recall(tiny, tmp_path, capsys):
+    """Class-level captions (three images a caption) cap text->image recall@k at min(k, 3) / 3: reported, noted."""
+    model, tok = tiny
+    world = data.ToyWorld("val", length=9)
+    lines = ["filepath,title"]
+    for i in range(9):
+        world[i]["image"].save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png," + ["fetal brain", "Fetal  Brain", "fetal femur"][i % 3] * (i < 6) + "a scan" * (i >= 6))
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    path = evaluation.main([f"--checkpoint={_save(model, tmp_path / 'ckpt.pt')}", "--task=retrieval", "--quiet",
+                            f"--data={tmp_path / 'pairs.csv'}", f"--out={tmp_path}"])
+    metrics = json.loads(path.read_text())["metrics"]
+    # 'fetal brain' x4 (case and spacing do not matter), 'fetal femur' x2, 'a scan' x3: 3 distinct, for 9 images
+    assert (metrics["n_distinct_captions"], metrics["n_captions"], metrics["n_images"]) == (3, 9, 9)
+    assert metrics["retrieval_t2i_r1_max"] == pytest.approx((4 * 1 / 4 + 2 * 1 / 2 + 3 * 1 / 3) / 9)
+    assert metrics["retrieval_t2i_r5_max"] == pytest.approx((4 + 2 + 3) / 9) == 1
+    assert metrics["retrieval_t2i_r1"] <= metrics["retrieval_t2i_r1_max"]
+    assert "note: 3 distinct captions of 9 for 9 images" in capsys.readouterr().out
+    distinct = evaluation.retrieval(model, tok, [dict(image=world[i]["image"], caption=f"scan {i}") for i in range(3)])
+    assert distinct["retrieval_t2i_r1_max"] == 1 and evaluation.retrieval_note(distinct) == ""
+
+
+@pytest.mark.parametrize("preset", ["toy-student", "mobileclip2-s0"])
+def test_speed_of_an_mci_at_32_px(preset):
+    """At 32 px an MCi's last stage is a 1x1 map: the multi-branch timing runs every branch on BatchNorm's running
+    statistics (batch statistics of one value are undefined), and the name says what was shrunk."""
+    cfg = copy.deepcopy(models.get_config(preset))
+    cfg["vision_cfg"]["image_size"] = 32
+    cfg["text_cfg"].update(width=32, heads=2, layers=1)
+    model = models.build_model(cfg)
+    s = evaluation.speed(model, runs=1)
+    assert s["image_ms"] > 0 and s["image_gmacs_folded"] < s["image_gmacs"]
+    assert evaluation.describe(model) == ("MCi layers 1-1-2-1 embed_dims 12-24-48-96 @32px" if preset == "toy-student"
+                                          else "fastvit_mci0 @32px")
+    with torch.device("meta"):  # its sizes only
+        assert evaluation.describe(models.build_model("fetalclip")) == "ViT 24x1024/14 @224px"
+
+
 # ==================== eval.py: the Table 1 summary ====================
 
 N = 16  # test images: the toy test split's first 16 hold both plane and brain classes and four heads for GA
@@ -2231,6 +2321,44 @@ def test_table1_rows_seeds_files_and_cache(root, capsys, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("re-evaluated a cached checkpoint"))
     monkeypatch.setattr(evaluation, "analysis", lambda *a, **k: pytest.fail("re-ran a cached analysis"))
     assert evaluation.main([f"--table={root}", f"--n={N}"]) == result
+
+
+# --- rows keep runs of different configs apart ---
+def test_table_rows_are_configs_labelled_by_what_differs(root, tmp_path):
+    """Runs that differ in anything but the seed and how they ran (out_dir, workers, device, ...) are rows of their
+    own, labelled by the keys that differ; two runs of one config and one seed are refused, naming both folders."""
+    for name in ("dark-s0", "dark-s1"):  # the fixture's DARK rows, trained at tau 5 on 2 workers
+        ckpt = torch.load(root / name / "best.pt", weights_only=True)
+        ckpt["config"].update(tau=5.0, workers=2, out_dir=str(root / name))
+        torch.save(ckpt, root / name / "best.pt")
+    _run(root, "dark-tau1-s0", "dark", 0)
+    ckpt = torch.load(root / "dark-tau1-s0" / "best.pt", weights_only=True)
+    ckpt["config"].update(tau=1.0, workers=0, out_dir="elsewhere")
+    torch.save(ckpt, root / "dark-tau1-s0" / "best.pt")
+    rows = {r["row"]: r["runs"] for r in evaluation.table1(root, n=N)["rows"]}
+    assert rows == {"No KD": ["none-s0", "none-s1"], "DARK (beta 2 -> -0.8) tau=1": ["dark-tau1-s0"],
+                    "DARK (beta 2 -> -0.8) tau=5": ["dark-s0", "dark-s1"], "DARK beta0=4 (-> -0.8)": ["dark-b4-s0"]}
+    shutil.copytree(root / "dark-s1", root / "copy-of-dark-s1")
+    with pytest.raises(ValueError, match=r"copy-of-dark-s1 and .*dark-s1 are one run: the same config and seed 1"):
+        evaluation.table1(root, n=N)
+
+
+def test_table_from_a_shell_on_two_configs(tmp_path):
+    """`python eval.py --table=runs` on two runs of train.py that differ only in --tau: two rows, named by it."""
+    here, env = Path(__file__).resolve().parent, {**os.environ, "OMP_NUM_THREADS": "1"}
+    _save(_tiny("toy-teacher", 0), tmp_path / "teacher.pt", dict(kd="none", seed=0))
+    runs = tmp_path / "runs"
+    for tau in ("5", "1"):
+        _run(runs, f"dark-tau{tau}", "dark", 0, teacher=tmp_path / "teacher.pt")
+        ckpt = torch.load(runs / f"dark-tau{tau}" / "best.pt", weights_only=True)
+        torch.save({**ckpt, "config": dict(train.KEYS, **ckpt["config"], tau=float(tau))}, runs / f"dark-tau{tau}/best.pt")
+    done = subprocess.run([sys.executable, str(here / "eval.py"), "--table=runs", "--n=8"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| DARK (beta 2 -> -0.8) tau=")]
+    assert [line.split(" | ")[0] for line in lines] == ["| DARK (beta 2 -> -0.8) tau=1",
+                                                         "| DARK (beta 2 -> -0.8) tau=5"]
+    assert all(" | 1 | " in line for line in lines)  # one seed each: nothing pooled
 
 
 def test_dynamics_curves_mean_over_seeds(root):

@@ -9,7 +9,6 @@
 Every default below can be overridden with --key=value; `python train.py --help` lists them. The defaults are the
 paper's recipe; with train_data='toy' the TOY overrides (below them) apply to every key not given on the command line.
 """
-import hashlib
 import json
 import math
 import os
@@ -100,7 +99,7 @@ ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)", toy_train_size="[1, 
                adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="(0, inf)",
                device=data.pick_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
 # --resume=true restores the checkpoint's config: these keys may differ from it (how the run goes, not what it trains)
-RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "ckpt_every", "log_every", "workers", "device", "threads")
+RESUME_MAY_CHANGE = evaluation.HOW_IT_RAN  # eval.py --table pools seeds that differ only there, too
 
 
 # --- configuration from the command line ---
@@ -289,7 +288,7 @@ def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
 def load_teacher(cfg, device, weights=True):
     """Frozen, eval mode: a train.py checkpoint carries its config; raw weights need --teacher_config. weights=False:
     built on the meta device, its sizes and preprocessing only (a complete --teacher_cache never loads the teacher)."""
-    model, _ = evaluation.load_model_and_tokenizer_kind(cfg["teacher"], cfg["teacher_config"] or None, weights)
+    model, _, _ = evaluation.load_model_and_tokenizer_kind(cfg["teacher"], cfg["teacher_config"] or None, weights)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval() if weights else model
@@ -325,6 +324,15 @@ def init_toy_numbers(model, frequencies=4, seed=0):
             emb[[ids[w] for w in family]] = (0.02 * feats @ proj / len(k) ** 0.5).to(emb.dtype)
 
 
+def make_tokenizer(cfg, student):
+    """The student's tokenizer. A BPE vocabulary: the copy a train.py teacher checkpoint carries, else --bpe, else
+    $DARK_BPE or open_clip's (data._find_bpe); the student's checkpoints then carry it too."""
+    vocab = None
+    if tokenizer_kind(student) == "bpe" and cfg["kd"] != "none" and Path(cfg["teacher"]).is_file():
+        vocab = evaluation.load_model_and_tokenizer_kind(cfg["teacher"], cfg["teacher_config"] or None, False)[2]
+    return data.get_tokenizer(tokenizer_kind(student), student.context_length, vocab or cfg["bpe"] or None)
+
+
 def tokenizer_kind(model):
     return "toy" if model.config["text_cfg"]["vocab_size"] == data.TOY_VOCAB_SIZE else "bpe"
 
@@ -345,17 +353,15 @@ def cache_header(cfg, spec, pairs):
     """What stored teacher embeddings depend on (a cache made for other values is refused, naming the field). Data:
     the toy world's version and size, a CSV's bytes, or the shards' names and sizes (hashing every image would cost
     a pass)."""
-    def sha256(path):
-        with open(path, "rb") as f:
-            return hashlib.file_digest(f, "sha256").hexdigest()
     tar = isinstance(pairs, data.TarShards)
     if tar:
         source = sorted([Path(s).name, os.path.getsize(s)] for s in pairs.shards)
     elif cfg["train_data"] == "toy":  # the protocol's version names the toy world: a cache of an older one is refused
         source = f"toy world ({evaluation.PROTOCOL}), {len(pairs)} pairs at {pairs.size} px"
     else:
-        source = f"caption CSV sha256 {sha256(cfg['train_data'])}, images under {cfg['image_root'] or 'its folder'}"
-    return dict(format=1, teacher_sha256=sha256(cfg["teacher"]), teacher_config=cfg["teacher_config"],
+        source = (f"caption CSV sha256 {data.sha256_file(cfg['train_data'])}, images under "
+                  f"{cfg['image_root'] or 'its folder'}")
+    return dict(format=1, teacher_sha256=data.sha256_file(cfg["teacher"]), teacher_config=cfg["teacher_config"],
                 teacher_image_size=spec.image_size, teacher_mean=spec.image_mean, teacher_std=spec.image_std,
                 embed_dim=spec.config["embed_dim"], tokenizer=tokenizer_kind(spec), context_length=spec.context_length,
                 augment=data.AUGMENT if cfg["augment"] else "off", seed=cfg["seed"], data=source,
@@ -456,7 +462,7 @@ def train(cfg):
     cached = bool(cfg["teacher_cache"]) and cfg["kd"] != "none"  # then the teacher runs in the caching pass, if at all
     teacher = load_teacher(cfg, dev) if cfg["kd"] != "none" and not cached else None
     spec = load_teacher(cfg, dev, weights=False) if cached else teacher or student  # the teacher's shapes
-    tokenizer = data.get_tokenizer(tokenizer_kind(student), student.context_length, cfg["bpe"] or None)
+    tokenizer = make_tokenizer(cfg, student)
     if (tokenizer_kind(spec), spec.context_length) != (tokenizer_kind(student), student.context_length):
         raise ValueError(f"teacher ({tokenizer_kind(spec)}, {spec.context_length}) and student ({tokenizer_kind(student)},"
                          f" {student.context_length}) must share the tokenizer and context length: the same ids feed both")
@@ -491,6 +497,7 @@ def train(cfg):
 
     def checkpoint(path):
         save_atomic(dict(model=student.state_dict(), model_config=student.config, tokenizer=tokenizer_kind(student),
+                         bpe_vocab=getattr(tokenizer, "vocab_file", None),  # the checkpoint carries its tokenizer
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, best_val=best, config=cfg,
                          rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)),
                     path)
@@ -687,4 +694,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    data.run_script(main, "train.py")
