@@ -40,6 +40,9 @@ import unicodedata
 import zlib
 from pathlib import Path
 
+if sys.version_info < (3, 10):  # the floor of every script (each imports this file): zip(strict=), str.removeprefix
+    sys.exit(f"DARK needs Python 3.10 or later; this is {sys.version.split()[0]}")
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance

@@ -930,8 +930,8 @@ OPTIONS = dict(
     data="",                # the dataset folder(s) of --task, a CSV (classify, retrieval) or tar shards (retrieval)
     split="",               # empty: test for toy, all for FETAL_PLANES_DB (as the zero-shot papers); no val there
     n=0,                    # at most n images per source (0 = all)
-    batch_size=64,
-    device="cpu",
+    batch_size=64,          # images a forward
+    device="cpu",           # where the models run
     prompts="",             # a prompts JSON (data.load_prompts): classify's classes, or replacing planes/brain/hc18's
     out="runs/eval",        # folder for the results JSON (and the analysis figure)
     probe=False,            # also fit a linear probe on the image embeddings

@@ -209,7 +209,8 @@ def compression_cost(module, quantize, images):
     cos = (ref[0] * got[0]).sum(-1)
     agree = "" if len(ref) == 1 else (f", zero-shot argmax agrees on "
                                       f"{(ref[1].argmax(-1) == got[1].argmax(-1)).float().mean():.1%}")
-    return (f"{quantize} vs fp16 weights (PyTorch, {len(images)} toy test images): embedding cosine mean "
+    return (f"{quantize} vs fp16 weights (PyTorch, {len(images)} toy ultrasound test images whatever the model: out "
+            "of domain for another modality): embedding cosine mean "
             f"{cos.mean():.4f}, least {cos.min():.4f}{agree}")
 
 
@@ -369,6 +370,9 @@ def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", 
     model, kind, vocab, sha = load_student(checkpoint, model_config)
     model = models.reparameterize(copy.deepcopy(model)).eval()
     prompts = class_prompts(classes, kind)
+    if classes in ("planes", "brain"):  # the default: fetal classes, whatever the model was trained on
+        print(f"zero-shot head: --classes={classes}, eval.py's {len(prompts)} fetal {classes} classes; for a model of "
+              "your own pass --classes=classes.json (its prompts), or --classes=none")
     # the tokenizer (for BPE, its vocabulary file) only where text is encoded: a head's prompts, or --text
     tokenizer = data.get_tokenizer(kind, model.context_length, vocab or bpe) if prompts or text else None
     tokenizer_name = (data.ToyTokenizer if kind == "toy" else data.SimpleTokenizer).__name__
@@ -433,8 +437,8 @@ OPTIONS = dict(
     text=False,             # also export the text encoder
     quantize="none",        # weight compression
     target="iOS17",         # minimum deployment target
-    author="DARK export_ios.py",
-    license="the licence of the checkpoint",
+    author="DARK export_ios.py",  # the packages' author metadata, shown in Xcode
+    license="the licence of the checkpoint",  # the packages' licence metadata
     overwrite=False,        # replace packages of the same --name in --out
 )
 

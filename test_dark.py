@@ -1244,13 +1244,20 @@ def test_help_lists_every_option_with_its_comment(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "--beta_r=-0.4" in printed and "crossing zero at 71% of training" in printed
     assert "--kd=dark" in printed and "none | static | coupled | dark; the four rows" in printed
-    assert "--epochs=20  " in printed and "(toy: 2)" in printed and "TOY_TEACHER" in printed
-    assert all(f"--{k}=" in printed for k in train.KEYS)
-    for module in (evaluation, export_ios):
-        with pytest.raises(SystemExit):
-            data.parse_flags(["-h"], module.OPTIONS, module.ACCEPTS, module.__doc__, module.__file__)
-        printed = capsys.readouterr().out
-        assert all(f"--{k}=" in printed for k in module.OPTIONS)
+    assert "--epochs=20  " in printed and "(small: 20, toy: 2)" in printed and "TOY_TEACHER" in printed
+    assert "--cache_views=5                in [1, inf); K views stored a pair" in printed  # not a later `cache_views=`
+    assert "--lr=1e-05                     in (0, inf); peak learning rate" in printed
+    for keys, module in ((train.KEYS, train), (evaluation.OPTIONS, evaluation), (export_ios.OPTIONS, export_ios)):
+        if module is not train:
+            with pytest.raises(SystemExit):
+                data.parse_flags(["-h"], module.OPTIONS, module.ACCEPTS, module.__doc__, module.__file__)
+            printed = capsys.readouterr().out
+        lines = {line.split()[0].split("=")[0]: line for line in printed.splitlines() if line.startswith("  --")}
+        assert set(lines) == {f"--{k}" for k in keys}
+        rules = module.ACCEPTS  # a line is: the flag, then its rule (if any), '; ', its own comment
+        bare = [k for k, line in lines.items() if "; " not in line and (k[2:] in rules or len(line.split()) < 2)
+                or line.split(None, 1)[-1].startswith("(")]
+        assert bare == [], f"{module.__name__}: options without their comment in --help"
     assert "also fit a linear probe" in data.flags_help(evaluation.OPTIONS, {}, "", evaluation.__file__, {})
     assert "none | int8 | palettize4; weight compression" in data.flags_help(
         export_ios.OPTIONS, export_ios.ACCEPTS, "", export_ios.__file__, {})
@@ -1364,7 +1371,7 @@ def test_unknown_words_are_counted_and_refused_for_the_toy_tokenizer(tmp_path, c
     for name, refused in (("dogs", True), ("fetal", False)):
         pairs = train.make_pairs({**cfg, "train_data": str(tmp_path / f"{name}.csv")}, 32, 0, 1)
         if refused:
-            with pytest.raises(ValueError, match=r"dogs\.csv: 70% of the caption tokens .* --student=mobileclip2-s0 .*--bpe="):
+            with pytest.raises(ValueError, match=r"dogs\.csv: 70% of the caption tokens .* --student=small-teacher .*--bpe="):
                 train.check_vocabulary(tokenizer, pairs, {**cfg, "train_data": str(tmp_path / "dogs.csv")}, 0)
         else:
             train.check_vocabulary(tokenizer, pairs, cfg, 0)
@@ -1470,6 +1477,24 @@ def test_no_weight_decay_on_biases_norms_logit_scale():
             "visual.trunk.stem.0.conv_kxk.0.bn.weight"} <= kept
     assert all(decay[id(names[n])] == 0.1 for n in ("text.token_embedding.weight", "visual.trunk.head.fc.weight",
                                                    "text.transformer.resblocks.0.attn.in_proj_weight"))
+
+
+# --- recipes: the paper's, a small one, the toy world's ---
+def test_a_recipe_fills_what_is_not_given_and_refusals_name_the_small_one():
+    small, _ = train.parse_args(["--train_data=x.csv", "--recipe=small", "--lr=3e-3"])
+    assert (small["recipe"], small["batch_size"], small["lr"], small["workers"]) == ("small", 64, 3e-3, 0)
+    assert [train.parse_args(argv)[0]["recipe"] for argv in ([], ["--train_data=x.csv"])] == ["toy", "paper"]
+    assert train.recipe_line(small) == ("recipe small: epochs=20, batch_size=64, lr=0.003, warmup_steps=20, "
+                                        "weight_decay=0.05 (--recipe=paper | small | toy; a flag given overrides it)")
+    paper, _ = train.parse_args(["--train_data=x.csv"])
+    for n, why in ((716, "the learning rate would peak"), (300, "no optimizer step fits")):
+        with pytest.raises(ValueError, match=why + r".*\(the paper's recipe, for ~50k pairs; --recipe=small is one "
+                                                   r"for a few thousand: epochs=20, batch_size=64, lr=0\.001"):
+            train.plan_steps(n, paper, 1)
+    assert train.plan_steps(716, small, 1) == (11, 220)  # the same pairs train under the small recipe
+    with pytest.raises(ValueError, match=r"no optimizer step fits in an epoch; set --batch_size=30 or less, or give "
+                                         r"more pairs$"):  # the small recipe suggests no other recipe
+        train.plan_steps(30, small, 1)
 
 
 def test_runs_that_cannot_train_stop_at_start_up_with_the_numbers(tmp_path):
@@ -2550,7 +2575,8 @@ def test_quantized_export(tmp_path, mode, dtype, per_param):
     head = [op.val.val for op in ops if op.op_type == "const" and getattr(op.val.val, "shape", ()) == shape]
     if mode == "int8":  # the head's scales would underflow fp16: it stays fp16, tiny rows intact
         assert len(head) == 1 and head[0].dtype == np.float16 and (np.abs(head[0][1]) > 0).any()
-    assert re.fullmatch(rf"{mode} vs fp16 weights \(PyTorch, 200 toy test images\): embedding cosine mean [01]\.\d+, "
+    assert re.fullmatch(rf"{mode} vs fp16 weights \(PyTorch, 200 toy ultrasound test images whatever the model: "
+                        r"out of domain for another modality\): embedding cosine mean [01]\.\d+, "
                         r"least [01]\.\d+, zero-shot argmax agrees on \d+\.\d%", summary["compression"])
 
 
@@ -2687,43 +2713,74 @@ def test_bad_checkpoints_raise_a_named_error(tmp_path):
         export_ios.export(tmp_path / "absent.pt", out=tmp_path)
 
 
-# ==================== porting to another modality: the README's files and its three commands ====================
+# ==================== porting to another modality: the README's files and its commands ====================
 
-def test_porting_files_and_three_commands_end_to_end(tmp_path):
-    """README 'Porting to your modality', on a toy-sized teacher and student: the files a user prepares (train.csv of
-    captions, val.csv and test.csv of labels, classes.json of templates), then train.py, eval.py and export_ios.py."""
-    root = tmp_path / "my_data"
+def _readme_commands(section, block=0):
+    """The commands of a README section's `block`-th bash block as a user copies them: continuation lines joined."""
+    body = (Path(__file__).parent / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    text = re.findall(r"```bash\n(.*?)```", body, re.S)[block].replace("\\\n", " ")
+    return [line for line in text.splitlines() if line.strip()]
+
+
+def _porting_folder(tmp_path, shared):
+    """The clone's files, the BPE file, a `python` as typed, and my_data/ -> (the BPE file's path, the class names)."""
+    here = Path(__file__).resolve().parent
+    for name in ("dark.py", "models.py", "data.py", "train.py", "eval.py", "export_ios.py"):
+        shutil.copy(here / name, tmp_path)
+    bpe = shutil.copy(shared / "vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz", tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # `python` as typed
+    (tmp_path / "bin" / "python").chmod(0o755)
+    root, g, classes = tmp_path / "my_data", np.random.default_rng(0), ["stripes", "dots"]
     (root / "images").mkdir(parents=True)
-    g, classes = np.random.default_rng(0), ["stripes", "dots"]
+    said = ["an image with {}", "{} on a grey background", "a picture showing {}", "{}"]
     rows = {"train.csv": ["filepath,title"], "val.csv": ["filepath,label"], "test.csv": ["filepath,label"]}
-    for i in range(24):  # 16 training pairs, 4 validation and 4 test images, 32 px: a stand-in modality
-        c = i % 2
-        x = g.integers(0, 60, (32, 32)).astype(np.uint8)
-        x[::4] += 150 if c == 0 else 0
-        x[::6, ::6] += 150 if c == 1 else 0
+    for i in range(96):  # 64 training pairs (one step an epoch), 16 validation and 16 test images, 32 px
+        c, x = i % 2, g.integers(0, 60, (32, 32)).astype(np.uint8)
+        if c == 0:
+            x[::4] += 150
+        else:
+            x[::6, ::6] += 150
         Image.fromarray(x).save(root / "images" / f"{i}.png")
-        name = "train.csv" if i < 16 else "val.csv" if i < 20 else "test.csv"
-        rows[name].append(f"images/{i}.png," + (f"an image with {classes[c]}" if i < 16 else classes[c]))
+        name = "train.csv" if i < 64 else "val.csv" if i < 80 else "test.csv"
+        rows[name].append(f"images/{i}.png," + (said[i // 2 % 4].format(classes[c]) if i < 64 else classes[c]))
     for name, lines in rows.items():
         (root / name).write_text("\n".join(lines) + "\n")
     (root / "classes.json").write_text(json.dumps({"templates": ["an image with {}", "{}"], "classes": classes}))
-    teacher = toy_checkpoint(tmp_path / "teacher.pt", "toy-teacher")  # stands in for the user's big CLIP
-    out = tmp_path / "out"
-    train.main([f"--teacher={teacher}", "--student=toy-student", f"--train_data={root / 'train.csv'}",
-                f"--val_data={root / 'val.csv'}", f"--val_prompts={root / 'classes.json'}", f"--out_dir={out}",
-                "--epochs=2", "--batch_size=8", "--warmup_steps=1", "--lr=1e-3", "--workers=0", "--threads=1"])
-    val = [r for r in _log(dict(out_dir=str(out))) if "select_on" in r]
-    assert [r["select_on"] for r in val] == ["classify_f1"] * 2 and (out / "best.pt").exists()
-    evaluation.main([f"--checkpoint={out / 'best.pt'}", "--task=classify", f"--data={root / 'test.csv'}",
-                     f"--prompts={root / 'classes.json'}", f"--out={out / 'eval'}", "--quiet"])
-    result = json.loads(next((out / "eval").glob("results_classify_all_*.json")).read_text())["metrics"]
-    assert result["n_images"] == 4 and {"classify_f1_stripes", "classify_f1_dots", "classify_confusion"} <= set(result)
-    evaluation.main([f"--checkpoint={out / 'best.pt'}", "--task=retrieval", f"--data={root / 'train.csv'}",
-                     f"--out={out / 'eval'}", "--quiet"])
-    result = json.loads(next((out / "eval").glob("results_retrieval_all_*.json")).read_text())["metrics"]
-    assert result["n_captions"] == 16 and 0 <= result["retrieval_mean_recall"] <= 1
-    packages = export_ios.main([f"--checkpoint={out / 'best.pt'}", f"--classes={root / 'classes.json'}",
-                                f"--out={out / 'ios'}"])
+    return bpe, classes
+
+
+def test_porting_readme_commands_from_an_empty_folder(shared, tmp_path):
+    """README 'Porting to your modality', its 'try it' block run as written, from a shell, offline, in a folder that
+    holds only the clone's files, the BPE file and my_data/ (the documented formats: train.csv of captions, val.csv
+    and test.csv of labels, classes.json of templates): a teacher trained first, a student distilled from it that
+    needs no --bpe, its score, a Core ML package."""
+    bpe, classes = _porting_folder(tmp_path, shared)
+    env = {k: v for k, v in os.environ.items() if k != "DARK_BPE"}
+    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", OMP_NUM_THREADS="1")
+    commands = _readme_commands("Porting to your modality")
+    assert [c.split()[:2] for c in commands] == [["python", s] for s in ("train.py", "train.py", "eval.py",
+                                                                        "export_ios.py")]
+    assert "--bpe" in commands[0] and not any("--bpe" in c for c in commands[1:])  # the checkpoints carry it
+    printed = []
+    for command in commands:
+        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+        printed.append(done.stdout)
+    assert "kd=none: CLIP loss alone, no teacher; this trains a teacher" in printed[0]
+    assert all("recipe small: epochs=20, batch_size=64, lr=0.001, warmup_steps=20" in p for p in printed[:2])
+    assert "padded to a centred black square" in printed[0] and "teacher input: 64 px" in printed[1]
+    for run in ("teacher", "student"):
+        ckpt = torch.load(tmp_path / "out" / run / "best.pt", weights_only=True)
+        assert ckpt["tokenizer"] == "bpe" and ckpt["bpe_vocab"] == Path(bpe).read_bytes()
+        val = [r for r in _log(dict(out_dir=str(tmp_path / "out" / run))) if "select_on" in r]
+        assert [r["epoch"] for r in val] == list(range(1, 21)) and val[0]["select_on"] == "classify_f1"
+    assert "val epoch 20/20 classify_acc" in printed[1]
+    loss = [r["clip"] for r in _log(dict(out_dir=str(tmp_path / "out" / "teacher"))) if "clip" in r]
+    assert loss[-1] < math.log(64) - 0.4  # ln 64 at random init: the teacher learns from nothing
+    result = json.loads(next((tmp_path / "runs" / "eval").glob("results_classify_all_*.json")).read_text())
+    assert result["metrics"]["n_images"] == 16 and "classify_f1_stripes" in result["metrics"]
+    assert "| MCi layers 1-1-2-1 embed_dims 12-24-48-96 @64px | out/student/best.pt |" in printed[2]
     import coremltools as ct
-    meta = ct.models.MLModel(packages["image"]["path"], skip_model_load=True).user_defined_metadata
-    assert json.loads(meta["classes"]) == classes and "probs" in packages["image"]["io"]
+    package = tmp_path / "out" / "ios" / "MyCLIPImage.mlpackage"
+    assert json.loads(ct.models.MLModel(str(package), skip_model_load=True).user_defined_metadata["classes"]) == classes

@@ -7,7 +7,8 @@
         --train_data='shards/shard_{0000000001..0000000025}.tar' --val_data=FETAL_PLANES_DB
 
 Every default below can be overridden with --key=value; `python train.py --help` lists them. The defaults are the
-paper's recipe; with train_data='toy' the TOY overrides (below them) apply to every key not given on the command line.
+paper's recipe (8 GPUs, ~50k pairs); --recipe=small (SMALL, below them) is one for a few thousand pairs from scratch on
+a CPU, and the toy world takes TOY: a recipe fills every key not given on the command line, and start-up prints it.
 """
 import json
 import math
@@ -33,7 +34,7 @@ resume = False              # continue out_dir/ckpt.pt where it stopped, with it
 overwrite = False           # start afresh in an out_dir that holds another run, replacing its checkpoints and log
 ckpt_every = 500            # optimizer steps between checkpoints (one is always written at the end)
 log_every = 50              # optimizer steps between log lines
-seed = 0
+seed = 0                    # data order, augmentation draws, initial weights
 # --- data ---
 train_data = "toy"          # 'toy' (built-in world) | image-caption .csv/.tsv | tar shards 'dir/shard_{0001..0025}.tar'
 toy_train_size = 6000       # toy world: training pairs (rendered once, then kept in memory)
@@ -66,19 +67,25 @@ lambda0, lambda_r = 1.0, -0.8  # static: constant lambda0; coupled: lambda goes 
 tau = 5.0                   # teacher temperature (teacher only): a softer target exposes its non-target structure
 max_logit_scale = 100.0     # clamp of the student's exp(logit_scale), as CLIP
 # --- optimizer: AdamW, cosine with warm-up ---
-epochs = 20
+recipe = "auto"             # the defaults of keys not given (auto: toy for the toy world, else paper); printed at start
+epochs = 20                 # passes over the training pairs
 batch_size = 512            # per rank and micro-batch: under torchrun the global batch is batch_size x ranks
 grad_accum = 1              # micro-batches per optimizer step
-lr = 1e-5
-warmup_steps = 500
+lr = 1e-5                   # peak learning rate (the paper's, fine-tuning pretrained towers), reached after the warm-up
+warmup_steps = 500          # optimizer steps of linear warm-up, then a cosine decay to 0 at the last step
 weight_decay = 0.1          # not on parameters with ndim < 2 (norms, biases, logit_scale)
-adam_beta1, adam_beta2, adam_eps = 0.9, 0.98, 1e-6
-grad_clip = 1.0
+adam_beta1, adam_beta2, adam_eps = 0.9, 0.98, 1e-6  # CLIP's AdamW: beta2 0.98, eps 1e-6 (stabler at large batch)
+grad_clip = 1.0             # max global gradient norm
 # --- system ---
 device = "auto"             # auto: cuda when there is one
 dtype = "bf16"              # CUDA autocast (fp16 with a GradScaler); the CPU always runs fp32
 threads = 0                 # CPU threads (0 = torch's default)
 
+# A few thousand pairs of one's own, towers trained from scratch (no --student_init): batch 64 and lr 1e-3 learn where
+# the paper's 512 and 1e-5 (fine-tuning pretrained towers) would not reach a step or learn nothing; 20 warm-up steps
+# fit a run of 20 epochs of 64 pairs or more; images decoded in the main process (workers 0) cost less than worker
+# processes started every epoch (measured: 9 s of a 36 s run of 20 one-step epochs).
+SMALL = dict(epochs=20, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05, workers=0, log_every=10)
 # The built-in toy world: sized so that `python train.py` finishes in minutes on a laptop CPU.
 TOY = dict(epochs=2, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05, workers=0, ckpt_every=100,
            log_every=25)
@@ -89,11 +96,12 @@ TOY = dict(epochs=2, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05,
 TOY_TEACHER = dict(student="toy-teacher", student_init="", kd="none", epochs=4, lr=1e-3, warmup_steps=100,
                    toy_train_size=6400, val_every=2)
 
+RECIPES = dict(paper={}, small=SMALL, toy=TOY)
 KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 # what each option accepts, checked before any work (data.parse_flags): a tuple is the closed set, a string the interval
 ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)", toy_train_size="[1, inf)", samples_per_epoch="[0, inf)",
                val_every="[1, inf)", val_size="[1, inf)", workers="[0, inf)", cache_views="[1, inf)",
-               kd=("none", "static", "coupled", "dark"),
+               kd=("none", "static", "coupled", "dark"), recipe=("auto", *RECIPES),
                tau="(0, inf)", max_logit_scale="[1, inf)", epochs="[1, inf)", batch_size="[1, inf)",
                grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)", weight_decay="[0, inf)",
                adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="(0, inf)",
@@ -105,13 +113,24 @@ RESUME_MAY_CHANGE = evaluation.HOW_IT_RAN  # eval.py --table pools seeds that di
 # --- configuration from the command line ---
 def parse_args(argv):
     """--key=value overrides of the defaults above, checked by data.parse_flags (the grammar of every script).
-    -> (config, keys given); with --train_data=toy, TOY fills the keys not given."""
-    doc = (f"{__doc__}\nThe toy teacher's pretraining takes TOY_TEACHER = {TOY_TEACHER}.\n--resume=true restores the "
-           f"run's saved config; of the options only {', '.join(RESUME_MAY_CHANGE)} may change.")
-    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, doc, __file__, notes={k: f"toy: {v}" for k, v in TOY.items()})
-    if cfg["train_data"] == "toy":
-        cfg.update({k: v for k, v in TOY.items() if k not in given})
+    -> (config, keys given); the recipe (auto: toy for --train_data=toy, else paper) fills the keys not given, and
+    config['recipe'] names it."""
+    doc = (f"{__doc__}\nSMALL = {SMALL}.\nThe toy teacher's pretraining takes TOY_TEACHER = {TOY_TEACHER}.\n"
+           f"--resume=true restores the run's saved config; of the options only {', '.join(RESUME_MAY_CHANGE)} may "
+           "change.")
+    notes = {k: ", ".join(f"{name}: {r[k]}" for name, r in RECIPES.items() if k in r) for k in {**SMALL, **TOY}}
+    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, doc, __file__, notes=notes)
+    if cfg["recipe"] == "auto":
+        cfg["recipe"] = "toy" if cfg["train_data"] == "toy" else "paper"
+    cfg.update({k: v for k, v in RECIPES[cfg["recipe"]].items() if k not in given})
     return cfg, given
+
+
+def recipe_line(cfg):
+    """What start-up prints: the recipe and the values it decides, as this run has them."""
+    shown = ("epochs", "batch_size", "lr", "warmup_steps", "weight_decay")
+    return (f"recipe {cfg['recipe']}: " + ", ".join(f"{k}={cfg[k]:g}" for k in shown) + " (--recipe=paper | small | "
+            "toy; a flag given overrides it)")
 
 
 def configure(argv):
@@ -258,17 +277,21 @@ def plan_steps(n_pairs, cfg, world):
     total = per_epoch * epochs
     plan = (f"{n_pairs} pairs, batch {bs} x {world} ranks x {accum} micro-batches: {per_epoch} optimizer steps per "
             f"epoch, {total} in {epochs} epochs")
+    small = ", ".join(f"{k}={v:g}" for k, v in SMALL.items())
+    other = f" (the paper's recipe, for ~50k pairs; --recipe=small is one for a few thousand: {small})" * (
+        cfg["recipe"] == "paper")
     if bs * world < 2:
         raise ValueError(f"{plan}: a global batch of one pair has no negatives (its contrastive loss is 0); set "
-                         "--batch_size=2 or more")
+                         "--batch_size=2 or more" + other)
     if per_epoch == 0:
         raise ValueError(f"{plan}: no optimizer step fits in an epoch; set --batch_size="
-                         f"{max(2, n_pairs // (world * accum))} or less, or give more pairs")
+                         f"{max(2, n_pairs // (world * accum))} or less, or give more pairs" + other)
     if warmup > total:
         raise ValueError(f"{plan}, with {warmup} warm-up steps: the learning rate would peak at "
                          f"{lr_at(total - 1, total, cfg['lr'], warmup):.1e}, not --lr={cfg['lr']:g}. Set "
                          f"--warmup_steps={max(1, total // 10)} (a tenth of the run), or train ten times the warm-up: "
-                         f"--epochs={math.ceil(10 * warmup / per_epoch)}, or fewer pairs per step (--batch_size)")
+                         f"--epochs={math.ceil(10 * warmup / per_epoch)}, or fewer pairs per step (--batch_size)"
+                         + other)
     return per_epoch, total
 
 
@@ -280,8 +303,9 @@ def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
     print0(f"toy tokenizer: {share:.1%} of the tokens of {len(captions)} training captions are unknown", rank=rank)
     if share > 0.5:
         raise ValueError(f"{cfg['train_data']}: {share:.0%} of the caption tokens are outside the toy vocabulary of "
-                         f"--student={cfg['student']}; use a BPE model: --student=mobileclip2-s0 (or an open_clip "
-                         "JSON) with --bpe=bpe_simple_vocab_16e6.txt.gz")
+                         f"--student={cfg['student']}; use BPE models: --student=small-teacher (train a teacher first, "
+                         "--kd=none) then --student=small-student, or mobileclip2-s0 or an open_clip JSON, with "
+                         "--bpe=bpe_simple_vocab_16e6.txt.gz (README, Porting to your modality)")
 
 
 # --- models ---
@@ -447,6 +471,10 @@ def check_val_data(cfg):
 def train(cfg):
     """One training run (teacher pretraining or distillation). Returns the path of the best checkpoint."""
     ddp, rank, world, dev = compute_init(cfg)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg["workers"] > cpus:  # said once here, rather than by torch at every DataLoader
+        print0(f"--workers={cfg['workers']}: this process may use {cpus} CPUs, so {cpus} workers", rank=rank)
+        cfg = {**cfg, "workers": cpus}
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"] + rank)
@@ -467,8 +495,10 @@ def train(cfg):
         raise ValueError(f"teacher ({tokenizer_kind(spec)}, {spec.context_length}) and student ({tokenizer_kind(student)},"
                          f" {student.context_length}) must share the tokenizer and context length: the same ids feed both")
     views = [(m.image_size, m.image_mean, m.image_std) for m in (spec, student)]  # each its own
-    for role, m in (("teacher", spec), ("student", student))[spec is student:]:  # for training, eval and Core ML
-        print0(f"{role} input: {m.image_size} px, mean {m.image_mean}, std {m.image_std}", rank=rank)
+    roles = (("teacher", spec), ("student" if teacher is not None or cached else "model", student))
+    for role, m in roles[spec is student:]:
+        print0(f"{role} input: {m.image_size} px, mean {m.image_mean}, std {m.image_std}; images are padded to a "
+               "centred black square, then resized (data.pad_square)", rank=rank)  # for training, eval and Core ML
     pairs = make_pairs(cfg, max(student.image_size, spec.image_size), rank, world)
     if tokenizer_kind(student) == "toy" and cfg["train_data"] != "toy":
         check_vocabulary(tokenizer, pairs, cfg, rank)
@@ -510,6 +540,10 @@ def train(cfg):
     log = open(out / "log.jsonl", "a" if cfg["resume"] else "w") if rank == 0 else None
     n_params = sum(p.numel() for p in student.parameters())
     select_on = val_setup(cfg)[1]
+    print0(recipe_line(cfg), rank=rank)
+    if cfg["kd"] == "none":  # no teacher: a CLIP model of its own
+        print0(f"kd=none: CLIP loss alone, no teacher; this trains a teacher to distil from (--teacher="
+               f"{out / 'best.pt'}), or the No KD row", rank=rank)
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
            f"({cfg['epochs']} epochs x {steps_per_epoch} from {n_pairs} pairs; {cfg['warmup_steps']} warm-up) on "
            f"{world} x {dev}, global batch {cfg['batch_size']} x {world} ranks x {cfg['grad_accum']} micro-batches; "
@@ -588,7 +622,8 @@ def train(cfg):
                     shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite", "classify_acc",
                              "classify_f1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_mean_recall")
                     score = metrics[select_on]
-                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics) +
+                    print0(f"val epoch {done}/{cfg['epochs']} "
+                           + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics) +
                            f"; best.pt on {select_on} (best so far {max(best, score):.4f})")
                     log.write(json.dumps(dict(step=step, epoch=epoch + 1, select_on=select_on, **{
                         f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})) + "\n")
