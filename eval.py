@@ -358,15 +358,14 @@ def retrieval(model, tokenizer, pairs, batch_size=64, device="cpu"):
     return dict(metrics, **caps, n_images=len(img), n_captions=len(txt), n_distinct_captions=len(images_of))
 
 
-def retrieval_note(metrics):
+def retrieval_note(m):
     """One line for a retrieval result whose captions repeat (recall@k capped), else ''."""
-    if metrics.get("retrieval_t2i_r1_max", 1) >= 1:
-        return ""
-    return (f"note: {metrics['n_distinct_captions']} distinct captions of {metrics['n_captions']} for "
-            f"{metrics['n_images']} images: a caption shared by several images cannot tell them apart, so text->image "
-            f"R@1/5/10 is at most {metrics['retrieval_t2i_r1_max']:.3f}/{metrics['retrieval_t2i_r5_max']:.3f}/"
-            f"{metrics['retrieval_t2i_r10_max']:.3f} (retrieval_t2i_r*_max), image->text counts another image's "
-            "identical caption as found, and retrieval_mean_recall averages both; classify with labels instead")
+    return "" if m.get("retrieval_t2i_r1_max", 1) >= 1 else (
+        f"note: {m['n_distinct_captions']} distinct captions of {m['n_captions']} for {m['n_images']} images: a caption "
+        f"shared by several images cannot tell them apart, so text->image R@1/5/10 is at most "
+        + "/".join(f"{m[f'retrieval_t2i_r{k}_max']:.3f}" for k in (1, 5, 10)) + " (retrieval_t2i_r*_max), image->text"
+        " counts another image's identical caption as found, and retrieval_mean_recall averages both; classify with "
+        "labels instead")
 
 
 # --- tasks: records from the toy world or from the real files ---
@@ -697,12 +696,11 @@ def markdown_table(rows, columns):
 def describe(model):
     """The image tower in a few words: 'fastvit_mci0 @256px', 'MCi layers 1-1-2-1 dims 12-24-48-96 @64px' (a member
     that vision_cfg.mci_cfg resizes), 'ViT 12x768/16 @224px' (layers x width / patch)."""
-    v = model.config["vision_cfg"]
-    if "timm_model_name" not in v:
-        return f"ViT {v['layers']}x{v['width']}/{v['patch_size']} @{model.image_size}px"
-    arch, name = {**models.MCI_ARCHS[v["timm_model_name"]], **v.get("mci_cfg", {})}, v["timm_model_name"]
-    if arch != models.MCI_ARCHS[name]:
-        name = "MCi " + " ".join(f"{k} {'-'.join(map(str, arch[k]))}" for k in ("layers", "embed_dims"))
+    v, name = model.config["vision_cfg"], model.config["vision_cfg"].get("timm_model_name")
+    arch = {**models.MCI_ARCHS[name], **v.get("mci_cfg", {})} if name else None
+    if name is None or arch != models.MCI_ARCHS[name]:
+        name = (f"ViT {v['layers']}x{v['width']}/{v['patch_size']}" if name is None else "MCi " + " ".join(
+            f"{k} {'-'.join(map(str, arch[k]))}" for k in ("layers", "embed_dims")))
     return f"{name} @{model.image_size}px"
 
 
