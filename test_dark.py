@@ -1479,6 +1479,19 @@ def test_no_weight_decay_on_biases_norms_logit_scale():
                                                    "text.transformer.resblocks.0.attn.in_proj_weight"))
 
 
+# --- what start-up says once ---
+def test_workers_beyond_the_cpus_are_capped_and_said_once(tmp_path, capsys):
+    cfg = _cfg(tmp_path, kd="none", workers=64, epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.train(cfg)
+    cpus = len(os.sched_getaffinity(0))
+    printed = capsys.readouterr().out
+    assert printed.count(f"--workers=64: this process may use {cpus} CPUs, so {cpus} workers") == 1
+    assert not [w for w in caught if "worker" in str(w.message)]  # torch's own warning, at every DataLoader
+    assert "model input: 64 px" in printed and "kd=none: CLIP loss alone, no teacher" in printed
+
+
 # --- recipes: the paper's, a small one, the toy world's ---
 def test_a_recipe_fills_what_is_not_given_and_refusals_name_the_small_one():
     small, _ = train.parse_args(["--train_data=x.csv", "--recipe=small", "--lr=3e-3"])
@@ -2578,6 +2591,17 @@ def test_quantized_export(tmp_path, mode, dtype, per_param):
     assert re.fullmatch(rf"{mode} vs fp16 weights \(PyTorch, 200 toy ultrasound test images whatever the model: "
                         r"out of domain for another modality\): embedding cosine mean [01]\.\d+, "
                         r"least [01]\.\d+, zero-shot argmax agrees on \d+\.\d%", summary["compression"])
+
+
+# --- what the export says about its defaults ---
+def test_export_says_its_head_is_fetal_by_default(tmp_path, monkeypatch, capsys):
+    ckpt = toy_checkpoint(tmp_path / "ckpt.pt")
+    monkeypatch.setattr(export_ios, "build_package", lambda *a: {})
+    for classes, said in (("planes", True), ("brain", True), ("none", False)):
+        export_ios.export(ckpt, out=tmp_path, classes=classes)
+        printed = capsys.readouterr().out
+        assert (f"zero-shot head: --classes={classes}, eval.py's" in printed) == said, classes
+        assert ("pass --classes=classes.json" in printed) == said
 
 
 def test_compressed_copy_moves_what_the_package_stores():
