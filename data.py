@@ -1306,18 +1306,20 @@ def flags_help(defaults, accepts, doc, source, notes):
 def run_script(main, prog):
     """A script's entry point: main(sys.argv[1:]), where a refusal (SystemExit with a message; ValueError, OSError
     or FloatingPointError, which name the file, row, key or flag) ends in one line on stderr and exit status 2,
-    argparse's for bad usage, never a traceback; under torchrun only rank 0 says it. Called in-process, main raises."""
+    argparse's for bad usage, never a traceback (a message left by Ctrl-C: status 130, as the shell's); under torchrun
+    only rank 0 says it. Called in-process, main raises."""
+    status = 2
     try:
         return main(sys.argv[1:])
     except SystemExit as e:
         if not isinstance(e.code, str):
             raise
-        message = e.code
+        message, status = e.code, 130 if isinstance(e.__context__, KeyboardInterrupt) else 2
     except (ValueError, OSError, FloatingPointError) as e:
         message = f"{prog}: {e}"
     if int(os.environ.get('RANK', 0)) == 0:
         print(' '.join(message.split()), file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(status)
 
 
 if __name__ == '__main__':

@@ -1238,6 +1238,27 @@ def test_documented_commands_fail_fast_and_help(tmp_path):
             refused.stderr)
 
 
+def test_a_refusal_is_one_line_and_status_2(monkeypatch, capsys):
+    """data.run_script, every script's entry point: a refusal's message on one line of stderr with status 2, a
+    Ctrl-C's with 130, a normal exit untouched."""
+    monkeypatch.setattr(sys, "argv", ["x.py", "--a=1"])
+
+    def interrupted(argv):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit("interrupted. resume with: python x.py")
+    for main, status, said in ((lambda argv: sys.exit("x.py: --a=1:\n  takes b"), 2, "x.py: --a=1: takes b"),
+                               (lambda argv: int("one"), 2, "x.py: invalid literal for int() with base 10: 'one'"),
+                               (lambda argv: open("/nonexistent/f"), 2, "x.py: [Errno 2] No such file or directory"),
+                               (interrupted, 130, "interrupted. resume with: python x.py"),
+                               (lambda argv: sys.exit(0), 0, "")):
+        with pytest.raises(SystemExit) as e:
+            data.run_script(main, "x.py")
+        assert e.value.code == status and capsys.readouterr().err.startswith(said)
+    assert data.run_script(lambda argv: argv, "x.py") == ["--a=1"]
+
+
 def test_help_lists_every_option_with_its_comment(capsys, tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
