@@ -81,10 +81,10 @@ device = "auto"             # auto: cuda when there is one
 dtype = "bf16"              # CUDA autocast (fp16 with a GradScaler); the CPU always runs fp32
 threads = 0                 # CPU threads (0 = torch's default)
 
-# A few thousand pairs of one's own, towers trained from scratch (no --student_init): batch 64 and lr 1e-3 learn where
-# the paper's 512 and 1e-5 (fine-tuning pretrained towers) would not reach a step or learn nothing; 20 warm-up steps
-# fit a run of 20 epochs of 64 pairs or more; images decoded in the main process (workers 0) cost less than worker
-# processes started every epoch (measured: 9 s of a 36 s run of 20 one-step epochs).
+# A few thousand pairs of one's own, towers trained from scratch (no --student_init): batch 64 and lr 1e-3, the toy
+# world's order, where the paper's 512 would fit no step into an epoch and its 1e-5 is for fine-tuning pretrained
+# towers; 20 warm-up steps fit a run of 20 epochs of 64 pairs or more; images decoded in the main process (workers 0)
+# cost less than worker processes started every epoch (measured: 9 s of a 36 s run of 20 one-step epochs).
 SMALL = dict(epochs=20, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05, workers=0, log_every=10)
 # The built-in toy world: sized so that `python train.py` finishes in minutes on a laptop CPU.
 TOY = dict(epochs=2, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05, workers=0, ckpt_every=100,
