@@ -735,8 +735,9 @@ UNREAD = dict(none=("teacher", "teacher_config", "teacher_cache", "cache_views",
 
 
 def run_group(cfg):
-    """The row a run belongs to, as JSON: its train config less the seed, HOW_IT_RAN and what its kd does not read."""
-    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", *HOW_IT_RAN, *UNREAD[cfg["kd"]])},
+    """The row a run belongs to, as JSON: its train config less the seed, HOW_IT_RAN, what its kd does not read and
+    where the BPE file lay (there is one CLIP vocabulary, and a checkpoint carries it)."""
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "bpe", *HOW_IT_RAN, *UNREAD[cfg["kd"]])},
                       sort_keys=True)
 
 

@@ -2388,7 +2388,7 @@ def test_table_rows_are_configs_labelled_by_what_differs(root, tmp_path):
     own, labelled by the keys that differ; two runs of one config and one seed are refused, naming both folders."""
     for name in ("dark-s0", "dark-s1"):  # the fixture's DARK rows, trained at tau 5 on 2 workers
         ckpt = torch.load(root / name / "best.pt", weights_only=True)
-        ckpt["config"].update(tau=5.0, workers=2, out_dir=str(root / name))
+        ckpt["config"].update(tau=5.0, workers=2, out_dir=str(root / name), bpe=f"{name}/bpe.txt.gz")
         torch.save(ckpt, root / name / "best.pt")
     _run(root, "dark-tau1-s0", "dark", 0)
     ckpt = torch.load(root / "dark-tau1-s0" / "best.pt", weights_only=True)
