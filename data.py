@@ -45,6 +45,9 @@ import unicodedata
 import zlib
 from pathlib import Path
 
+if sys.version_info < (3, 10):  # the floor of every script (each imports this file): zip(strict=), str.removeprefix
+    sys.exit(f"DARK needs Python 3.10 or later; this is {sys.version.split()[0]}")
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageEnhance
@@ -477,7 +480,8 @@ def _words(text):
 
 
 def _find_bpe(path=None):
-    """The CLIP merges file: the argument, else $DARK_BPE, else the copy inside an installed open_clip."""
+    """The CLIP merges file: the argument, else $DARK_BPE, else the copy inside an installed open_clip (pip install
+    open_clip_torch bundles it)."""
     path = path or os.environ.get('DARK_BPE')
     if not path:
         import importlib.util  # find open_clip without importing it
@@ -487,21 +491,22 @@ def _find_bpe(path=None):
         raise FileNotFoundError(
             f"CLIP BPE vocabulary not found ({path or 'no path given, DARK_BPE unset, open_clip not installed'}). "
             "Get bpe_simple_vocab_16e6.txt.gz from https://github.com/openai/CLIP/tree/main/clip or "
-            "https://github.com/mlfoundations/open_clip/tree/main/src/open_clip, then pass it (--bpe=PATH to "
-            "train.py or export_ios.py) or set DARK_BPE=PATH.")
+            "https://github.com/mlfoundations/open_clip/tree/main/src/open_clip (pip install open_clip_torch bundles "
+            "it, and it is found then), or pass it (--bpe=PATH to train.py, eval.py or export_ios.py) or set "
+            "DARK_BPE=PATH. A checkpoint train.py wrote carries its own copy.")
     return path
 
 
 _BPE_MERGES = 49152 - 256 - 2  # CLIP's 49408 ids: 256 bytes, the same with '</w>', these merges, 2 special tokens
 
 
-def read_bpe(path):
-    """The first _BPE_MERGES merges of CLIP's merges file -> [(a, b), ...], from the gzipped file or the same file
-    gunzipped (bpe_simple_vocab_16e6.txt: browsers unpack .gz on download). Anything else raises ValueError naming
-    the file and what it holds: an empty file, an HTML page, a download cut short, another first line."""
+def read_bpe(raw, path):
+    """The first _BPE_MERGES merges of CLIP's merges file -> [(a, b), ...]. raw: the file's bytes, gzipped or the same
+    file gunzipped (bpe_simple_vocab_16e6.txt: browsers unpack .gz on download); path: where they came from, for the
+    message. Anything else raises ValueError naming the file and what it holds: an empty file, an HTML page, a
+    download cut short, another first line."""
     refuse = lambda what: ValueError(f"CLIP BPE vocabulary {path}: {what}. Expected bpe_simple_vocab_16e6.txt.gz "
                                      "(or the same file gunzipped)")
-    raw = Path(path).read_bytes()
     try:
         raw = gzip.decompress(raw) if raw[:2] == b'\x1f\x8b' else raw
     except (EOFError, OSError, zlib.error) as e:
@@ -523,10 +528,13 @@ def read_bpe(path):
 
 class SimpleTokenizer(Tokenizer):
     """CLIP's byte-level BPE (openai/CLIP simple_tokenizer.py), giving open_clip's ids: start 49406, end 49407,
-    pad 0, after clean_text (open_clip's cleaning, with the differences listed there)."""
+    pad 0, after clean_text (open_clip's cleaning, with the differences listed there). bpe_path: the merges file, or
+    its bytes as a checkpoint stores them (`vocab_file`: what train.py saves, so a checkpoint carries its tokenizer)."""
 
     def __init__(self, bpe_path=None, context_length=77):
-        merges = read_bpe(_find_bpe(bpe_path))
+        path = None if isinstance(bpe_path, bytes) else _find_bpe(bpe_path)
+        self.vocab_file = bpe_path if path is None else Path(path).read_bytes()
+        merges = read_bpe(self.vocab_file, path or 'carried by the checkpoint')
         self.byte_encoder = _bytes_to_unicode()
         vocab = list(self.byte_encoder.values())
         vocab += [v + '</w>' for v in vocab] + [''.join(m) for m in merges] + ['<start_of_text>', '<end_of_text>']
@@ -600,7 +608,8 @@ class ToyTokenizer(Tokenizer):
 
 
 def get_tokenizer(kind, context_length, bpe_path=None):
-    """'toy' -> ToyTokenizer, 'bpe' -> SimpleTokenizer (CLIP's, for FetalCLIP and MobileCLIP2)."""
+    """'toy' -> ToyTokenizer, 'bpe' -> SimpleTokenizer (CLIP's, for FetalCLIP and MobileCLIP2; bpe_path: the merges
+    file or its bytes, else _find_bpe's places)."""
     if kind == 'toy':
         return ToyTokenizer(context_length)
     if kind == 'bpe':
@@ -1322,6 +1331,15 @@ class TeacherCache:
                                                       pairs=len(self.done)))
 
 
+def sha256_file(path, chunk=1 << 20):
+    """Hex SHA-256 of a file, read 1 MiB at a time (hashlib.file_digest does this from Python 3.11 on)."""
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _write_json(path, obj):
     tmp = Path(f"{path}.tmp")
     try:
@@ -1419,22 +1437,44 @@ def pick_device(name):
 
 def flags_help(defaults, accepts, doc, source, notes):
     """doc, then one line per option: --key=default, its rule, the comment beside it in `source`, its note."""
-    comments, names = {}, []
+    comments, names, keys = {}, [], list(defaults)
     for line in Path(source).read_text().splitlines() if source else ():
         if names and re.match(r'\s*#\s\s', line):  # an indented comment line continues the option above it
             comments.update({n: f"{comments[n]} {line.strip(' #')}" for n in names})
             continue
         code, _, comment = line.partition('  # ')
         names = [n.strip() for n in code.split('=')[0].split(',')]
-        if comment and '=' in code and all(n in defaults for n in names):  # `key = 1  # why` or `key=1,  # why`
-            comments.update(dict.fromkeys(names, comment.strip()))
+        # the options are defined in their order (`key = 1  # why` or `key=1,  # why`): a later `key=...` is not one
+        if '=' in code and names == keys[:len(names)]:
+            keys = keys[len(names):]
         else:
             names = []
+        comments.update(dict.fromkeys(names, comment.strip()) if comment else {})
+        names = names if comment else []
     shown = {k: f"--{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in defaults.items()}
     width = min(max(map(len, shown.values())), 30)  # a longer default pushes only its own line
     return doc.strip() + '\n\noptions (--key=value, or --key value; a bare --flag sets a boolean):\n' + '\n'.join(
         (f"  {shown[k]:<{width}}  " + '; '.join(filter(None, (k in accepts and show_rule(accepts[k]), comments.get(k))))
          + (f" ({notes[k]})" if k in notes else '')).rstrip() for k in defaults)
+
+
+def run_script(main, prog):
+    """A script's entry point: main(sys.argv[1:]), where a refusal (SystemExit with a message; ValueError, OSError
+    or FloatingPointError, which name the file, row, key or flag) ends in one line on stderr and exit status 2,
+    argparse's for bad usage, never a traceback (a message left by Ctrl-C: status 130, as the shell's); under torchrun
+    only rank 0 says it. Called in-process, main raises."""
+    status = 2
+    try:
+        return main(sys.argv[1:])
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        message, status = e.code, 130 if isinstance(e.__context__, KeyboardInterrupt) else 2
+    except (ValueError, OSError, FloatingPointError) as e:
+        message = f"{prog}: {e}"
+    if int(os.environ.get('RANK', 0)) == 0:
+        print(' '.join(message.split()), file=sys.stderr, flush=True)
+    sys.exit(status)
 
 
 if __name__ == '__main__':

@@ -23,6 +23,7 @@ Zero-shot, as FetalCLIP's released evaluation (reused by MobileFetalCLIP):
 The planes and brain tasks are the generic `classify` with fixed prompts and FETAL_PLANES_DB's labels. Long loops
 report progress on stderr (silent with --quiet).
 """
+import collections
 import copy
 import functools
 import itertools
@@ -356,7 +357,25 @@ def retrieval(model, tokenizer, pairs, batch_size=64, device="cpu"):
     img, _ = embed_images(model, images(), batch_size, device, normalize=True, dtype=torch.float16)
     txt = encode_texts(model, tokenizer, captions, device=device, dtype=torch.float16)
     metrics = {f"retrieval_{k}": v for k, v in retrieval_metrics(img, txt, owner).items()}
-    return dict(metrics, n_images=len(img), n_captions=len(txt))
+    # captions that repeat (class-level captions, as 'a photo of a dog') cannot tell their images apart: a caption
+    # that m images share finds its own in the top k with chance min(k, m) / m at best (and an image ties with the
+    # identical captions of others, counted as found)
+    images_of = collections.defaultdict(set)
+    for caption, image in zip(captions, owner):
+        images_of[class_key(caption)].add(image)
+    share = [len(images_of[class_key(c)]) for c in captions]
+    caps = {f"retrieval_t2i_r{k}_max": float(np.mean([min(k, m) / m for m in share])) for k in (1, 5, 10)}
+    return dict(metrics, **caps, n_images=len(img), n_captions=len(txt), n_distinct_captions=len(images_of))
+
+
+def retrieval_note(m):
+    """One line for a retrieval result whose captions repeat (recall@k capped), else ''."""
+    return "" if m.get("retrieval_t2i_r1_max", 1) >= 1 else (
+        f"note: {m['n_distinct_captions']} distinct captions of {m['n_captions']} for {m['n_images']} images: a caption "
+        f"shared by several images cannot tell them apart, so text->image R@1/5/10 is at most "
+        + "/".join(f"{m[f'retrieval_t2i_r{k}_max']:.3f}" for k in (1, 5, 10)) + " (retrieval_t2i_r*_max), image->text"
+        " counts another image's identical caption as found, and retrieval_mean_recall averages both; classify with "
+        "labels instead")
 
 
 # --- tasks: records from the toy world or from the real files ---
@@ -728,8 +747,10 @@ def speed(model, runs=10):
     ids[:, -1] = vocab - 1  # end-of-text last: the full context, as an exported text tower runs it
     foldable = any(hasattr(m, "reparameterize") for m in model.visual.modules())
     tower = copy.deepcopy(model.visual).train() if foldable else model.visual  # train mode runs every branch (eval
+    for bn in (m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # mode sums them into one conv);
+        bn.eval()  # its BatchNorm on running statistics: batch statistics of a 1x1 map at batch 1 are undefined
     (image_ms, a), (text_ms, b) = latency_ms(tower, image, runs=runs), latency_ms(model.encode_text, ids, runs=runs)
-    out = dict(params_m=models.count_params(model) / 1e6,                     # mode sums them into one conv)
+    out = dict(params_m=models.count_params(model) / 1e6,
                image_params_m=models.count_params(model.visual) / 1e6, image_gmacs=count_gmacs(tower, image),
                text_gmacs=count_gmacs(model.encode_text, ids), image_ms=image_ms, text_ms=text_ms, spread=max(a, b))
     if foldable:
@@ -741,16 +762,19 @@ def speed(model, runs=10):
 
 # --- checkpoints, results files, command line ---
 def load_model_from_checkpoint(path, model_config=None, bpe_path=None):
-    """-> (model in eval mode, tokenizer); load_model_and_tokenizer_kind says which checkpoints."""
-    model, kind = load_model_and_tokenizer_kind(path, model_config)
-    return model, data.get_tokenizer(kind, model.context_length, bpe_path)
+    """-> (model in eval mode, tokenizer); load_model_and_tokenizer_kind says which checkpoints. A BPE checkpoint's
+    vocabulary: the copy it carries, else bpe_path, else data._find_bpe's places ($DARK_BPE, open_clip's)."""
+    model, kind, vocab = load_model_and_tokenizer_kind(path, model_config)
+    return model, data.get_tokenizer(kind, model.context_length, vocab or bpe_path)
 
 
 def load_model_and_tokenizer_kind(path, model_config=None, weights=True):
-    """-> (model in eval mode, 'toy' | 'bpe'), no vocabulary file needed. A train.py checkpoint carries its config:
-    {'model': state_dict, 'model_config': cfg, 'tokenizer': 'toy' | 'bpe'} ({'config': {'model': cfg}} works too).
-    Raw open_clip weights (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip JSON or a dict.
-    weights=False reads no weight and builds the model on the meta device: its sizes and preprocessing only."""
+    """-> (model in eval mode, 'toy' | 'bpe', the BPE merges file's bytes the checkpoint carries or None), no vocabulary
+    file needed. A train.py checkpoint carries its config and its tokenizer: {'model': state_dict, 'model_config':
+    cfg, 'tokenizer': 'toy' | 'bpe', 'bpe_vocab': bytes of bpe_simple_vocab_16e6.txt.gz} ({'config': {'model':
+    cfg}} works too). Raw open_clip weights (FetalCLIP, MobileCLIP2) need model_config: a preset name, an open_clip
+    JSON or a dict. weights=False reads no weight and builds the model on the meta device: its sizes and
+    preprocessing only."""
     ckpt = models.read_checkpoint(path, mmap=not weights)  # mmap: tensors stay on disk
     cfg = ckpt.get("model_config") or (ckpt.get("config") or {}).get("model") or model_config
     if cfg is None:
@@ -762,7 +786,7 @@ def load_model_and_tokenizer_kind(path, model_config=None, weights=True):
     if weights:
         models.load_checkpoint(model, ckpt["model"] if isinstance(ckpt.get("model"), dict) else ckpt)
     kind = ckpt.get("tokenizer") or ("bpe" if model.config["text_cfg"].get("vocab_size", 49408) == 49408 else "toy")
-    return model.eval(), kind
+    return model.eval(), kind, ckpt.get("bpe_vocab")
 
 
 def save_results(path, metrics, meta):
@@ -781,7 +805,14 @@ def markdown_table(rows, columns):
 
 
 def describe(model):
-    return f"{model.config['vision_cfg'].get('timm_model_name', 'ViT')} @{model.image_size}px"
+    """The image tower in a few words: 'fastvit_mci0 @256px', 'MCi layers 1-1-2-1 dims 12-24-48-96 @64px' (a member
+    that vision_cfg.mci_cfg resizes), 'ViT 12x768/16 @224px' (layers x width / patch)."""
+    v, name = model.config["vision_cfg"], model.config["vision_cfg"].get("timm_model_name")
+    arch = {**models.MCI_ARCHS[name], **v.get("mci_cfg", {})} if name else None
+    if name is None or arch != models.MCI_ARCHS[name]:
+        name = (f"ViT {v['layers']}x{v['width']}/{v['patch_size']}" if name is None else "MCi " + " ".join(
+            f"{k} {'-'.join(map(str, arch[k]))}" for k in ("layers", "embed_dims")))
+    return f"{name} @{model.image_size}px"
 
 
 # --- Table 1: a folder of train.py runs -> the paper's table, its Figure 2 and the teacher-student analysis ---
@@ -804,6 +835,36 @@ def table1_row(cfg):
     if kd == "dark" and label not in TABLE1_ROWS:
         label = f"DARK beta0={w0:g} (-> {w0 * r:g})"
     return (("none", "static", "coupled", "dark").index(kd), label not in TABLE1_ROWS, w0), label
+
+
+# train.py options that say how a run went, not what it trained (the ones it lets change at a --resume), and what
+# each kd mode does not read: runs that differ only there are seeds of one row
+HOW_IT_RAN = ("out_dir", "resume", "overwrite", "ckpt_every", "log_every", "workers", "device", "threads")
+UNREAD = dict(none=("teacher", "teacher_config", "teacher_cache", "cache_views", "tau", "beta0", "beta_r", "lambda0",
+                    "lambda_r"), static=("beta0", "beta_r", "lambda_r"), coupled=("beta0", "beta_r"),
+              dark=("lambda0", "lambda_r"))
+
+
+def run_group(cfg):
+    """The row a run belongs to, as JSON: its train config less the seed, HOW_IT_RAN, what its kd does not read and
+    where the BPE file lay (there is one CLIP vocabulary, and a checkpoint carries it)."""
+    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "bpe", *HOW_IT_RAN, *UNREAD[cfg["kd"]])},
+                      sort_keys=True)
+
+
+def row_labels(configs):
+    """{run_group: a run's train config} -> {run_group: label}: table1_row's label, then key=value for each key whose
+    value differs between the groups that read it ('DARK (beta 2 -> -0.8) tau=1'). Raises ValueError when two groups
+    would still share a label (a key only one of them has, from an older train.py)."""
+    read = {g: json.loads(g) for g in configs}
+    shown = [k for k in sorted(set().union(*read.values())) if k not in ("kd", "beta0", "beta_r", "lambda0", "lambda_r")
+             and len({json.dumps(c[k]) for c in read.values() if k in c}) > 1]
+    fmt = lambda v: f"{v:g}" if isinstance(v, float) else str(v)
+    labels = {g: " ".join([table1_row(configs[g])[1]] + [f"{k}={fmt(c[k])}" for k in shown if k in c])
+              for g, c in read.items()}
+    if len(set(labels.values())) < len(labels):
+        raise ValueError("runs of different configs would share a row: " + "; ".join(f"{labels[g]}: {g}" for g in read))
+    return labels
 
 
 def mean_std(values):
@@ -931,11 +992,18 @@ def table1(root, out=None, n=None, device="cpu"):
                                 "the folder train.py ran in, so run the table from there")
     groups, curves = {}, {}
     for run in sorted(runs, key=lambda run: run["cfg"]["seed"]):  # lowest seed first: the one analysed
-        groups.setdefault(table1_row(run["cfg"]), []).append(run)
+        group = groups.setdefault(run_group(run["cfg"]), [])
+        twin = [m["name"] for m in group if m["cfg"]["seed"] == run["cfg"]["seed"]]
+        if twin:
+            raise ValueError(f"{root / twin[0]} and {root / run['name']} are one run: the same config and seed "
+                             f"{run['cfg']['seed']}. Keep one, or train the other with another --seed")
+        group.append(run)
+    labels = row_labels({g: members[0]["cfg"] for g, members in groups.items()})
     result = dict(teacher=dict(path=str(teacher), **{k: test(teacher)[k] for k in TABLE1_METRICS}), rows=[],
                   paired={}, analysis={})
     by_seed = {}  # label -> {seed: test metrics}, for the paired differences
-    for (_, label), members in sorted(groups.items()):
+    for label, members in sorted(((labels[g], m) for g, m in groups.items()),
+                                 key=lambda x: (table1_row(x[1][0]["cfg"])[0], x[0])):
         row = dict(row=label, seeds=len(members), runs=[m["name"] for m in members])
         by_seed[label] = {m["cfg"]["seed"]: test(m["dir"] / "best.pt") for m in members}
         for k in TABLE1_METRICS:
@@ -967,12 +1035,13 @@ def table1(root, out=None, n=None, device="cpu"):
 OPTIONS = dict(
     checkpoint="",          # a train.py checkpoint, or raw open_clip weights with --model_config
     model_config="",        # for raw weights: a preset name (fetalclip, mobileclip2-s0) or an open_clip JSON
+    bpe="",                 # CLIP BPE vocabulary for a checkpoint that carries none (raw weights); else $DARK_BPE
     task="toy",             # --data: planes, brain FETAL_PLANES_DB; hc18 HC18; paper FPDB,HC18; classify, retrieval CSV
     data="",                # the dataset folder(s) of --task, a CSV (classify, retrieval) or tar shards (retrieval)
     split="",               # empty: test for toy, all for FETAL_PLANES_DB (as the zero-shot papers); no val there
     n=0,                    # at most n images per source (0 = all)
-    batch_size=64,
-    device="cpu",
+    batch_size=64,          # images a forward
+    device="cpu",           # where the models run
     prompts="",             # a prompts JSON (data.load_prompts): classify's classes, or replacing planes/brain/hc18's
     out="runs/eval",        # folder for the results JSON (and the analysis figure)
     probe=False,            # also fit a linear probe on the image embeddings, FetalCLIP's protocol
@@ -1010,7 +1079,8 @@ def main(argv):
         rows = []
         for role, src, cfg in (("teacher", opt["teacher"] or "fetalclip", opt["teacher_config"] or None),
                                ("student", opt["checkpoint"] or "mobileclip2-s0", opt["model_config"] or None)):
-            model = load_model_from_checkpoint(src, cfg)[0] if Path(src).is_file() else models.build_model(src)
+            # no tokenizer: the text tower is timed on random ids, so no vocabulary file is needed
+            model = load_model_and_tokenizer_kind(src, cfg)[0] if Path(src).is_file() else models.build_model(src)
             rows.append(dict(role=role, source=src, **speed(model, opt["runs"])))
         print(markdown_table(rows, list(rows[0]) + ["image_ms_folded", "image_gmacs_folded"]) + noise_warning(rows))
         return save_results(out / f"speed_{stamp}.json", {f"{r['role']}_{k}": v for r in rows for k, v in r.items()
@@ -1028,7 +1098,7 @@ def main(argv):
         if bad:
             sys.exit(f"eval.py: {why} (--help lists the options)")
     task, n, root, device = opt["task"], opt["n"] or None, opt["data"] or None, data.pick_device(opt["device"])
-    model, tokenizer = load_model_from_checkpoint(opt["checkpoint"], opt["model_config"] or None)
+    model, tokenizer = load_model_from_checkpoint(opt["checkpoint"], opt["model_config"] or None, opt["bpe"] or None)
     model.to(device)
     split = opt["split"] or ("test" if opt["task"] == "toy" else "all")
     prompts = None
@@ -1050,7 +1120,8 @@ def main(argv):
             print(markdown_table([dict(metric=k, mean=metrics[f"probe_{key}_{k}"], std=metrics[f"probe_{key}_{k}_std"])
                                   for k in runs[0] if isinstance(runs[0][k], float)], ["metric", "mean", "std"]))
     if opt["analysis"]:
-        teacher, teacher_tokenizer = load_model_from_checkpoint(opt["teacher"], opt["teacher_config"] or None)
+        teacher, teacher_tokenizer = load_model_from_checkpoint(opt["teacher"], opt["teacher_config"] or None,
+                                                                opt["bpe"] or None)
         ts = analysis((teacher.to(device), teacher_tokenizer), (model, tokenizer), task, split, n, root, out, device,
                       csv, prompts)
         metrics.update(ts)
@@ -1066,12 +1137,9 @@ def main(argv):
     shown += [k for k in (f"probe_{k}_{m}" for k in PROBE_KEYS.get(task, ()) for m in ("f1", "auroc")) if k in metrics]
     print(markdown_table([dict(meta, protocol=PROTOCOL, **metrics)], ["model", "checkpoint", "dataset", "split",
                                                                       "protocol", *shown]))
-    print(f"all {len(metrics)} metrics: {path}")
+    print(f"all {len(metrics)} metrics: {path}" + ("\n" + retrieval_note(metrics)) * bool(retrieval_note(metrics)))
     return path
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except ValueError as e:  # bad input (a file, row, key): one line naming it, no traceback
-        sys.exit(f"eval.py: {e}")
+    data.run_script(main, "eval.py")

@@ -24,7 +24,6 @@ int8 / 4-bit with --quantize; every op is in ALLOWED_OPS. On macOS also MLModel.
 """
 import collections
 import copy
-import hashlib
 import json
 import math
 import platform
@@ -72,14 +71,14 @@ class ExportCheckError(RuntimeError):
 
 # --- checkpoint -> eager modules to export ---
 def load_student(path, model_config=None):
-    """-> (model, tokenizer kind 'toy' | 'bpe', sha256 of the file), through eval.py's loader (train.py's checkpoint
-    layout, or raw open_clip weights with model_config), every failure raised as a CheckpointError naming the file."""
+    """-> (model, tokenizer kind 'toy' | 'bpe', the BPE vocabulary the checkpoint carries or None, sha256 of the
+    file), through eval.py's loader (train.py's checkpoint layout, or raw open_clip weights with model_config), every
+    failure raised as a CheckpointError naming the file."""
     try:
-        model, kind = evaluation.load_model_and_tokenizer_kind(path, model_config)
+        model, kind, vocab = evaluation.load_model_and_tokenizer_kind(path, model_config)
     except Exception as e:  # torch.load raises pickle, zip and runtime errors alike for a damaged file
         raise CheckpointError(f"cannot export {path}: {type(e).__name__}: {e}") from e
-    with open(path, "rb") as f:
-        return model, kind, hashlib.file_digest(f, "sha256").hexdigest()
+    return model, kind, vocab, data.sha256_file(path)
 
 
 def class_prompts(classes, kind):
@@ -217,7 +216,8 @@ def compression_cost(module, quantize, images):
     cos = (ref[0] * got[0]).sum(-1)
     agree = "" if len(ref) == 1 else (f", zero-shot argmax agrees on "
                                       f"{(ref[1].argmax(-1) == got[1].argmax(-1)).float().mean():.1%}")
-    return (f"{quantize} vs fp16 weights (PyTorch, {len(images)} toy test images): embedding cosine mean "
+    return (f"{quantize} vs fp16 weights (PyTorch, {len(images)} toy ultrasound test images whatever the model: out "
+            "of domain for another modality): embedding cosine mean "
             f"{cos.mean():.4f}, least {cos.min():.4f}{agree}")
 
 
@@ -366,7 +366,8 @@ def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", 
            overwrite=False, bpe=None):
     """Write the packages -> {'image': summary, 'text': summary}. Raises CheckpointError, ExportCheckError, or
     FileExistsError, before any work, when a package of that name is in `out` and overwrite is False; for a BPE
-    checkpoint with a head or --text, FileNotFoundError without a vocabulary (bpe, else $DARK_BPE)."""
+    checkpoint with a head or --text, FileNotFoundError without a vocabulary (the checkpoint's own copy, else bpe,
+    else $DARK_BPE or open_clip's)."""
     there = [str(p) for p in (Path(out) / f"{name}{part}.mlpackage" for part in ("Image", "Text")[:1 + text])
              if p.exists()]
     if there and not overwrite:
@@ -376,11 +377,14 @@ def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", 
     if quantize not in QUANTIZE:
         raise ValueError(f"quantize must be one of {list(QUANTIZE)}; got {quantize!r}")
     check_target(target, quantize)
-    model, kind, sha = load_student(checkpoint, model_config)
+    model, kind, vocab, sha = load_student(checkpoint, model_config)
     model = models.reparameterize(copy.deepcopy(model)).eval()
     prompts = class_prompts(classes, kind)
+    if classes in ("planes", "brain"):  # the default: fetal classes, whatever the model was trained on
+        print(f"zero-shot head: --classes={classes}, eval.py's {len(prompts)} fetal {classes} classes; for a model of "
+              "your own pass --classes=classes.json (its prompts), or --classes=none")
     # the tokenizer (for BPE, its vocabulary file) only where text is encoded: a head's prompts, or --text
-    tokenizer = data.get_tokenizer(kind, model.context_length, bpe or None) if prompts or text else None
+    tokenizer = data.get_tokenizer(kind, model.context_length, vocab or bpe) if prompts or text else None
     tokenizer_name = (data.ToyTokenizer if kind == "toy" else data.SimpleTokenizer).__name__
     names, size, dim = list(prompts or ()), model.image_size, model.config["embed_dim"]
     class_emb = evaluation.text_classifier(model, tokenizer, prompts) if prompts else None
@@ -436,15 +440,15 @@ def pixels(image):
 OPTIONS = dict(
     checkpoint="",          # a checkpoint written by train.py (or raw open_clip weights with --model_config)
     model_config="",        # for raw weights only: a preset name or an open_clip JSON
-    bpe="",                 # CLIP BPE vocabulary for a BPE checkpoint's head prompts or --text (else $DARK_BPE)
+    bpe="",                 # CLIP BPE vocabulary for a checkpoint that carries none (raw weights); else $DARK_BPE
     out="out/ios",          # folder for the .mlpackage files
     name="MobileFetalCLIP",  # package prefix; Xcode names the Swift class after it
     classes="planes",       # the zero-shot head: planes | brain (eval.py's prompts) | none | a prompts JSON, as eval.py's
     text=False,             # also export the text encoder
     quantize="none",        # weight compression
     target="iOS17",         # minimum deployment target
-    author="DARK export_ios.py",
-    license="the licence of the checkpoint",
+    author="DARK export_ios.py",  # the packages' author metadata, shown in Xcode
+    license="the licence of the checkpoint",  # the packages' licence metadata
     overwrite=False,        # replace packages of the same --name in --out
 )
 
@@ -493,4 +497,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    data.run_script(main, "export_ios.py")

@@ -67,9 +67,24 @@ PRESETS = {
                       no_causal_mask=True),
         custom_text=True,
         preprocess_cfg=dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))),
+    # Laptop-sized starting points for one's own captions (CLIP's BPE, open_clip's 77-token context): a ViT teacher
+    # to train first (64 px, 8 px patches; 0.63M image params) and an MCi student of the toy student's shape
+    # (0.21M image params). Most of their parameters are the 49,408-token embeddings.
+    'small-teacher': dict(
+        embed_dim=128,
+        vision_cfg=dict(image_size=64, layers=3, width=128, patch_size=8),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2)),
+    'small-student': dict(
+        embed_dim=128,
+        vision_cfg=dict(timm_model_name='fastvit_mci0', timm_pool='avg', timm_proj=None, image_size=64,
+                        mci_cfg=dict(layers=(1, 1, 2, 1), embed_dims=(12, 24, 48, 96))),
+        text_cfg=dict(context_length=77, vocab_size=49408, width=64, heads=2, layers=2, no_causal_mask=True),
+        custom_text=True,
+        preprocess_cfg=dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))),
 }
 
-# timm's fastvit_mci* variants; `vision_cfg.mci_cfg` (ours, not open_clip's) overrides any of these for a toy member
+# timm's fastvit_mci* variants. `vision_cfg.mci_cfg` (ours, not open_clip's) overrides any of these for a smaller
+# member: {"layers": [blocks per stage x 4], "embed_dims": [channels per stage x 4]}, as the toy and small presets do
 MCI_ARCHS = {
     'fastvit_mci0': dict(layers=(2, 6, 10, 2), embed_dims=(64, 128, 256, 512)),
     'fastvit_mci1': dict(layers=(4, 12, 20, 4), embed_dims=(64, 128, 256, 512)),
@@ -85,7 +100,8 @@ _KNOWN_KEYS = dict(
 
 
 def get_config(name_or_path):
-    """A preset name ('fetalclip', 'mobileclip2-s0', 'toy-teacher', 'toy-student') or an open_clip JSON -> dict."""
+    """A preset name (PRESETS: 'fetalclip', 'mobileclip2-s0', 'toy-teacher', 'toy-student', 'small-teacher',
+    'small-student') or an open_clip JSON -> dict."""
     if name_or_path in PRESETS:
         return copy.deepcopy(PRESETS[name_or_path])
     if Path(name_or_path).is_file():

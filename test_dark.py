@@ -15,6 +15,7 @@ import math
 import os
 import platform
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -1615,8 +1616,41 @@ def test_documented_commands_fail_fast_and_help(tmp_path):
     helped = run("data.py", "--help")
     assert helped.returncode == 0 and "--out=toy_samples.png" in helped.stdout
     refused = run("train.py", "--batch_size=0")
-    assert refused.returncode == 1 and refused.stderr.strip() == "train.py: --batch_size=0: takes a value in [1, inf)"
+    assert refused.returncode == 2 and refused.stderr.strip() == "train.py: --batch_size=0: takes a value in [1, inf)"
     assert os.listdir(tmp_path) == []
+    # refusals raised inside train(), before the first step, read the same: one line, status 2, no traceback
+    Image.new("L", (8, 8)).save(tmp_path / "a.png")
+    (tmp_path / "pairs.csv").write_text("filepath,title\na.png,fetal brain\na.png,fetal femur\n")
+    (tmp_path / "labels.csv").write_text("filepath,label\na.png,cat\n")
+    (tmp_path / "p.json").write_text('{"dog": ["a dog"]}')
+    for argv, message in ((["--student=toy-student", "--kd=none", "--train_data=pairs.csv"],
+                           "train.py: 2 pairs, batch 512 x 1 ranks x 1 micro-batches: 0 optimizer steps per epoch"),
+                          (["--student=toy-student", "--kd=none", "--train_data=pairs.csv", "--batch_size=2", "--warmup_steps=1",
+                            "--val_data=labels.csv", "--val_prompts=p.json"], "no prompts for label(s) 'cat'")):
+        refused = run("train.py", *argv, "--out_dir=out", "--workers=0")
+        assert refused.returncode == 2 and message in refused.stderr and len(refused.stderr.splitlines()) == 1, (
+            refused.stderr)
+
+
+def test_a_refusal_is_one_line_and_status_2(monkeypatch, capsys):
+    """data.run_script, every script's entry point: a refusal's message on one line of stderr with status 2, a
+    Ctrl-C's with 130, a normal exit untouched."""
+    monkeypatch.setattr(sys, "argv", ["x.py", "--a=1"])
+
+    def interrupted(argv):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            sys.exit("interrupted. resume with: python x.py")
+    for main, status, said in ((lambda argv: sys.exit("x.py: --a=1:\n  takes b"), 2, "x.py: --a=1: takes b"),
+                               (lambda argv: int("one"), 2, "x.py: invalid literal for int() with base 10: 'one'"),
+                               (lambda argv: open("/nonexistent/f"), 2, "x.py: [Errno 2] No such file or directory"),
+                               (interrupted, 130, "interrupted. resume with: python x.py"),
+                               (lambda argv: sys.exit(0), 0, "")):
+        with pytest.raises(SystemExit) as e:
+            data.run_script(main, "x.py")
+        assert e.value.code == status and capsys.readouterr().err.startswith(said)
+    assert data.run_script(lambda argv: argv, "x.py") == ["--a=1"]
 
 
 def test_help_lists_every_option_with_its_comment(capsys, tmp_path):
@@ -1625,13 +1659,20 @@ def test_help_lists_every_option_with_its_comment(capsys, tmp_path):
     printed = capsys.readouterr().out
     assert "--beta_r=-0.4" in printed and "crossing zero at 71% of training" in printed
     assert "--kd=dark" in printed and "none | static | coupled | dark; the four rows" in printed
-    assert "--epochs=20  " in printed and "(toy: 2)" in printed and "TOY_TEACHER" in printed
-    assert all(f"--{k}=" in printed for k in train.KEYS)
-    for module in (evaluation, export_ios):
-        with pytest.raises(SystemExit):
-            data.parse_flags(["-h"], module.OPTIONS, module.ACCEPTS, module.__doc__, module.__file__)
-        printed = capsys.readouterr().out
-        assert all(f"--{k}=" in printed for k in module.OPTIONS)
+    assert "--epochs=20  " in printed and "(small: 20, toy: 2)" in printed and "TOY_TEACHER" in printed
+    assert "--cache_views=5                in [1, inf); K views stored a pair" in printed  # not a later `cache_views=`
+    assert "--lr=1e-05                     in (0, inf); peak learning rate" in printed
+    for keys, module in ((train.KEYS, train), (evaluation.OPTIONS, evaluation), (export_ios.OPTIONS, export_ios)):
+        if module is not train:
+            with pytest.raises(SystemExit):
+                data.parse_flags(["-h"], module.OPTIONS, module.ACCEPTS, module.__doc__, module.__file__)
+            printed = capsys.readouterr().out
+        lines = {line.split()[0].split("=")[0]: line for line in printed.splitlines() if line.startswith("  --")}
+        assert set(lines) == {f"--{k}" for k in keys}
+        rules = module.ACCEPTS  # a line is: the flag, then its rule (if any), '; ', its own comment
+        bare = [k for k, line in lines.items() if "; " not in line and (k[2:] in rules or len(line.split()) < 2)
+                or line.split(None, 1)[-1].startswith("(")]
+        assert bare == [], f"{module.__name__}: options without their comment in --help"
     assert "also fit a linear probe" in data.flags_help(evaluation.OPTIONS, {}, "", evaluation.__file__, {})
     assert "none | int8 | palettize4; weight compression" in data.flags_help(
         export_ios.OPTIONS, export_ios.ACCEPTS, "", export_ios.__file__, {})
@@ -1776,7 +1817,7 @@ def test_unknown_words_are_counted_and_refused_for_the_toy_tokenizer(tmp_path, c
     for name, refused in (("dogs", True), ("fetal", False)):
         pairs = train.make_pairs({**cfg, "train_data": str(tmp_path / f"{name}.csv")}, 32, 0, 1)
         if refused:
-            with pytest.raises(ValueError, match=r"dogs\.csv: 70% of the caption tokens .* --student=mobileclip2-s0 .*--bpe="):
+            with pytest.raises(ValueError, match=r"dogs\.csv: 70% of the caption tokens .* --student=small-teacher .*--bpe="):
                 train.check_vocabulary(tokenizer, pairs, {**cfg, "train_data": str(tmp_path / "dogs.csv")}, 0)
         else:
             train.check_vocabulary(tokenizer, pairs, cfg, 0)
@@ -2047,6 +2088,37 @@ def test_no_weight_decay_on_biases_norms_logit_scale():
             "visual.trunk.stem.0.conv_kxk.0.bn.weight"} <= kept
     assert all(decay[id(names[n])] == 0.1 for n in ("text.token_embedding.weight", "visual.trunk.head.fc.weight",
                                                    "text.transformer.resblocks.0.attn.in_proj_weight"))
+
+
+# --- what start-up says once ---
+def test_workers_beyond_the_cpus_are_capped_and_said_once(tmp_path, capsys):
+    cfg = _cfg(tmp_path, kd="none", workers=64, epochs=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train.train(cfg)
+    cpus = len(os.sched_getaffinity(0))
+    printed = capsys.readouterr().out
+    assert printed.count(f"--workers=64: this process may use {cpus} CPUs, so {cpus} workers") == 1
+    assert not [w for w in caught if "worker" in str(w.message)]  # torch's own warning, at every DataLoader
+    assert "model input: 64 px" in printed and "kd=none: CLIP loss alone, no teacher" in printed
+
+
+# --- recipes: the paper's, a small one, the toy world's ---
+def test_a_recipe_fills_what_is_not_given_and_refusals_name_the_small_one():
+    small, _ = train.parse_args(["--train_data=x.csv", "--recipe=small", "--lr=3e-3"])
+    assert (small["recipe"], small["batch_size"], small["lr"], small["workers"]) == ("small", 64, 3e-3, 0)
+    assert [train.parse_args(argv)[0]["recipe"] for argv in ([], ["--train_data=x.csv"])] == ["toy", "paper"]
+    assert train.recipe_line(small) == ("recipe small: epochs=20, batch_size=64, lr=0.003, warmup_steps=20, "
+                                        "weight_decay=0.05 (--recipe=paper | small | toy; a flag given overrides it)")
+    paper, _ = train.parse_args(["--train_data=x.csv"])
+    for n, why in ((716, "the learning rate would peak"), (300, "no optimizer step fits")):
+        with pytest.raises(ValueError, match=why + r".*\(the paper's recipe, for ~50k pairs; --recipe=small is one "
+                                                   r"for a few thousand: epochs=20, batch_size=64, lr=0\.001"):
+            train.plan_steps(n, paper, 1)
+    assert train.plan_steps(716, small, 1) == (11, 220)  # the same pairs train under the small recipe
+    with pytest.raises(ValueError, match=r"no optimizer step fits in an epoch; set --batch_size=30 or less, or give "
+                                         r"more pairs$"):  # the small recipe suggests no other recipe
+        train.plan_steps(30, small, 1)
 
 
 def test_runs_that_cannot_train_stop_at_start_up_with_the_numbers(tmp_path):
@@ -3200,6 +3272,83 @@ def test_speed_counts_and_folds(tiny, tmp_path, monkeypatch, capsys):
     assert "warning: timed runs disagree by up to 30% of the median" in capsys.readouterr().out
 
 
+# --- what a checkpoint carries, what retrieval measured, speed at any size ---
+def _bpe_model(width=32):
+    """A BPE-vocabulary model of toy size: CLIP's 49,408 ids, a one-layer text tower."""
+    cfg = copy.deepcopy(models.get_config("toy-student"))
+    cfg["text_cfg"].update(vocab_size=49408, context_length=77, width=width, heads=2, layers=1)
+    torch.manual_seed(0)
+    return models.build_model(cfg).eval()
+
+
+def test_a_checkpoint_carries_its_bpe_vocabulary(shared, tmp_path, monkeypatch):
+    """eval.py, export_ios.py and train.py's teacher read a BPE checkpoint's own vocabulary: no --bpe, no DARK_BPE,
+    no open_clip. Without one (raw weights) --bpe is taken, and the refusal says where to get the file."""
+    bpe = shared / "vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
+    model, tok = _bpe_model(), data.get_tokenizer("bpe", 77, bpe)
+    assert tok.vocab_file == bpe.read_bytes()
+    carried, raw = tmp_path / "carried.pt", tmp_path / "raw.pt"
+    torch.save(dict(model=model.state_dict(), model_config=model.config, tokenizer="bpe", bpe_vocab=tok.vocab_file),
+               carried)
+    torch.save(dict(model=model.state_dict(), model_config=model.config, tokenizer="bpe"), raw)
+    monkeypatch.delenv("DARK_BPE", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # no open_clip to borrow it from
+    texts = ["a chest x-ray with pneumonia", "no finding"]
+    _, loaded = evaluation.load_model_from_checkpoint(carried)
+    assert torch.equal(loaded(texts), tok(texts)) and not torch.equal(loaded(texts)[0], loaded(texts)[1])
+    with pytest.raises(FileNotFoundError, match="pip install open_clip_torch.*--bpe=PATH to train.py, eval.py or"):
+        evaluation.load_model_from_checkpoint(raw)
+    assert torch.equal(evaluation.load_model_from_checkpoint(raw, bpe_path=str(bpe))[1](texts), tok(texts))
+    cfg = dict(train.KEYS, kd="dark", teacher=str(carried), bpe="")
+    assert train.make_tokenizer(cfg, model).vocab_file == tok.vocab_file  # the student's tokenizer: the teacher's
+    built = {}
+    monkeypatch.setattr(export_ios, "build_package", lambda path, module, *a: built.update({path.name: (module, a)}))
+    export_ios.export(carried, out=tmp_path, classes="brain", text=True)  # head prompts and the text tower
+    assert built["MobileFetalCLIPImage.mlpackage"][0].classes.shape[0] == 3 and "MobileFetalCLIPText.mlpackage" in built
+    cmd = [sys.executable, str(Path(__file__).parent / "eval.py"), f"--checkpoint={carried}", "--task=retrieval",
+           "--data=none.csv", "--quiet"]  # from a shell: the missing CSV is the one line, not the vocabulary
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 2 and "none.csv" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_retrieval_says_when_repeated_captions_cap_recall(tiny, tmp_path, capsys):
+    """Class-level captions (three images a caption) cap text->image recall@k at min(k, 3) / 3: reported, noted."""
+    model, tok = tiny
+    world = data.ToyWorld("val", length=9)
+    lines = ["filepath,title"]
+    for i in range(9):
+        world[i]["image"].save(tmp_path / f"{i}.png")
+        lines.append(f"{i}.png," + ["fetal brain", "Fetal  Brain", "fetal femur"][i % 3] * (i < 6) + "a scan" * (i >= 6))
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    path = evaluation.main([f"--checkpoint={_save(model, tmp_path / 'ckpt.pt')}", "--task=retrieval", "--quiet",
+                            f"--data={tmp_path / 'pairs.csv'}", f"--out={tmp_path}"])
+    metrics = json.loads(path.read_text())["metrics"]
+    # 'fetal brain' x4 (case and spacing do not matter), 'fetal femur' x2, 'a scan' x3: 3 distinct, for 9 images
+    assert (metrics["n_distinct_captions"], metrics["n_captions"], metrics["n_images"]) == (3, 9, 9)
+    assert metrics["retrieval_t2i_r1_max"] == pytest.approx((4 * 1 / 4 + 2 * 1 / 2 + 3 * 1 / 3) / 9)
+    assert metrics["retrieval_t2i_r5_max"] == pytest.approx((4 + 2 + 3) / 9) == 1
+    assert metrics["retrieval_t2i_r1"] <= metrics["retrieval_t2i_r1_max"]
+    assert "note: 3 distinct captions of 9 for 9 images" in capsys.readouterr().out
+    distinct = evaluation.retrieval(model, tok, [dict(image=world[i]["image"], caption=f"scan {i}") for i in range(3)])
+    assert distinct["retrieval_t2i_r1_max"] == 1 and evaluation.retrieval_note(distinct) == ""
+
+
+@pytest.mark.parametrize("preset", ["toy-student", "mobileclip2-s0"])
+def test_speed_of_an_mci_at_32_px(preset):
+    """At 32 px an MCi's last stage is a 1x1 map: the multi-branch timing runs every branch on BatchNorm's running
+    statistics (batch statistics of one value are undefined), and the name says what was shrunk."""
+    cfg = copy.deepcopy(models.get_config(preset))
+    cfg["vision_cfg"]["image_size"] = 32
+    cfg["text_cfg"].update(width=32, heads=2, layers=1)
+    model = models.build_model(cfg)
+    s = evaluation.speed(model, runs=1)
+    assert s["image_ms"] > 0 and s["image_gmacs_folded"] < s["image_gmacs"]
+    assert evaluation.describe(model) == ("MCi layers 1-1-2-1 embed_dims 12-24-48-96 @32px" if preset == "toy-student"
+                                          else "fastvit_mci0 @32px")
+    with torch.device("meta"):  # its sizes only
+        assert evaluation.describe(models.build_model("fetalclip")) == "ViT 24x1024/14 @224px"
+
+
 # ==================== eval.py: the Table 1 summary ====================
 
 N = 16  # test images: the toy test split's first 16 hold both plane and brain classes and four heads for GA
@@ -3295,6 +3444,44 @@ def test_table1_rows_seeds_files_and_cache(root, capsys, monkeypatch):
     monkeypatch.setattr(evaluation, "evaluate", lambda *a, **k: pytest.fail("re-evaluated a cached checkpoint"))
     monkeypatch.setattr(evaluation, "analysis", lambda *a, **k: pytest.fail("re-ran a cached analysis"))
     assert evaluation.main([f"--table={root}", f"--n={N}"]) == result
+
+
+# --- rows keep runs of different configs apart ---
+def test_table_rows_are_configs_labelled_by_what_differs(root, tmp_path):
+    """Runs that differ in anything but the seed and how they ran (out_dir, workers, device, ...) are rows of their
+    own, labelled by the keys that differ; two runs of one config and one seed are refused, naming both folders."""
+    for name in ("dark-s0", "dark-s1"):  # the fixture's DARK rows, trained at tau 5 on 2 workers
+        ckpt = torch.load(root / name / "best.pt", weights_only=True)
+        ckpt["config"].update(tau=5.0, workers=2, out_dir=str(root / name), bpe=f"{name}/bpe.txt.gz")
+        torch.save(ckpt, root / name / "best.pt")
+    _run(root, "dark-tau1-s0", "dark", 0)
+    ckpt = torch.load(root / "dark-tau1-s0" / "best.pt", weights_only=True)
+    ckpt["config"].update(tau=1.0, workers=0, out_dir="elsewhere")
+    torch.save(ckpt, root / "dark-tau1-s0" / "best.pt")
+    rows = {r["row"]: r["runs"] for r in evaluation.table1(root, n=N)["rows"]}
+    assert rows == {"No KD": ["none-s0", "none-s1"], "DARK (beta 2 -> -0.8) tau=1": ["dark-tau1-s0"],
+                    "DARK (beta 2 -> -0.8) tau=5": ["dark-s0", "dark-s1"], "DARK beta0=4 (-> -0.8)": ["dark-b4-s0"]}
+    shutil.copytree(root / "dark-s1", root / "copy-of-dark-s1")
+    with pytest.raises(ValueError, match=r"copy-of-dark-s1 and .*dark-s1 are one run: the same config and seed 1"):
+        evaluation.table1(root, n=N)
+
+
+def test_table_from_a_shell_on_two_configs(tmp_path):
+    """`python eval.py --table=runs` on two runs of train.py that differ only in --tau: two rows, named by it."""
+    here, env = Path(__file__).resolve().parent, {**os.environ, "OMP_NUM_THREADS": "1"}
+    _save(_tiny("toy-teacher", 0), tmp_path / "teacher.pt", dict(kd="none", seed=0))
+    runs = tmp_path / "runs"
+    for tau in ("5", "1"):
+        _run(runs, f"dark-tau{tau}", "dark", 0, teacher=tmp_path / "teacher.pt")
+        ckpt = torch.load(runs / f"dark-tau{tau}" / "best.pt", weights_only=True)
+        torch.save({**ckpt, "config": dict(train.KEYS, **ckpt["config"], tau=float(tau))}, runs / f"dark-tau{tau}/best.pt")
+    done = subprocess.run([sys.executable, str(here / "eval.py"), "--table=runs", "--n=8"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if line.startswith("| DARK (beta 2 -> -0.8) tau=")]
+    assert [line.split(" | ")[0] for line in lines] == ["| DARK (beta 2 -> -0.8) tau=1",
+                                                         "| DARK (beta 2 -> -0.8) tau=5"]
+    assert all(" | 1 | " in line for line in lines)  # one seed each: nothing pooled
 
 
 def test_dynamics_curves_mean_over_seeds(root):
@@ -3514,8 +3701,20 @@ def test_quantized_export(tmp_path, mode, dtype, per_param):
     head = [op.val.val for op in ops if op.op_type == "const" and getattr(op.val.val, "shape", ()) == shape]
     if mode == "int8":  # the head's scales would underflow fp16: it stays fp16, tiny rows intact
         assert len(head) == 1 and head[0].dtype == np.float16 and (np.abs(head[0][1]) > 0).any()
-    assert re.fullmatch(rf"{mode} vs fp16 weights \(PyTorch, 200 toy test images\): embedding cosine mean [01]\.\d+, "
+    assert re.fullmatch(rf"{mode} vs fp16 weights \(PyTorch, 200 toy ultrasound test images whatever the model: "
+                        r"out of domain for another modality\): embedding cosine mean [01]\.\d+, "
                         r"least [01]\.\d+, zero-shot argmax agrees on \d+\.\d%", summary["compression"])
+
+
+# --- what the export says about its defaults ---
+def test_export_says_its_head_is_fetal_by_default(tmp_path, monkeypatch, capsys):
+    ckpt = toy_checkpoint(tmp_path / "ckpt.pt")
+    monkeypatch.setattr(export_ios, "build_package", lambda *a: {})
+    for classes, said in (("planes", True), ("brain", True), ("none", False)):
+        export_ios.export(ckpt, out=tmp_path, classes=classes)
+        printed = capsys.readouterr().out
+        assert (f"zero-shot head: --classes={classes}, eval.py's" in printed) == said, classes
+        assert ("pass --classes=classes.json" in printed) == said
 
 
 def test_compressed_copy_moves_what_the_package_stores():
@@ -3709,43 +3908,73 @@ def test_the_package_is_for_the_target_the_summary_names(tmp_path, target, quant
     assert summary["target"] == target and spec.specificationVersion == getattr(ct.target, target).value
 
 
-# ==================== porting to another modality: the README's files and its three commands ====================
+# ==================== porting to another modality: the README's files and its three commands =============
+def _readme_commands(section, block=0):
+    """The commands of a README section's `block`-th bash block as a user copies them: continuation lines joined."""
+    body = (Path(__file__).parent / "README.md").read_text().split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    text = re.findall(r"```bash\n(.*?)```", body, re.S)[block].replace("\\\n", " ")
+    return [line for line in text.splitlines() if line.strip()]
 
-def test_porting_files_and_three_commands_end_to_end(tmp_path):
-    """README 'Porting to your modality', on a toy-sized teacher and student: the files a user prepares (train.csv of
-    captions, val.csv and test.csv of labels, classes.json of templates), then train.py, eval.py and export_ios.py."""
-    root = tmp_path / "my_data"
+
+def _porting_folder(tmp_path, shared):
+    """The clone's files, the BPE file, a `python` as typed, and my_data/ -> (the BPE file's path, the class names)."""
+    here = Path(__file__).resolve().parent
+    for name in ("dark.py", "models.py", "data.py", "train.py", "eval.py", "export_ios.py"):
+        shutil.copy(here / name, tmp_path)
+    bpe = shutil.copy(shared / "vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz", tmp_path)
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # `python` as typed
+    (tmp_path / "bin" / "python").chmod(0o755)
+    root, g, classes = tmp_path / "my_data", np.random.default_rng(0), ["stripes", "dots"]
     (root / "images").mkdir(parents=True)
-    g, classes = np.random.default_rng(0), ["stripes", "dots"]
+    said = ["an image with {}", "{} on a grey background", "a picture showing {}", "{}"]
     rows = {"train.csv": ["filepath,title"], "val.csv": ["filepath,label"], "test.csv": ["filepath,label"]}
-    for i in range(24):  # 16 training pairs, 4 validation and 4 test images, 32 px: a stand-in modality
-        c = i % 2
-        x = g.integers(0, 60, (32, 32)).astype(np.uint8)
-        x[::4] += 150 if c == 0 else 0
-        x[::6, ::6] += 150 if c == 1 else 0
+    for i in range(96):  # 64 training pairs (one step an epoch), 16 validation and 16 test images, 32 px
+        c, x = i % 2, g.integers(0, 60, (32, 32)).astype(np.uint8)
+        if c == 0:
+            x[::4] += 150
+        else:
+            x[::6, ::6] += 150
         Image.fromarray(x).save(root / "images" / f"{i}.png")
-        name = "train.csv" if i < 16 else "val.csv" if i < 20 else "test.csv"
-        rows[name].append(f"images/{i}.png," + (f"an image with {classes[c]}" if i < 16 else classes[c]))
+        name = "train.csv" if i < 64 else "val.csv" if i < 80 else "test.csv"
+        rows[name].append(f"images/{i}.png," + (said[i // 2 % 4].format(classes[c]) if i < 64 else classes[c]))
     for name, lines in rows.items():
         (root / name).write_text("\n".join(lines) + "\n")
     (root / "classes.json").write_text(json.dumps({"templates": ["an image with {}", "{}"], "classes": classes}))
-    teacher = toy_checkpoint(tmp_path / "teacher.pt", "toy-teacher")  # stands in for the user's big CLIP
-    out = tmp_path / "out"
-    train.main([f"--teacher={teacher}", "--student=toy-student", f"--train_data={root / 'train.csv'}",
-                f"--val_data={root / 'val.csv'}", f"--val_prompts={root / 'classes.json'}", f"--out_dir={out}",
-                "--epochs=2", "--batch_size=8", "--warmup_steps=1", "--lr=1e-3", "--workers=0", "--threads=1"])
-    val = [r for r in _log(dict(out_dir=str(out))) if "select_on" in r]
-    assert [r["select_on"] for r in val] == ["classify_f1"] * 2 and (out / "best.pt").exists()
-    evaluation.main([f"--checkpoint={out / 'best.pt'}", "--task=classify", f"--data={root / 'test.csv'}",
-                     f"--prompts={root / 'classes.json'}", f"--out={out / 'eval'}", "--quiet"])
-    result = json.loads(next((out / "eval").glob("results_classify_all_*.json")).read_text())["metrics"]
-    assert result["n_images"] == 4 and {"classify_f1_stripes", "classify_f1_dots", "classify_confusion"} <= set(result)
-    evaluation.main([f"--checkpoint={out / 'best.pt'}", "--task=retrieval", f"--data={root / 'train.csv'}",
-                     f"--out={out / 'eval'}", "--quiet"])
-    result = json.loads(next((out / "eval").glob("results_retrieval_all_*.json")).read_text())["metrics"]
-    assert result["n_captions"] == 16 and 0 <= result["retrieval_mean_recall"] <= 1
-    packages = export_ios.main([f"--checkpoint={out / 'best.pt'}", f"--classes={root / 'classes.json'}",
-                                f"--out={out / 'ios'}"])
+    return bpe, classes
+
+
+def test_porting_readme_commands_from_an_empty_folder(shared, tmp_path):
+    """README 'Porting to your modality', its 'try it' block run as written, from a shell, offline, in a folder that
+    holds only the clone's files, the BPE file and my_data/ (the documented formats: train.csv of captions, val.csv
+    and test.csv of labels, classes.json of templates): a teacher trained first, a student distilled from it that
+    needs no --bpe, its score, a Core ML package."""
+    bpe, classes = _porting_folder(tmp_path, shared)
+    env = {k: v for k, v in os.environ.items() if k != "DARK_BPE"}
+    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", OMP_NUM_THREADS="1")
+    commands = _readme_commands("Porting to your modality")
+    assert [c.split()[:2] for c in commands] == [["python", s] for s in ("train.py", "train.py", "eval.py",
+                                                                        "export_ios.py")]
+    assert "--bpe" in commands[0] and not any("--bpe" in c for c in commands[1:])  # the checkpoints carry it
+    printed = []
+    for command in commands:
+        done = subprocess.run(command, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, (command, done.stderr[-3000:])
+        printed.append(done.stdout)
+    assert "kd=none: CLIP loss alone, no teacher; this trains a teacher" in printed[0]
+    assert all("recipe small: epochs=20, batch_size=64, lr=0.001, warmup_steps=20" in p for p in printed[:2])
+    assert "padded to a centred black square" in printed[0] and "teacher input: 64 px" in printed[1]
+    for run in ("teacher", "student"):
+        ckpt = torch.load(tmp_path / "out" / run / "best.pt", weights_only=True)
+        assert ckpt["tokenizer"] == "bpe" and ckpt["bpe_vocab"] == Path(bpe).read_bytes()
+        val = [r for r in _log(dict(out_dir=str(tmp_path / "out" / run))) if "select_on" in r]
+        assert [r["epoch"] for r in val] == list(range(1, 21)) and val[0]["select_on"] == "classify_f1"
+    assert "val epoch 20/20 classify_acc" in printed[1]
+    loss = [r["clip"] for r in _log(dict(out_dir=str(tmp_path / "out" / "teacher"))) if "clip" in r]
+    assert loss[-1] < math.log(64) - 0.4  # ln 64 at random init: the teacher learns from nothing
+    result = json.loads(next((tmp_path / "runs" / "eval").glob("results_classify_all_*.json")).read_text())
+    assert result["metrics"]["n_images"] == 16 and "classify_f1_stripes" in result["metrics"]
+    assert "| MCi layers 1-1-2-1 embed_dims 12-24-48-96 @64px | out/student/best.pt |" in printed[2]
     import coremltools as ct
-    meta = ct.models.MLModel(packages["image"]["path"], skip_model_load=True).user_defined_metadata
-    assert json.loads(meta["classes"]) == classes and "probs" in packages["image"]["io"]
+    package = tmp_path / "out" / "ios" / "MyCLIPImage.mlpackage"
+    assert json.loads(ct.models.MLModel(str(package), skip_model_load=True).user_defined_metadata["classes"]) == classes

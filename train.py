@@ -8,10 +8,10 @@
     srun --ntasks=8 python train.py ...               # the same ranks from SLURM (or Open MPI: mpirun -np 8 python ...)
 
 Every default below can be overridden with --key=value; `python train.py --help` lists them. The defaults are the
-paper's recipe; with train_data='toy' the TOY overrides (below them) apply to every key not given on the command line.
+paper's recipe (8 GPUs, ~50k pairs); --recipe=small (SMALL, below them) is one for a few thousand pairs from scratch on
+a CPU, and the toy world takes TOY: a recipe fills every key not given on the command line, and start-up prints it.
 """
 import errno
-import hashlib
 import json
 import math
 import os
@@ -37,7 +37,7 @@ resume = False              # continue out_dir/ckpt.pt where it stopped, with it
 overwrite = False           # start afresh in an out_dir that holds another run, replacing its checkpoints and log
 ckpt_every = 500            # optimizer steps between checkpoints (one is always written at the end)
 log_every = 50              # optimizer steps between log lines
-seed = 0
+seed = 0                    # data order, augmentation draws, initial weights
 # --- data ---
 train_data = "toy"          # 'toy' (built-in world) | image-caption .csv/.tsv | tar shards 'dir/shard_{0001..0025}.tar'
 toy_train_size = 6000       # toy world: training pairs (rendered once, then kept in memory)
@@ -70,19 +70,25 @@ lambda0, lambda_r = 1.0, -0.8  # static: constant lambda0; coupled: lambda goes 
 tau = 5.0                   # teacher temperature (teacher only): a softer target exposes its non-target structure
 max_logit_scale = 100.0     # clamp of the student's exp(logit_scale), as CLIP
 # --- optimizer: AdamW, cosine with warm-up ---
-epochs = 20
+recipe = "auto"             # the defaults of keys not given (auto: toy for the toy world, else paper); printed at start
+epochs = 20                 # passes over the training pairs
 batch_size = 512            # per rank and micro-batch: under torchrun the global batch is batch_size x ranks
 grad_accum = 1              # micro-batches per optimizer step
-lr = 1e-5
-warmup_steps = 500
+lr = 1e-5                   # peak learning rate (the paper's, fine-tuning pretrained towers), reached after the warm-up
+warmup_steps = 500          # optimizer steps of linear warm-up, then a cosine decay to 0 at the last step
 weight_decay = 0.1          # not on parameters with ndim < 2 (norms, biases, logit_scale)
-adam_beta1, adam_beta2, adam_eps = 0.9, 0.98, 1e-6
-grad_clip = 1.0
+adam_beta1, adam_beta2, adam_eps = 0.9, 0.98, 1e-6  # CLIP's AdamW: beta2 0.98, eps 1e-6 (stabler at large batch)
+grad_clip = 1.0             # max global gradient norm
 # --- system ---
 device = "auto"             # auto: cuda when there is one
 dtype = "bf16"              # CUDA autocast (fp16 with a GradScaler); the CPU always runs fp32
 threads = 0                 # CPU threads (0 = torch's default)
 
+# A few thousand pairs of one's own, towers trained from scratch (no --student_init): batch 64 and lr 1e-3, the toy
+# world's order, where the paper's 512 would fit no step into an epoch and its 1e-5 is for fine-tuning pretrained
+# towers; 20 warm-up steps fit a run of 20 epochs of 64 pairs or more; images decoded in the main process (workers 0)
+# cost less than worker processes started every epoch (measured: 9 s of a 36 s run of 20 one-step epochs).
+SMALL = dict(epochs=20, batch_size=64, lr=1e-3, warmup_steps=20, weight_decay=0.05, workers=0, log_every=10)
 # The built-in toy world: sized so that `python train.py` finishes in minutes on a laptop CPU.
 TOY = dict(epochs=2, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05, workers=0, ckpt_every=100,
            log_every=25)
@@ -93,18 +99,20 @@ TOY = dict(epochs=2, batch_size=64, lr=2e-3, warmup_steps=50, weight_decay=0.05,
 TOY_TEACHER = dict(student="toy-teacher", student_init="", kd="none", epochs=4, lr=1e-3, warmup_steps=100,
                    toy_train_size=6400, val_every=2)
 
+RECIPES = dict(paper={}, small=SMALL, toy=TOY)
 KEYS = {k: v for k, v in globals().items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))}
 # what each option accepts, checked before any work (data.parse_flags): a tuple is the closed set, a string the interval
 ACCEPTS = dict(ckpt_every="[1, inf)", log_every="[1, inf)", toy_train_size="[1, inf)", samples_per_epoch="[0, inf)",
                val_every="[1, inf)", val_size="[1, inf)", workers="[0, inf)", cache_views="[1, inf)",
-               kd=("none", "static", "coupled", "dark"),
+               kd=("none", "static", "coupled", "dark"), recipe=("auto", *RECIPES),
                tau="(0, inf)", max_logit_scale="[1, inf)", epochs="[1, inf)", batch_size="[1, inf)",
                grad_accum="[1, inf)", lr="(0, inf)", warmup_steps="[0, inf)", weight_decay="[0, inf)",
                adam_beta1="[0, 1)", adam_beta2="[0, 1)", adam_eps="(0, inf)", grad_clip="(0, inf)",
                device=data.pick_device, dtype=("bf16", "fp16", "fp32"), threads="[0, inf)")
-# --resume=true restores the checkpoint's config: these keys may differ from it (how the run goes, not what it trains);
-# so may batch_size where batch_size x ranks stays the run's global batch
-RESUME_MAY_CHANGE = ("out_dir", "resume", "overwrite", "ckpt_every", "log_every", "workers", "device", "threads")
+# --resume=true restores the checkpoint's config: these keys may differ from it (how the run goes, not what it trains;
+# eval.py --table pools seeds that differ only there, too); so may batch_size where batch_size x ranks stays the
+# run's global batch
+RESUME_MAY_CHANGE = evaluation.HOW_IT_RAN
 # options that name files: at a resume a file moved elsewhere is the same file when its content is (identity())
 FILE_KEYS = ("teacher", "teacher_config", "student", "student_init", "teacher_cache", "train_data", "val_data",
              "val_prompts", "bpe")
@@ -113,13 +121,24 @@ FILE_KEYS = ("teacher", "teacher_config", "student", "student_init", "teacher_ca
 # --- configuration from the command line ---
 def parse_args(argv):
     """--key=value overrides of the defaults above, checked by data.parse_flags (the grammar of every script).
-    -> (config, keys given); with --train_data=toy, TOY fills the keys not given."""
-    doc = (f"{__doc__}\nThe toy teacher's pretraining takes TOY_TEACHER = {TOY_TEACHER}.\n--resume=true restores the "
-           f"run's saved config; of the options only {', '.join(RESUME_MAY_CHANGE)} may change.")
-    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, doc, __file__, notes={k: f"toy: {v}" for k, v in TOY.items()})
-    if cfg["train_data"] == "toy":
-        cfg.update({k: v for k, v in TOY.items() if k not in given})
+    -> (config, keys given); the recipe (auto: toy for --train_data=toy, else paper) fills the keys not given, and
+    config['recipe'] names it."""
+    doc = (f"{__doc__}\nSMALL = {SMALL}.\nThe toy teacher's pretraining takes TOY_TEACHER = {TOY_TEACHER}.\n"
+           f"--resume=true restores the run's saved config; of the options only {', '.join(RESUME_MAY_CHANGE)} may "
+           "change.")
+    notes = {k: ", ".join(f"{name}: {r[k]}" for name, r in RECIPES.items() if k in r) for k in {**SMALL, **TOY}}
+    cfg, given = data.parse_flags(argv, KEYS, ACCEPTS, doc, __file__, notes=notes)
+    if cfg["recipe"] == "auto":
+        cfg["recipe"] = "toy" if cfg["train_data"] == "toy" else "paper"
+    cfg.update({k: v for k, v in RECIPES[cfg["recipe"]].items() if k not in given})
     return cfg, given
+
+
+def recipe_line(cfg):
+    """What start-up prints: the recipe and the values it decides, as this run has them."""
+    shown = ("epochs", "batch_size", "lr", "warmup_steps", "weight_decay")
+    return (f"recipe {cfg['recipe']}: " + ", ".join(f"{k}={cfg[k]:g}" for k in shown) + " (--recipe=paper | small | "
+            "toy; a flag given overrides it)")
 
 
 def configure(argv):
@@ -169,16 +188,11 @@ def configure(argv):
     return cfg
 
 
-def sha256(path):
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def identity(value):
     """What a path-valued option names, whatever its path: a file's sha256, a --teacher_cache folder's header, else
     the value itself (a preset name, a folder, shard patterns)."""
     if value and Path(value).is_file():
-        return f"sha256 {sha256(value)}"
+        return f"sha256 {data.sha256_file(value)}"
     if value and Path(value, "header.json").is_file():
         return Path(value, "header.json").read_text()
     return value
@@ -336,17 +350,21 @@ def plan_steps(n_pairs, cfg, world):
     total = per_epoch * epochs
     plan = (f"{n_pairs} pairs, batch {bs} x {world} ranks x {accum} micro-batches: {per_epoch} optimizer steps per "
             f"epoch, {total} in {epochs} epochs")
+    small = ", ".join(f"{k}={v:g}" for k, v in SMALL.items())
+    other = f" (the paper's recipe, for ~50k pairs; --recipe=small is one for a few thousand: {small})" * (
+        cfg["recipe"] == "paper")
     if bs * world < 2:
         raise ValueError(f"{plan}: a global batch of one pair has no negatives (its contrastive loss is 0); set "
-                         "--batch_size=2 or more")
+                         "--batch_size=2 or more" + other)
     if per_epoch == 0:
         raise ValueError(f"{plan}: no optimizer step fits in an epoch; set --batch_size="
-                         f"{max(2, n_pairs // (world * accum))} or less, or give more pairs")
+                         f"{max(2, n_pairs // (world * accum))} or less, or give more pairs" + other)
     if warmup > total:
         raise ValueError(f"{plan}, with {warmup} warm-up steps: the learning rate would peak at "
                          f"{lr_at(total - 1, total, cfg['lr'], warmup):.1e}, not --lr={cfg['lr']:g}. Set "
                          f"--warmup_steps={max(1, total // 10)} (a tenth of the run), or train ten times the warm-up: "
-                         f"--epochs={math.ceil(10 * warmup / per_epoch)}, or fewer pairs per step (--batch_size)")
+                         f"--epochs={math.ceil(10 * warmup / per_epoch)}, or fewer pairs per step (--batch_size)"
+                         + other)
     return per_epoch, total
 
 
@@ -358,15 +376,16 @@ def check_vocabulary(tokenizer, pairs, cfg, rank, n=2000):
     print0(f"toy tokenizer: {share:.1%} of the tokens of {len(captions)} training captions are unknown", rank=rank)
     if share > 0.5:
         raise ValueError(f"{cfg['train_data']}: {share:.0%} of the caption tokens are outside the toy vocabulary of "
-                         f"--student={cfg['student']}; use a BPE model: --student=mobileclip2-s0 (or an open_clip "
-                         "JSON) with --bpe=bpe_simple_vocab_16e6.txt.gz")
+                         f"--student={cfg['student']}; use BPE models: --student=small-teacher (train a teacher first, "
+                         "--kd=none) then --student=small-student, or mobileclip2-s0 or an open_clip JSON, with "
+                         "--bpe=bpe_simple_vocab_16e6.txt.gz (README, Porting to your modality)")
 
 
 # --- models ---
 def load_teacher(cfg, device, weights=True):
     """Frozen, eval mode: a train.py checkpoint carries its config; raw weights need --teacher_config. weights=False:
     built on the meta device, its sizes and preprocessing only (a complete --teacher_cache never loads the teacher)."""
-    model, _ = evaluation.load_model_and_tokenizer_kind(cfg["teacher"], cfg["teacher_config"] or None, weights)
+    model, _, _ = evaluation.load_model_and_tokenizer_kind(cfg["teacher"], cfg["teacher_config"] or None, weights)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.to(device).eval() if weights else model
@@ -406,6 +425,15 @@ def init_toy_numbers(model, frequencies=4, seed=0):
             emb[[ids[w] for w in family]] = (0.02 * feats @ proj / len(k) ** 0.5).to(emb.dtype)
 
 
+def make_tokenizer(cfg, student):
+    """The student's tokenizer. A BPE vocabulary: the copy a train.py teacher checkpoint carries, else --bpe, else
+    $DARK_BPE or open_clip's (data._find_bpe); the student's checkpoints then carry it too."""
+    vocab = None
+    if tokenizer_kind(student) == "bpe" and cfg["kd"] != "none" and Path(cfg["teacher"]).is_file():
+        vocab = evaluation.load_model_and_tokenizer_kind(cfg["teacher"], cfg["teacher_config"] or None, False)[2]
+    return data.get_tokenizer(tokenizer_kind(student), student.context_length, vocab or cfg["bpe"] or None)
+
+
 def tokenizer_kind(model):
     return "toy" if model.config["text_cfg"]["vocab_size"] == data.TOY_VOCAB_SIZE else "bpe"
 
@@ -432,8 +460,10 @@ def cache_header(cfg, spec, pairs):
     elif cfg["train_data"] == "toy":  # the protocol's version names the toy world: a cache of an older one is refused
         source = f"toy world ({evaluation.PROTOCOL}), {len(pairs)} pairs at {pairs.size} px"
     else:
-        source = f"caption CSV sha256 {sha256(cfg['train_data'])}, images under {cfg['image_root'] or 'its folder'}"
-    return dict(format=1, teacher_sha256=sha256(cfg["teacher"]), teacher_config=identity(cfg["teacher_config"]),
+        source = (f"caption CSV sha256 {data.sha256_file(cfg['train_data'])}, images under "
+                  f"{cfg['image_root'] or 'its folder'}")
+    return dict(format=1, teacher_sha256=data.sha256_file(cfg["teacher"]),
+                teacher_config=identity(cfg["teacher_config"]),
                 teacher_image_size=spec.image_size, teacher_mean=spec.image_mean, teacher_std=spec.image_std,
                 embed_dim=spec.config["embed_dim"], tokenizer=tokenizer_kind(spec), context_length=spec.context_length,
                 augment=data.AUGMENT if cfg["augment"] else "off", seed=cfg["seed"], data=source,
@@ -543,6 +573,10 @@ def check_val_data(cfg):
 def train(cfg):
     """One training run (teacher pretraining or distillation). Returns the path of the best checkpoint."""
     ddp, rank, world, dev = compute_init(cfg)
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if cfg["workers"] > cpus:  # said once here, rather than by torch at every DataLoader
+        print0(f"--workers={cfg['workers']}: this process may use {cpus} CPUs, so {cpus} workers", rank=rank)
+        cfg = {**cfg, "workers": cpus}
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     torch.manual_seed(cfg["seed"] + rank)
@@ -560,13 +594,15 @@ def train(cfg):
     cached = bool(cfg["teacher_cache"]) and cfg["kd"] != "none"  # then the teacher runs in the caching pass, if at all
     teacher = load_teacher(cfg, dev) if cfg["kd"] != "none" and not cached else None
     spec = load_teacher(cfg, dev, weights=False) if cached else teacher or student  # the teacher's shapes
-    tokenizer = data.get_tokenizer(tokenizer_kind(student), student.context_length, cfg["bpe"] or None)
+    tokenizer = make_tokenizer(cfg, student)
     if (tokenizer_kind(spec), spec.context_length) != (tokenizer_kind(student), student.context_length):
         raise ValueError(f"teacher ({tokenizer_kind(spec)}, {spec.context_length}) and student ({tokenizer_kind(student)},"
                          f" {student.context_length}) must share the tokenizer and context length: the same ids feed both")
     views = [(m.image_size, m.image_mean, m.image_std) for m in (spec, student)]  # each its own
-    for role, m in (("teacher", spec), ("student", student))[spec is student:]:  # for training, eval and Core ML
-        print0(f"{role} input: {m.image_size} px, mean {m.image_mean}, std {m.image_std}", rank=rank)
+    roles = (("teacher", spec), ("student" if teacher is not None or cached else "model", student))
+    for role, m in roles[spec is student:]:
+        print0(f"{role} input: {m.image_size} px, mean {m.image_mean}, std {m.image_std}; images are padded to a "
+               "centred black square, then resized (data.pad_square)", rank=rank)  # for training, eval and Core ML
     pairs = make_pairs(cfg, max(student.image_size, spec.image_size), rank, world)
     if tokenizer_kind(student) == "toy" and cfg["train_data"] != "toy":
         check_vocabulary(tokenizer, pairs, cfg, rank)
@@ -602,6 +638,7 @@ def train(cfg):
 
     def checkpoint(path):
         save_atomic(dict(model=student.state_dict(), model_config=student.config, tokenizer=tokenizer_kind(student),
+                         bpe_vocab=getattr(tokenizer, "vocab_file", None),  # the checkpoint carries its tokenizer
                          optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, best_val=best, config=cfg,
                          plan=plan, files=files,
                          rng=dict(cpu=torch.get_rng_state(), cuda=torch.cuda.get_rng_state() if cuda else None)),
@@ -623,6 +660,10 @@ def train(cfg):
                           + last_good()) from e
     n_params = sum(p.numel() for p in student.parameters())
     select_on = val_setup(cfg)[1]
+    print0(recipe_line(cfg), rank=rank)
+    if cfg["kd"] == "none":  # no teacher: a CLIP model of its own
+        print0(f"kd=none: CLIP loss alone, no teacher; this trains a teacher to distil from (--teacher="
+               f"{out / 'best.pt'}), or the No KD row", rank=rank)
     print0(f"training {cfg['student']} ({n_params / 1e6:.2f}M params) kd={cfg['kd']} for {total_steps} steps "
            f"({cfg['epochs']} epochs x {steps_per_epoch} from {n_pairs} pairs; {cfg['warmup_steps']} warm-up) on "
            f"{world} x {dev}, global batch {cfg['batch_size']} x {world} ranks x {cfg['grad_accum']} micro-batches; "
@@ -700,7 +741,8 @@ def train(cfg):
                     shown = ("planes_f1", "brain_f1", "class_f1", "ga_validity", "composite", "classify_acc",
                              "classify_f1", "retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_mean_recall")
                     score = metrics[select_on]
-                    print0("val " + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics) +
+                    print0(f"val epoch {done}/{cfg['epochs']} "
+                           + " ".join(f"{k} {metrics[k]:.4f}" for k in shown if k in metrics) +
                            f"; best.pt on {select_on} (best so far {max(best, score):.4f})")
                     log_row(dict(step=step, epoch=epoch + 1, select_on=select_on, **{
                         f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))}))
@@ -812,4 +854,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    data.run_script(main, "train.py")
