@@ -25,3 +25,5 @@ def pytest_configure(config):
     # coremltools and torch.export speak of their own deprecations on every conversion: noise, not our failures
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:coremltools.*")
     config.addinivalue_line("filterwarnings", "ignore:`isinstance\\(treespec, LeafSpec\\)`:FutureWarning")
+    # OpenAI's CLIP .pt files are TorchScript: the tests that write one use torch.jit on purpose
+    config.addinivalue_line("filterwarnings", "ignore:`torch.jit.[a-z_]+` is deprecated:DeprecationWarning")

@@ -393,7 +393,7 @@ def test_torchscript_clip_archive_loads_as_open_clip_reads_it(tmp_path, make):
     want = {k: v.half().to(v.dtype) if v.is_floating_point() else v for k, v in source.state_dict().items()}
     model = models.load_checkpoint(models.build_model(TOY_VIT), tmp_path / 'ViT-toy.pt')
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
-    model, kind = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
+    model, kind, _ = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
     assert not torch.equal(want['visual.conv1.weight'], models.build_model(TOY_VIT).state_dict()['visual.conv1.weight'])
 
@@ -874,7 +874,7 @@ def test_toy_facts_describe_the_item_in_every_split(split):
 # --- promises: the toy tokenizer's unknown share ---
 def test_unknown_share_counts_unknown_tokens_and_is_zero_without_tokens():
     tok = data.ToyTokenizer()
-    assert tok.unknown_share([]) == 0 and tok.unknown_share(['', ' \u200b ']) == 0
+    assert tok.unknown_share([]) == 0 and tok.unknown_share(['', ' \t\x0c ']) == 0
     assert tok.unknown_share(['fetal zebra', 'brain quokka okapi.']) == pytest.approx(3 / 6)  # '.' is a token
     assert tok.unknown_share(['23 weeks', '0.43']) == 0  # a number without its own token is spelled out, not unknown
 
@@ -2157,7 +2157,7 @@ def test_the_last_epoch_is_always_validated(tmp_path):
         assert [row["epoch"] for row in _log(cfg) if "select_on" in row] == validated
 
 
-def test_tar_shard_training_wraps_and_checks_readers(tmp_path):
+def test_tar_shard_training_wraps_and_checks_readers(tmp_path, monkeypatch):
     """Shards stream per rank: an epoch of --samples_per_epoch runs on into a second pass instead of running dry,
     too few shards for the readers is a named error, and a train.py checkpoint serves as --student_init."""
     for k, n in ((1, 5), (2, 3)):
@@ -2167,6 +2167,7 @@ def test_tar_shard_training_wraps_and_checks_readers(tmp_path):
                samples_per_epoch=24, workers=0)
     train.train(cfg)                       # 6 steps from 8 pairs: two batches a pass, three passes
     assert [r["step"] for r in _log(cfg)] == [1, 2, 3, 4, 5, 6]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)  # 8 CPUs: 4 workers stay 4
     with pytest.raises(ValueError, match=r"2 shards .* for 1 ranks x 4 workers"):
         train.train({**cfg, "workers": 4})
     model = train.build_student({**cfg, "student_init": os.path.join(cfg["out_dir"], "best.pt")})
@@ -2767,8 +2768,9 @@ def test_fetal_planes_records_by_split_leave_out_other_and_have_no_val(tmp_path)
     root = _write_fetal_planes(tmp_path / "FETAL_PLANES_DB")  # patients 1-4 Train=1, 5-6 Train=0; 9 rows each
     split = {s: evaluation.planes_records(root, s) for s in ("train", "test", "all")}
     assert [len(split[s]) for s in ("train", "test", "all")] == [32, 16, 48]  # 'Other' / 'Not A Brain' left out
-    assert {r["patient"] for r in split["train"]} == {"1", "2", "3", "4"} and all(r["train"] for r in split["train"])
-    assert {r["patient"] for r in split["test"]} == {"5", "6"} and not any(r["train"] for r in split["test"])
+    patients = lambda s: {r["group"] for r in split[s]}  # the image name's prefix, as FetalCLIP's split files name it
+    assert patients("train") == {f"Patient{p:05d}" for p in (1, 2, 3, 4)} and {r["split"] for r in split["train"]} == {"train"}
+    assert patients("test") == {"Patient00005", "Patient00006"} and {r["split"] for r in split["test"]} == {"test"}
     assert {r["where"] for r in split["all"]} == {r["where"] for r in split["train"] + split["test"]}
     brains = [r for r in split["all"] if r["brain"]]
     assert len(brains) == 18 and all(r["plane"] == evaluation.FPDB_CLASS["Fetal brain"] for r in brains)
@@ -3144,7 +3146,7 @@ def _write_labelled_csv(folder, rows):
     return folder / "labels.csv"
 
 
-def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch):
+def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch, capsys):
     import runpy
     model, _ = tiny
     ckpt = _save(model, tmp_path / "ckpt.pt")
@@ -3167,7 +3169,9 @@ def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["eval.py", f"--checkpoint={ckpt}", "--task=classify", f"--data={bad}", "--probe"])
     with pytest.raises(SystemExit) as refused:  # the script's own entry point, in this process: one line, no traceback
         runpy.run_path(evaluation.__file__, run_name="__main__")
-    assert refused.value.code == f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test"
+    assert refused.value.code == 2
+    said = capsys.readouterr().err
+    assert said == f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test\n"
 
 
 def test_probe_csv_split_column_three_files_and_refusals(tiny, tmp_path):
@@ -3822,12 +3826,13 @@ def test_check_package_rejects_what_is_not_documented(exported, monkeypatch):
     _, results = exported
     path, image = Path(results["image"]["path"]), results["image"]
     with pytest.raises(export_ios.ExportCheckError, match="documented"):
-        export_ios.check_package(path, {**image["io"], "probs": "float32 [1, 9]"}, image["n_params"], "none")
+        export_ios.check_package(path, {**image["io"], "probs": "float32 [1, 9]"}, image["n_params"], "none",
+                                 image["target"])
     with pytest.raises(export_ios.ExportCheckError, match="bytes per parameter"):
-        export_ios.check_package(path, image["io"], image["n_params"] // 2, "none")
+        export_ios.check_package(path, image["io"], image["n_params"] // 2, "none", image["target"])
     monkeypatch.setattr(export_ios, "ALLOWED_OPS", export_ios.ALLOWED_OPS - {"gelu"})
     with pytest.raises(export_ios.ExportCheckError, match="gelu"):
-        export_ios.check_package(path, image["io"], image["n_params"], "none")
+        export_ios.check_package(path, image["io"], image["n_params"], "none", image["target"])
 
 
 def test_macos_prediction_check(monkeypatch):
