@@ -393,7 +393,7 @@ def test_torchscript_clip_archive_loads_as_open_clip_reads_it(tmp_path, make):
     want = {k: v.half().to(v.dtype) if v.is_floating_point() else v for k, v in source.state_dict().items()}
     model = models.load_checkpoint(models.build_model(TOY_VIT), tmp_path / 'ViT-toy.pt')
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
-    model, kind = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
+    model, _, _ = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
     assert not torch.equal(want['visual.conv1.weight'], models.build_model(TOY_VIT).state_dict()['visual.conv1.weight'])
 
