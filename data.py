@@ -1461,8 +1461,8 @@ def flags_help(defaults, accepts, doc, source, notes):
 def run_script(main, prog):
     """A script's entry point: main(sys.argv[1:]), where a refusal (SystemExit with a message; ValueError, OSError
     or FloatingPointError, which name the file, row, key or flag) ends in one line on stderr and exit status 2,
-    argparse's for bad usage, never a traceback (a message left by Ctrl-C: status 130, as the shell's); under torchrun
-    only rank 0 says it. Called in-process, main raises."""
+    argparse's for bad usage, never a traceback (a message left by Ctrl-C: status 130, as the shell's); under a
+    launcher only rank 0 says it. Called in-process, main raises."""
     status = 2
     try:
         return main(sys.argv[1:])
@@ -1472,7 +1472,8 @@ def run_script(main, prog):
         message, status = e.code, 130 if isinstance(e.__context__, KeyboardInterrupt) else 2
     except (ValueError, OSError, FloatingPointError) as e:
         message = f"{prog}: {e}"
-    if int(os.environ.get('RANK', 0)) == 0:
+    # the rank of torchrun, SLURM's srun or Open MPI's mpirun, in train.LAUNCHERS' order: torchrun's wins in a SLURM job
+    if int(next((os.environ[k] for k in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK') if k in os.environ), 0)) == 0:
         print(' '.join(message.split()), file=sys.stderr, flush=True)
     sys.exit(status)
 

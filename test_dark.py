@@ -1653,6 +1653,24 @@ def test_a_refusal_is_one_line_and_status_2(monkeypatch, capsys):
     assert data.run_script(lambda argv: argv, "x.py") == ["--a=1"]
 
 
+# --- review: a refusal under srun or mpirun is said by rank 0 alone ---
+@pytest.mark.parametrize("launcher", ["RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"])
+def test_a_refusal_is_said_once_by_rank_0_under_every_launcher(monkeypatch, capsys, launcher):
+    for variable in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(sys, "argv", ["x.py"])
+    for rank, said in (("1", ""), ("0", "x.py: --a=1: takes b\n")):
+        monkeypatch.setenv(launcher, rank)
+        with pytest.raises(SystemExit) as e:
+            data.run_script(lambda argv: sys.exit("x.py: --a=1: takes b"), "x.py")
+        assert e.value.code == 2 and capsys.readouterr().err == said, (launcher, rank)
+    monkeypatch.setenv("SLURM_PROCID", "1")  # torchrun inside a SLURM job: torchrun's rank counts
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        data.run_script(lambda argv: sys.exit("x.py: refused"), "x.py")
+    assert capsys.readouterr().err == "x.py: refused\n"
+
+
 def test_help_lists_every_option_with_its_comment(capsys, tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
