@@ -3319,6 +3319,8 @@ def test_a_checkpoint_carries_its_bpe_vocabulary(shared, tmp_path, monkeypatch):
     assert torch.equal(evaluation.load_model_from_checkpoint(raw, bpe_path=str(bpe))[1](texts), tok(texts))
     cfg = dict(train.KEYS, kd="dark", teacher=str(carried), bpe="")
     assert train.make_tokenizer(cfg, model).vocab_file == tok.vocab_file  # the student's tokenizer: the teacher's
+    gone = dict(cfg, kd="none", bpe=str(tmp_path / "moved.txt.gz"))  # a resume: the run's own copy, file gone
+    assert train.make_tokenizer(gone, model, torch.load(carried, weights_only=True)).vocab_file == tok.vocab_file
     built = {}
     monkeypatch.setattr(export_ios, "build_package", lambda path, module, *a: built.update({path.name: (module, a)}))
     export_ios.export(carried, out=tmp_path, classes="brain", text=True)  # head prompts and the text tower

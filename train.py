@@ -425,11 +425,12 @@ def init_toy_numbers(model, frequencies=4, seed=0):
             emb[[ids[w] for w in family]] = (0.02 * feats @ proj / len(k) ** 0.5).to(emb.dtype)
 
 
-def make_tokenizer(cfg, student):
-    """The student's tokenizer. A BPE vocabulary: the copy a train.py teacher checkpoint carries, else --bpe, else
-    $DARK_BPE or open_clip's (data._find_bpe); the student's checkpoints then carry it too."""
-    vocab = None
-    if tokenizer_kind(student) == "bpe" and cfg["kd"] != "none" and Path(cfg["teacher"]).is_file():
+def make_tokenizer(cfg, student, ckpt=None):
+    """The student's tokenizer. A BPE vocabulary: the copy the run's own checkpoint (ckpt, at a resume) or a train.py
+    teacher checkpoint carries, else --bpe, else $DARK_BPE or open_clip's (data._find_bpe); the student's checkpoints
+    then carry it too."""
+    vocab = ckpt and ckpt.get("bpe_vocab")
+    if not vocab and tokenizer_kind(student) == "bpe" and cfg["kd"] != "none" and Path(cfg["teacher"]).is_file():
         vocab = evaluation.load_model_and_tokenizer_kind(cfg["teacher"], cfg["teacher_config"] or None, False)[2]
     return data.get_tokenizer(tokenizer_kind(student), student.context_length, vocab or cfg["bpe"] or None)
 
@@ -594,7 +595,7 @@ def train(cfg):
     cached = bool(cfg["teacher_cache"]) and cfg["kd"] != "none"  # then the teacher runs in the caching pass, if at all
     teacher = load_teacher(cfg, dev) if cfg["kd"] != "none" and not cached else None
     spec = load_teacher(cfg, dev, weights=False) if cached else teacher or student  # the teacher's shapes
-    tokenizer = make_tokenizer(cfg, student)
+    tokenizer = make_tokenizer(cfg, student, ckpt)
     if (tokenizer_kind(spec), spec.context_length) != (tokenizer_kind(student), student.context_length):
         raise ValueError(f"teacher ({tokenizer_kind(spec)}, {spec.context_length}) and student ({tokenizer_kind(student)},"
                          f" {student.context_length}) must share the tokenizer and context length: the same ids feed both")
