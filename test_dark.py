@@ -2785,8 +2785,10 @@ def test_fetal_planes_records_by_split_leave_out_other_and_have_no_val(tmp_path)
     root = _write_fetal_planes(tmp_path / "FETAL_PLANES_DB")  # patients 1-4 Train=1, 5-6 Train=0; 9 rows each
     split = {s: evaluation.planes_records(root, s) for s in ("train", "test", "all")}
     assert [len(split[s]) for s in ("train", "test", "all")] == [32, 16, 48]  # 'Other' / 'Not A Brain' left out
-    assert {r["patient"] for r in split["train"]} == {"1", "2", "3", "4"} and all(r["train"] for r in split["train"])
-    assert {r["patient"] for r in split["test"]} == {"5", "6"} and not any(r["train"] for r in split["test"])
+    patients = lambda s: {r["group"] for r in split[s]}  # the image name's prefix, as FetalCLIP's split files
+    assert patients("train") == {f"Patient0000{i}" for i in (1, 2, 3, 4)}
+    assert all(r["split"] == "train" for r in split["train"])
+    assert patients("test") == {"Patient00005", "Patient00006"} and all(r["split"] == "test" for r in split["test"])
     assert {r["where"] for r in split["all"]} == {r["where"] for r in split["train"] + split["test"]}
     brains = [r for r in split["all"] if r["brain"]]
     assert len(brains) == 18 and all(r["plane"] == evaluation.FPDB_CLASS["Fetal brain"] for r in brains)
