@@ -1088,6 +1088,8 @@ def main(argv):
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))
     for bad, why in ((not opt["checkpoint"], "--checkpoint=PATH is required (or --speed, or --table)"),
                      (opt["analysis"] and not opt["teacher"], "--analysis needs --teacher=PATH"),
+                     (opt["task"] in ("classify", "retrieval") and not opt["data"],
+                      f"--task={opt['task']} needs --data=CSV" + " (or tar shards)" * (opt["task"] == "retrieval")),
                      (opt["task"] == "classify" and not opt["prompts"] and not opt["probe"],
                       "--task=classify needs --prompts=classes.json (or --probe alone)"),
                      (opt["probe"] and opt["task"] not in PROBE_KEYS,

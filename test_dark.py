@@ -3270,6 +3270,14 @@ def test_checkpoints_cli_results_and_analysis(tiny, tmp_path, capsys):
             evaluation.main([f"--checkpoint={tmp_path / 'absent.pt'}", *argv])
 
 
+# --- review: classify and retrieval without --data ---
+@pytest.mark.parametrize("argv", [["--task=classify", "--prompts=p.json"], ["--task=classify", "--probe"],
+                                  ["--task=retrieval"]])
+def test_classify_and_retrieval_without_data_are_refused_before_any_work(tmp_path, argv):
+    with pytest.raises(SystemExit, match=f"^eval.py: {re.escape(argv[0])} needs --data=CSV"):
+        evaluation.main([f"--checkpoint={tmp_path / 'absent.pt'}", *argv])
+
+
 def test_figure_or_clear_message(monkeypatch, tmp_path, capsys):
     probs, targets = _nine_class_probs()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
