@@ -3164,7 +3164,7 @@ def _write_labelled_csv(folder, rows):
     return folder / "labels.csv"
 
 
-def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch):
+def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch, capsys):
     import runpy
     model, _ = tiny
     ckpt = _save(model, tmp_path / "ckpt.pt")
@@ -3187,7 +3187,8 @@ def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["eval.py", f"--checkpoint={ckpt}", "--task=classify", f"--data={bad}", "--probe"])
     with pytest.raises(SystemExit) as refused:  # the script's own entry point, in this process: one line, no traceback
         runpy.run_path(evaluation.__file__, run_name="__main__")
-    assert refused.value.code == f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test"
+    assert refused.value.code == 2 and capsys.readouterr().err == (
+        f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test\n")
 
 
 def test_probe_csv_split_column_three_files_and_refusals(tiny, tmp_path):
