@@ -371,8 +371,8 @@ def retrieval(model, tokenizer, pairs, batch_size=64, device="cpu"):
 def retrieval_note(m):
     """One line for a retrieval result whose captions repeat (recall@k capped), else ''."""
     return "" if m.get("retrieval_t2i_r1_max", 1) >= 1 else (
-        f"note: {m['n_distinct_captions']} distinct captions of {m['n_captions']} for {m['n_images']} images: a caption "
-        f"shared by several images cannot tell them apart, so text->image R@1/5/10 is at most "
+        f"note: {m['n_distinct_captions']} distinct captions of {m['n_captions']} for {m['n_images']} images: a "
+        "caption shared by several images cannot tell them apart, so text->image R@1/5/10 is at most "
         + "/".join(f"{m[f'retrieval_t2i_r{k}_max']:.3f}" for k in (1, 5, 10)) + " (retrieval_t2i_r*_max), image->text"
         " counts another image's identical caption as found, and retrieval_mean_recall averages both; classify with "
         "labels instead")
@@ -746,9 +746,10 @@ def speed(model, runs=10):
     ids = torch.randint(1, vocab - 1, (1, model.context_length))
     ids[:, -1] = vocab - 1  # end-of-text last: the full context, as an exported text tower runs it
     foldable = any(hasattr(m, "reparameterize") for m in model.visual.modules())
-    tower = copy.deepcopy(model.visual).train() if foldable else model.visual  # train mode runs every branch (eval
-    for bn in (m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # mode sums them into one conv);
-        bn.eval()  # its BatchNorm on running statistics: batch statistics of a 1x1 map at batch 1 are undefined
+    # train mode runs every branch (eval mode sums them into one conv), BatchNorm on its running statistics (batch
+    # statistics of a 1x1 map at batch 1 are undefined)
+    tower = copy.deepcopy(model.visual).train() if foldable else model.visual
+    tower.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
     (image_ms, a), (text_ms, b) = latency_ms(tower, image, runs=runs), latency_ms(model.encode_text, ids, runs=runs)
     out = dict(params_m=models.count_params(model) / 1e6,
                image_params_m=models.count_params(model.visual) / 1e6, image_gmacs=count_gmacs(tower, image),

@@ -338,7 +338,8 @@ def build_package(path, module, example, ct_input, io, docs, feeds, meta, target
     path.parent.mkdir(parents=True, exist_ok=True)
     mlmodel.save(str(path))
     summary = check_package(path, io, n_weights(program), quantize, target)
-    summary.update(path=str(path), target=target, export_error=err, predict=check_predictions(path, module, feeds, quantize))
+    summary.update(path=str(path), target=target, export_error=err,
+                   predict=check_predictions(path, module, feeds, quantize))
     print_summary(summary, target)
     return summary
 
