@@ -141,8 +141,9 @@ def recipe_line(cfg):
 
 
 def configure(argv):
-    """The run's config from the command line, checked before any work: the flags, the saved config that
-    --resume=true restores, an out_dir holding another run, a teacher that is not there. Raises SystemExit."""
+    """The run's config from the command line, checked before any work: the flags, the launcher's rendezvous, the
+    saved config that --resume=true restores (its files by content, its global batch), an out_dir holding another
+    run, tar shard patterns, a teacher that is not there. Raises SystemExit."""
     cfg, given = parse_args(argv)
     out, (launcher, _, _, ranks) = Path(cfg["out_dir"]), launch_info()
     try:
