@@ -801,10 +801,8 @@ def report(checkpoints, cfg):
     print("\nzero-shot on the toy test split (image_ms: CPU, batch 1, reparameterized where foldable)\n" + table +
           f"\nthe median age at each stated pixel spacing, no image: validity {base['ga_validity_spacing_only']:.2f}%"
           + evaluation.noise_warning(speeds))
-    kept = f"The checkpoints in {cfg['out_dir']} are kept"
-    save_atomic(table + "\n", Path(cfg["out_dir"], "results.md"), then=kept)
-    save_atomic(json.dumps(dict(rows=rows, configs=configs), indent=1) + "\n", Path(cfg["out_dir"], "results.json"),
-                then=kept)
+    for name, text in (("results.md", table), ("results.json", json.dumps(dict(rows=rows, configs=configs), indent=1))):
+        save_atomic(text + "\n", Path(cfg["out_dir"], name), then=f"The checkpoints in {cfg['out_dir']} are kept")
     return rows
 
 
