@@ -826,7 +826,7 @@ TS_PLANES = [f"ts_planes_{k}" for k in TS_COLUMNS]  # analysis() keys for the 5-
 
 def table1_row(cfg):
     """A run's train config -> (sort key, label). The label names kd and its schedule w0 -> w0 * r (as
-    dark.kd_weight_at), so runs with one label are the seeds of one row; other DARK rows are the beta0 ablation."""
+    dark.kd_weight_at); other DARK rows are the beta0 ablation. Rows are run_group's; row_labels adds what differs."""
     kd = cfg["kd"]
     w0, r = {"none": (0, 0), "static": (cfg["lambda0"], 1), "coupled": (cfg["lambda0"], cfg["lambda_r"]),
              "dark": (cfg["beta0"], cfg["beta_r"])}[kd]
