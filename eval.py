@@ -848,9 +848,13 @@ UNREAD = dict(none=("teacher", "teacher_config", "teacher_cache", "cache_views",
 
 def run_group(cfg):
     """The row a run belongs to, as JSON: its train config less the seed, HOW_IT_RAN, what its kd does not read and
-    where the BPE file lay (there is one CLIP vocabulary, and a checkpoint carries it)."""
-    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "bpe", *HOW_IT_RAN, *UNREAD[cfg["kd"]])},
-                      sort_keys=True)
+    where the BPE file lay (there is one CLIP vocabulary, and a checkpoint carries it); of --teacher_cache only
+    whether there is one (a cache holds one seed's views, so each seed of a row has its own folder)."""
+    group = {k: v for k, v in cfg.items() if k not in ("seed", "bpe", *HOW_IT_RAN, *UNREAD[cfg["kd"]])}
+    if "teacher_cache" in group:
+        group["teacher_cache"] = bool(group["teacher_cache"])
+        group = {k: v for k, v in group.items() if k != "cache_views" or group["teacher_cache"]}  # read from a cache
+    return json.dumps(group, sort_keys=True)
 
 
 def row_labels(configs):

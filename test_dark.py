@@ -3497,6 +3497,19 @@ def test_table_rows_are_configs_labelled_by_what_differs(root, tmp_path):
         evaluation.table1(root, n=N)
 
 
+# --- review: each seed of a cached row has its own --teacher_cache folder ---
+def test_seeds_with_their_own_teacher_caches_are_one_row():
+    dark = dict(train.KEYS, kd="dark")  # a cache's header holds the seed: every seed fills a folder of its own
+    seeds = [evaluation.run_group(dict(dark, seed=s, teacher_cache=f"cache/s{s}")) for s in (0, 1)]
+    online = evaluation.run_group(dict(dark, teacher_cache=""))
+    assert seeds[0] == seeds[1] != online
+    assert evaluation.run_group(dict(dark, teacher_cache="cache/s0", cache_views=3)) != seeds[0]  # K is the recipe's
+    assert evaluation.run_group(dict(dark, teacher_cache="", cache_views=3)) == online  # unread without a cache
+    labels = evaluation.row_labels({seeds[0]: dict(dark, teacher_cache="cache/s0"), online: dark})
+    name = evaluation.table1_row(dark)[1]
+    assert sorted(labels.values()) == [f"{name} teacher_cache=False", f"{name} teacher_cache=True"]
+
+
 def test_table_from_a_shell_on_two_configs(tmp_path):
     """`python eval.py --table=runs` on two runs of train.py that differ only in --tau: two rows, named by it."""
     here, env = Path(__file__).resolve().parent, {**os.environ, "OMP_NUM_THREADS": "1"}
