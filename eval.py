@@ -471,7 +471,8 @@ SPLITS = ("train", "val", "test")
 
 
 def patient_split(patients, val_fraction=0.2, seed=0):
-    """Boolean mask of validation rows, drawn by whole patients: no patient is on both sides."""
+    """patients [N] -> boolean mask [N] of the rows held out (probe_folds: test, then validation): val_fraction of
+    the patients (at least one), drawn whole, so that no patient is on both sides."""
     ids = np.unique(np.asarray(patients))
     np.random.default_rng(seed).shuffle(ids)
     return np.isin(patients, ids[:max(1, round(val_fraction * len(ids)))])
