@@ -471,8 +471,7 @@ SPLITS = ("train", "val", "test")
 
 
 def patient_split(patients, val_fraction=0.2, seed=0):
-    """patients [N] -> boolean mask [N] of the rows held out (probe_folds: test, then validation): val_fraction of
-    the patients (at least one), drawn whole, so that no patient is on both sides."""
+    """patients [N] -> bool mask [N] held out: val_fraction of the patients (at least one), drawn whole."""
     ids = np.unique(np.asarray(patients))
     np.random.default_rng(seed).shuffle(ids)
     return np.isin(patients, ids[:max(1, round(val_fraction * len(ids)))])
@@ -747,8 +746,7 @@ def speed(model, runs=10):
     ids = torch.randint(1, vocab - 1, (1, model.context_length))
     ids[:, -1] = vocab - 1  # end-of-text last: the full context, as an exported text tower runs it
     foldable = any(hasattr(m, "reparameterize") for m in model.visual.modules())
-    # train mode runs every branch (eval mode sums them into one conv), BatchNorm on its running statistics (batch
-    # statistics of a 1x1 map at batch 1 are undefined)
+    # train mode runs each branch (eval mode folds them), BatchNorm on running stats (a 1x1 map at batch 1 has none)
     tower = copy.deepcopy(model.visual).train() if foldable else model.visual
     tower.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
     (image_ms, a), (text_ms, b) = latency_ms(tower, image, runs=runs), latency_ms(model.encode_text, ids, runs=runs)
