@@ -260,7 +260,7 @@ def feature(desc):
 
 
 def check_package(path, io, n_params, quantize, target):
-    """Reload the package -> summary dict; raises ExportCheckError where its interface or target is not documented."""
+    """Reload the package -> summary dict. Raises ExportCheckError where its interface or target is not as stated."""
     import coremltools as ct
     from coremltools.proto import MIL_pb2
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
