@@ -1269,14 +1269,14 @@ class TeacherCache:
         _write_json(root / 'header.json', header)
 
     def rows(self, batch):
-        """Rows of a batch's pairs: their 'index', or their shard 'key' found in keys.npy. -> int64 array [B]"""
+        """Rows of a batch's pairs: their 'index', or their shard 'key' found in keys.npy (else ValueError) -> int64 [B]"""
         if self.keys is None:
             return np.asarray(batch['index'], dtype=np.int64)
         want = np.array([k.encode() for k in batch['key']], dtype=bytes)
         rows = np.minimum(np.searchsorted(self.keys, want), len(self.keys) - 1)
         missing = [key for key, found in zip(batch['key'], self.keys[rows] == want) if not found]
         if missing:
-            raise KeyError(f"--teacher_cache {self.root} has no sample {missing[0]!r} (and {len(missing) - 1} more of "
+            raise ValueError(f"--teacher_cache {self.root} has no sample {missing[0]!r} (and {len(missing) - 1} more of "
                            "this batch): the shards changed since it was built")
         return rows
 

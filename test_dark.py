@@ -2630,6 +2630,16 @@ def test_cache_reads_the_view_asked_for_and_refuses_rows_never_stored(tmp_path):
             cache.read(dict(index=rows, view=[0] * len(rows)))
 
 
+# --- review: a tar sample the cache does not hold is a refusal (one line), not a KeyError's traceback ---
+def test_cache_refuses_a_sample_key_it_does_not_hold(tmp_path):
+    data.TeacherCache.create(tmp_path, dict(cache_views=1, embed_dim=2), ["a/000.tar/0", "b/000.tar/0"])
+    cache = data.TeacherCache(tmp_path)
+    assert cache.rows(dict(key=["b/000.tar/0", "a/000.tar/0"])).tolist() == [1, 0]
+    for keys, first in ((["a/000.tar/1"], "a/000.tar/1"), (["b/000.tar/0", "000.tar/0", "z"], "000.tar/0")):
+        with pytest.raises(ValueError, match=rf"--teacher_cache {re.escape(str(tmp_path))} has no sample '{first}'"):
+            cache.rows(dict(key=keys))
+
+
 # --- a cache over shards of one file name in two folders ---
 def test_teacher_cache_over_shards_of_one_name_in_two_folders_builds_and_holds_each(tmp_path):
     world = data.ToyWorld("train", 64, length=4)
