@@ -1269,7 +1269,7 @@ class TeacherCache:
         _write_json(root / 'header.json', header)
 
     def rows(self, batch):
-        """Rows of a batch's pairs: their 'index', or their shard 'key' found in keys.npy (else ValueError) -> int64 [B]"""
+        """Rows of a batch's pairs: their 'index', or their shard 'key' in keys.npy (else ValueError) -> int64 [B]"""
         if self.keys is None:
             return np.asarray(batch['index'], dtype=np.int64)
         want = np.array([k.encode() for k in batch['key']], dtype=bytes)
