@@ -1269,14 +1269,14 @@ class TeacherCache:
         _write_json(root / 'header.json', header)
 
     def rows(self, batch):
-        """Rows of a batch's pairs: their 'index', or their shard 'key' found in keys.npy. -> int64 array [B]"""
+        """Rows of a batch's pairs: their 'index', or their shard 'key' in keys.npy (else ValueError) -> int64 [B]"""
         if self.keys is None:
             return np.asarray(batch['index'], dtype=np.int64)
         want = np.array([k.encode() for k in batch['key']], dtype=bytes)
         rows = np.minimum(np.searchsorted(self.keys, want), len(self.keys) - 1)
         missing = [key for key, found in zip(batch['key'], self.keys[rows] == want) if not found]
         if missing:
-            raise KeyError(f"--teacher_cache {self.root} has no sample {missing[0]!r} (and {len(missing) - 1} more of "
+            raise ValueError(f"--teacher_cache {self.root} has no sample {missing[0]!r} (and {len(missing) - 1} more of "
                            "this batch): the shards changed since it was built")
         return rows
 
@@ -1461,8 +1461,8 @@ def flags_help(defaults, accepts, doc, source, notes):
 def run_script(main, prog):
     """A script's entry point: main(sys.argv[1:]), where a refusal (SystemExit with a message; ValueError, OSError
     or FloatingPointError, which name the file, row, key or flag) ends in one line on stderr and exit status 2,
-    argparse's for bad usage, never a traceback (a message left by Ctrl-C: status 130, as the shell's); under torchrun
-    only rank 0 says it. Called in-process, main raises."""
+    argparse's for bad usage, never a traceback (a message left by Ctrl-C: status 130, as the shell's); under a
+    launcher only rank 0 says it. Called in-process, main raises."""
     status = 2
     try:
         return main(sys.argv[1:])
@@ -1472,7 +1472,8 @@ def run_script(main, prog):
         message, status = e.code, 130 if isinstance(e.__context__, KeyboardInterrupt) else 2
     except (ValueError, OSError, FloatingPointError) as e:
         message = f"{prog}: {e}"
-    if int(os.environ.get('RANK', 0)) == 0:
+    # the rank of torchrun, SLURM's srun or Open MPI's mpirun, in train.LAUNCHERS' order: torchrun's wins in a SLURM job
+    if int(next((os.environ[k] for k in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK') if k in os.environ), 0)) == 0:
         print(' '.join(message.split()), file=sys.stderr, flush=True)
     sys.exit(status)
 

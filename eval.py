@@ -371,8 +371,8 @@ def retrieval(model, tokenizer, pairs, batch_size=64, device="cpu"):
 def retrieval_note(m):
     """One line for a retrieval result whose captions repeat (recall@k capped), else ''."""
     return "" if m.get("retrieval_t2i_r1_max", 1) >= 1 else (
-        f"note: {m['n_distinct_captions']} distinct captions of {m['n_captions']} for {m['n_images']} images: a caption "
-        f"shared by several images cannot tell them apart, so text->image R@1/5/10 is at most "
+        f"note: {m['n_distinct_captions']} distinct captions of {m['n_captions']} for {m['n_images']} images: a "
+        "caption shared by several images cannot tell them apart, so text->image R@1/5/10 is at most "
         + "/".join(f"{m[f'retrieval_t2i_r{k}_max']:.3f}" for k in (1, 5, 10)) + " (retrieval_t2i_r*_max), image->text"
         " counts another image's identical caption as found, and retrieval_mean_recall averages both; classify with "
         "labels instead")
@@ -471,7 +471,7 @@ SPLITS = ("train", "val", "test")
 
 
 def patient_split(patients, val_fraction=0.2, seed=0):
-    """Boolean mask of validation rows, drawn by whole patients: no patient is on both sides."""
+    """patients [N] -> bool mask [N] held out: val_fraction of the patients (at least one), drawn whole."""
     ids = np.unique(np.asarray(patients))
     np.random.default_rng(seed).shuffle(ids)
     return np.isin(patients, ids[:max(1, round(val_fraction * len(ids)))])
@@ -746,9 +746,9 @@ def speed(model, runs=10):
     ids = torch.randint(1, vocab - 1, (1, model.context_length))
     ids[:, -1] = vocab - 1  # end-of-text last: the full context, as an exported text tower runs it
     foldable = any(hasattr(m, "reparameterize") for m in model.visual.modules())
-    tower = copy.deepcopy(model.visual).train() if foldable else model.visual  # train mode runs every branch (eval
-    for bn in (m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # mode sums them into one conv);
-        bn.eval()  # its BatchNorm on running statistics: batch statistics of a 1x1 map at batch 1 are undefined
+    # train mode runs each branch (eval mode folds them), BatchNorm on running stats (a 1x1 map at batch 1 has none)
+    tower = copy.deepcopy(model.visual).train() if foldable else model.visual
+    tower.apply(lambda m: m.eval() if isinstance(m, torch.nn.BatchNorm2d) else None)
     (image_ms, a), (text_ms, b) = latency_ms(tower, image, runs=runs), latency_ms(model.encode_text, ids, runs=runs)
     out = dict(params_m=models.count_params(model) / 1e6,
                image_params_m=models.count_params(model.visual) / 1e6, image_gmacs=count_gmacs(tower, image),
@@ -825,7 +825,7 @@ TS_PLANES = [f"ts_planes_{k}" for k in TS_COLUMNS]  # analysis() keys for the 5-
 
 def table1_row(cfg):
     """A run's train config -> (sort key, label). The label names kd and its schedule w0 -> w0 * r (as
-    dark.kd_weight_at), so runs with one label are the seeds of one row; other DARK rows are the beta0 ablation."""
+    dark.kd_weight_at); other DARK rows are the beta0 ablation. Rows are run_group's; row_labels adds what differs."""
     kd = cfg["kd"]
     w0, r = {"none": (0, 0), "static": (cfg["lambda0"], 1), "coupled": (cfg["lambda0"], cfg["lambda_r"]),
              "dark": (cfg["beta0"], cfg["beta_r"])}[kd]
@@ -847,9 +847,13 @@ UNREAD = dict(none=("teacher", "teacher_config", "teacher_cache", "cache_views",
 
 def run_group(cfg):
     """The row a run belongs to, as JSON: its train config less the seed, HOW_IT_RAN, what its kd does not read and
-    where the BPE file lay (there is one CLIP vocabulary, and a checkpoint carries it)."""
-    return json.dumps({k: v for k, v in cfg.items() if k not in ("seed", "bpe", *HOW_IT_RAN, *UNREAD[cfg["kd"]])},
-                      sort_keys=True)
+    where the BPE file lay (there is one CLIP vocabulary, and a checkpoint carries it); of --teacher_cache only
+    whether there is one (a cache holds one seed's views, so each seed of a row has its own folder)."""
+    group = {k: v for k, v in cfg.items() if k not in ("seed", "bpe", *HOW_IT_RAN, *UNREAD[cfg["kd"]])}
+    if "teacher_cache" in group:
+        group["teacher_cache"] = bool(group["teacher_cache"])
+        group = {k: v for k, v in group.items() if k != "cache_views" or group["teacher_cache"]}  # read from a cache
+    return json.dumps(group, sort_keys=True)
 
 
 def row_labels(configs):
@@ -1088,6 +1092,8 @@ def main(argv):
                             dict(task="speed", device="cpu", threads=torch.get_num_threads()))
     for bad, why in ((not opt["checkpoint"], "--checkpoint=PATH is required (or --speed, or --table)"),
                      (opt["analysis"] and not opt["teacher"], "--analysis needs --teacher=PATH"),
+                     (opt["task"] in ("classify", "retrieval") and not opt["data"],
+                      f"--task={opt['task']} needs --data=CSV" + " (or tar shards)" * (opt["task"] == "retrieval")),
                      (opt["task"] == "classify" and not opt["prompts"] and not opt["probe"],
                       "--task=classify needs --prompts=classes.json (or --probe alone)"),
                      (opt["probe"] and opt["task"] not in PROBE_KEYS,

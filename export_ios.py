@@ -260,7 +260,7 @@ def feature(desc):
 
 
 def check_package(path, io, n_params, quantize, target):
-    """Reload the saved package and check it against the documented interface -> summary dict."""
+    """Reload the package -> summary dict. Raises ExportCheckError where its interface or target is not as stated."""
     import coremltools as ct
     from coremltools.proto import MIL_pb2
     spec = ct.models.MLModel(str(path), skip_model_load=True).get_spec()
@@ -338,7 +338,8 @@ def build_package(path, module, example, ct_input, io, docs, feeds, meta, target
     path.parent.mkdir(parents=True, exist_ok=True)
     mlmodel.save(str(path))
     summary = check_package(path, io, n_weights(program), quantize, target)
-    summary.update(path=str(path), target=target, export_error=err, predict=check_predictions(path, module, feeds, quantize))
+    summary.update(path=str(path), target=target, export_error=err,
+                   predict=check_predictions(path, module, feeds, quantize))
     print_summary(summary, target)
     return summary
 
@@ -364,10 +365,10 @@ def import_coremltools():
 def export(checkpoint, out="out/ios", name="MobileFetalCLIP", classes="planes", text=False, quantize="none",
            target="iOS17", model_config=None, author="DARK export_ios.py", license="the licence of the checkpoint",
            overwrite=False, bpe=None):
-    """Write the packages -> {'image': summary, 'text': summary}. Raises CheckpointError, ExportCheckError, or
-    FileExistsError, before any work, when a package of that name is in `out` and overwrite is False; for a BPE
-    checkpoint with a head or --text, FileNotFoundError without a vocabulary (the checkpoint's own copy, else bpe,
-    else $DARK_BPE or open_clip's)."""
+    """Write the packages -> {'image': summary, 'text': summary}. Raises CheckpointError, ExportCheckError; before
+    any work, FileExistsError when a package of that name is in `out` and overwrite is False, ValueError for a
+    quantize or target check_target refuses; for a BPE checkpoint with a head or --text, FileNotFoundError without a
+    vocabulary (the checkpoint's own copy, else bpe, else $DARK_BPE or open_clip's)."""
     there = [str(p) for p in (Path(out) / f"{name}{part}.mlpackage" for part in ("Image", "Text")[:1 + text])
              if p.exists()]
     if there and not overwrite:

@@ -393,7 +393,7 @@ def test_torchscript_clip_archive_loads_as_open_clip_reads_it(tmp_path, make):
     want = {k: v.half().to(v.dtype) if v.is_floating_point() else v for k, v in source.state_dict().items()}
     model = models.load_checkpoint(models.build_model(TOY_VIT), tmp_path / 'ViT-toy.pt')
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
-    model, kind, _ = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
+    model, _, _ = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
     assert not torch.equal(want['visual.conv1.weight'], models.build_model(TOY_VIT).state_dict()['visual.conv1.weight'])
 
@@ -874,7 +874,7 @@ def test_toy_facts_describe_the_item_in_every_split(split):
 # --- promises: the toy tokenizer's unknown share ---
 def test_unknown_share_counts_unknown_tokens_and_is_zero_without_tokens():
     tok = data.ToyTokenizer()
-    assert tok.unknown_share([]) == 0 and tok.unknown_share(['', ' \t\x0c ']) == 0
+    assert tok.unknown_share([]) == 0 and tok.unknown_share(['', ' \ufeff\t ']) == 0  # clean_text drops a BOM, as ftfy
     assert tok.unknown_share(['fetal zebra', 'brain quokka okapi.']) == pytest.approx(3 / 6)  # '.' is a token
     assert tok.unknown_share(['23 weeks', '0.43']) == 0  # a number without its own token is spelled out, not unknown
 
@@ -1651,6 +1651,24 @@ def test_a_refusal_is_one_line_and_status_2(monkeypatch, capsys):
             data.run_script(main, "x.py")
         assert e.value.code == status and capsys.readouterr().err.startswith(said)
     assert data.run_script(lambda argv: argv, "x.py") == ["--a=1"]
+
+
+# --- review: a refusal under srun or mpirun is said by rank 0 alone ---
+@pytest.mark.parametrize("launcher", ["RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"])
+def test_a_refusal_is_said_once_by_rank_0_under_every_launcher(monkeypatch, capsys, launcher):
+    for variable in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setattr(sys, "argv", ["x.py"])
+    for rank, said in (("1", ""), ("0", "x.py: --a=1: takes b\n")):
+        monkeypatch.setenv(launcher, rank)
+        with pytest.raises(SystemExit) as e:
+            data.run_script(lambda argv: sys.exit("x.py: --a=1: takes b"), "x.py")
+        assert e.value.code == 2 and capsys.readouterr().err == said, (launcher, rank)
+    monkeypatch.setenv("SLURM_PROCID", "1")  # torchrun inside a SLURM job: torchrun's rank counts
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        data.run_script(lambda argv: sys.exit("x.py: refused"), "x.py")
+    assert capsys.readouterr().err == "x.py: refused\n"
 
 
 def test_help_lists_every_option_with_its_comment(capsys, tmp_path):
@@ -2613,6 +2631,16 @@ def test_cache_reads_the_view_asked_for_and_refuses_rows_never_stored(tmp_path):
             cache.read(dict(index=rows, view=[0] * len(rows)))
 
 
+# --- review: a tar sample the cache does not hold is a refusal (one line), not a KeyError's traceback ---
+def test_cache_refuses_a_sample_key_it_does_not_hold(tmp_path):
+    data.TeacherCache.create(tmp_path, dict(cache_views=1, embed_dim=2), ["a/000.tar/0", "b/000.tar/0"])
+    cache = data.TeacherCache(tmp_path)
+    assert cache.rows(dict(key=["b/000.tar/0", "a/000.tar/0"])).tolist() == [1, 0]
+    for keys, first in ((["a/000.tar/1"], "a/000.tar/1"), (["b/000.tar/0", "000.tar/0", "z"], "000.tar/0")):
+        with pytest.raises(ValueError, match=rf"--teacher_cache {re.escape(str(tmp_path))} has no sample '{first}'"):
+            cache.rows(dict(key=keys))
+
+
 # --- a cache over shards of one file name in two folders ---
 def test_teacher_cache_over_shards_of_one_name_in_two_folders_builds_and_holds_each(tmp_path):
     world = data.ToyWorld("train", 64, length=4)
@@ -2768,9 +2796,10 @@ def test_fetal_planes_records_by_split_leave_out_other_and_have_no_val(tmp_path)
     root = _write_fetal_planes(tmp_path / "FETAL_PLANES_DB")  # patients 1-4 Train=1, 5-6 Train=0; 9 rows each
     split = {s: evaluation.planes_records(root, s) for s in ("train", "test", "all")}
     assert [len(split[s]) for s in ("train", "test", "all")] == [32, 16, 48]  # 'Other' / 'Not A Brain' left out
-    patients = lambda s: {r["group"] for r in split[s]}  # the image name's prefix, as FetalCLIP's split files name it
-    assert patients("train") == {f"Patient{p:05d}" for p in (1, 2, 3, 4)} and {r["split"] for r in split["train"]} == {"train"}
-    assert patients("test") == {"Patient00005", "Patient00006"} and {r["split"] for r in split["test"]} == {"test"}
+    patients = lambda s: {r["group"] for r in split[s]}  # the image name's prefix, as FetalCLIP's split files
+    assert patients("train") == {f"Patient0000{i}" for i in (1, 2, 3, 4)}
+    assert all(r["split"] == "train" for r in split["train"])
+    assert patients("test") == {"Patient00005", "Patient00006"} and all(r["split"] == "test" for r in split["test"])
     assert {r["where"] for r in split["all"]} == {r["where"] for r in split["train"] + split["test"]}
     brains = [r for r in split["all"] if r["brain"]]
     assert len(brains) == 18 and all(r["plane"] == evaluation.FPDB_CLASS["Fetal brain"] for r in brains)
@@ -3169,9 +3198,8 @@ def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch, cap
     monkeypatch.setattr(sys, "argv", ["eval.py", f"--checkpoint={ckpt}", "--task=classify", f"--data={bad}", "--probe"])
     with pytest.raises(SystemExit) as refused:  # the script's own entry point, in this process: one line, no traceback
         runpy.run_path(evaluation.__file__, run_name="__main__")
-    assert refused.value.code == 2
-    said = capsys.readouterr().err
-    assert said == f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test\n"
+    assert refused.value.code == 2 and capsys.readouterr().err == (
+        f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test\n")
 
 
 def test_probe_csv_split_column_three_files_and_refusals(tiny, tmp_path):
@@ -3254,6 +3282,14 @@ def test_checkpoints_cli_results_and_analysis(tiny, tmp_path, capsys):
             evaluation.main([f"--checkpoint={tmp_path / 'absent.pt'}", *argv])
 
 
+# --- review: classify and retrieval without --data ---
+@pytest.mark.parametrize("argv", [["--task=classify", "--prompts=p.json"], ["--task=classify", "--probe"],
+                                  ["--task=retrieval"]])
+def test_classify_and_retrieval_without_data_are_refused_before_any_work(tmp_path, argv):
+    with pytest.raises(SystemExit, match=f"^eval.py: {re.escape(argv[0])} needs --data=CSV"):
+        evaluation.main([f"--checkpoint={tmp_path / 'absent.pt'}", *argv])
+
+
 def test_figure_or_clear_message(monkeypatch, tmp_path, capsys):
     probs, targets = _nine_class_probs()
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
@@ -3305,6 +3341,8 @@ def test_a_checkpoint_carries_its_bpe_vocabulary(shared, tmp_path, monkeypatch):
     assert torch.equal(evaluation.load_model_from_checkpoint(raw, bpe_path=str(bpe))[1](texts), tok(texts))
     cfg = dict(train.KEYS, kd="dark", teacher=str(carried), bpe="")
     assert train.make_tokenizer(cfg, model).vocab_file == tok.vocab_file  # the student's tokenizer: the teacher's
+    gone = dict(cfg, kd="none", bpe=str(tmp_path / "moved.txt.gz"))  # a resume: the run's own copy, file gone
+    assert train.make_tokenizer(gone, model, torch.load(carried, weights_only=True)).vocab_file == tok.vocab_file
     built = {}
     monkeypatch.setattr(export_ios, "build_package", lambda path, module, *a: built.update({path.name: (module, a)}))
     export_ios.export(carried, out=tmp_path, classes="brain", text=True)  # head prompts and the text tower
@@ -3468,6 +3506,19 @@ def test_table_rows_are_configs_labelled_by_what_differs(root, tmp_path):
     shutil.copytree(root / "dark-s1", root / "copy-of-dark-s1")
     with pytest.raises(ValueError, match=r"copy-of-dark-s1 and .*dark-s1 are one run: the same config and seed 1"):
         evaluation.table1(root, n=N)
+
+
+# --- review: each seed of a cached row has its own --teacher_cache folder ---
+def test_seeds_with_their_own_teacher_caches_are_one_row():
+    dark = dict(train.KEYS, kd="dark")  # a cache's header holds the seed: every seed fills a folder of its own
+    seeds = [evaluation.run_group(dict(dark, seed=s, teacher_cache=f"cache/s{s}")) for s in (0, 1)]
+    online = evaluation.run_group(dict(dark, teacher_cache=""))
+    assert seeds[0] == seeds[1] != online
+    assert evaluation.run_group(dict(dark, teacher_cache="cache/s0", cache_views=3)) != seeds[0]  # K is the recipe's
+    assert evaluation.run_group(dict(dark, teacher_cache="", cache_views=3)) == online  # unread without a cache
+    labels = evaluation.row_labels({seeds[0]: dict(dark, teacher_cache="cache/s0"), online: dark})
+    name = evaluation.table1_row(dark)[1]
+    assert sorted(labels.values()) == [f"{name} teacher_cache=False", f"{name} teacher_cache=True"]
 
 
 def test_table_from_a_shell_on_two_configs(tmp_path):

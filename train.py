@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 import dark
 import data
@@ -47,7 +46,7 @@ csv_img_key = "filepath"    # caption CSV/TSV: the image path column (open_clip'
 csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's --csv-caption-key)
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
 skip_bad = False            # skip undecodable images, bad shard samples, cut shards (counted, reported); else stop
-bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
+bpe = ""                    # CLIP BPE vocabulary file, unless the teacher (or, at a resume, the run) carries one
 val_data = ""               # selection: FETAL_PLANES_DB, labelled CSV + val_prompts, or caption CSV/shards (toy: val split)
 #                             on class F1 (Train=1 rows only), macro F1, mean retrieval recall; always printed and logged
 val_prompts = ""            # a labelled val_data CSV: the classes' prompts JSON (eval.py --prompts' formats)
@@ -142,8 +141,9 @@ def recipe_line(cfg):
 
 
 def configure(argv):
-    """The run's config from the command line, checked before any work: the flags, the saved config that
-    --resume=true restores, an out_dir holding another run, a teacher that is not there. Raises SystemExit."""
+    """The run's config from the command line, checked before any work: the flags, the launcher's rendezvous, the
+    saved config that --resume=true restores (its files by content, its global batch), an out_dir holding another
+    run, tar shard patterns, a teacher that is not there. Raises SystemExit."""
     cfg, given = parse_args(argv)
     out, (launcher, _, _, ranks) = Path(cfg["out_dir"]), launch_info()
     try:
@@ -425,11 +425,12 @@ def init_toy_numbers(model, frequencies=4, seed=0):
             emb[[ids[w] for w in family]] = (0.02 * feats @ proj / len(k) ** 0.5).to(emb.dtype)
 
 
-def make_tokenizer(cfg, student):
-    """The student's tokenizer. A BPE vocabulary: the copy a train.py teacher checkpoint carries, else --bpe, else
-    $DARK_BPE or open_clip's (data._find_bpe); the student's checkpoints then carry it too."""
-    vocab = None
-    if tokenizer_kind(student) == "bpe" and cfg["kd"] != "none" and Path(cfg["teacher"]).is_file():
+def make_tokenizer(cfg, student, ckpt=None):
+    """The student's tokenizer. A BPE vocabulary: the copy the run's own checkpoint (ckpt, at a resume) or a train.py
+    teacher checkpoint carries, else --bpe, else $DARK_BPE or open_clip's (data._find_bpe); the student's checkpoints
+    then carry it too."""
+    vocab = ckpt and ckpt.get("bpe_vocab")
+    if not vocab and tokenizer_kind(student) == "bpe" and cfg["kd"] != "none" and Path(cfg["teacher"]).is_file():
         vocab = evaluation.load_model_and_tokenizer_kind(cfg["teacher"], cfg["teacher_config"] or None, False)[2]
     return data.get_tokenizer(tokenizer_kind(student), student.context_length, vocab or cfg["bpe"] or None)
 
@@ -594,7 +595,7 @@ def train(cfg):
     cached = bool(cfg["teacher_cache"]) and cfg["kd"] != "none"  # then the teacher runs in the caching pass, if at all
     teacher = load_teacher(cfg, dev) if cfg["kd"] != "none" and not cached else None
     spec = load_teacher(cfg, dev, weights=False) if cached else teacher or student  # the teacher's shapes
-    tokenizer = make_tokenizer(cfg, student)
+    tokenizer = make_tokenizer(cfg, student, ckpt)
     if (tokenizer_kind(spec), spec.context_length) != (tokenizer_kind(student), student.context_length):
         raise ValueError(f"teacher ({tokenizer_kind(spec)}, {spec.context_length}) and student ({tokenizer_kind(student)},"
                          f" {student.context_length}) must share the tokenizer and context length: the same ids feed both")
@@ -800,10 +801,8 @@ def report(checkpoints, cfg):
     print("\nzero-shot on the toy test split (image_ms: CPU, batch 1, reparameterized where foldable)\n" + table +
           f"\nthe median age at each stated pixel spacing, no image: validity {base['ga_validity_spacing_only']:.2f}%"
           + evaluation.noise_warning(speeds))
-    kept = f"The checkpoints in {cfg['out_dir']} are kept"
-    save_atomic(table + "\n", Path(cfg["out_dir"], "results.md"), then=kept)
-    save_atomic(json.dumps(dict(rows=rows, configs=configs), indent=1) + "\n", Path(cfg["out_dir"], "results.json"),
-                then=kept)
+    for name, text in (("results.md", table), ("results.json", json.dumps(dict(rows=rows, configs=configs), indent=1))):
+        save_atomic(text + "\n", Path(cfg["out_dir"], name), then=f"The checkpoints in {cfg['out_dir']} are kept")
     return rows
 
 
