@@ -1249,9 +1249,11 @@ class TeacherCache:
         root.mkdir(parents=True, exist_ok=True)
         n, k, d = header['pairs'], header['cache_views'], header['embed_dim']
         sizes = {'image.f16': 2 * n * k * d, 'text.f16': 2 * n * d, 'done.u8': n}
+        stored = None if keys is None else np.array(sorted(k.encode() for k in keys), dtype=bytes)  # utf-8: in order
+        need = sum(sizes.values()) + (0 if keys is None else stored.nbytes + 128)  # keys.npy: np.save's 128-byte header
         free = shutil.disk_usage(root).free
-        if sum(sizes.values()) > free:  # mapped files past the disk's end would kill the pass with SIGBUS
-            raise OSError(f"--teacher_cache {root}: the cache needs {sum(sizes.values())} bytes "
+        if need > free:  # mapped files past the disk's end would kill the pass with SIGBUS
+            raise OSError(f"--teacher_cache {root}: the cache needs {need} bytes "
                           f"({n} pairs x {k} views x {d} dims in fp16) and its disk has {free} free: free some space, "
                           "or give a folder on a larger disk")
         for name, size in sizes.items():
@@ -1264,8 +1266,11 @@ class TeacherCache:
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: sparse, checked
                         raise OSError(f"--teacher_cache {root}: cannot allocate {name} ({size} bytes): "
                                       f"{e.strerror or e}") from e
-        if keys is not None:
-            np.save(root / 'keys.npy', np.array(sorted(k.encode() for k in keys), dtype=bytes))  # utf-8 keeps the order
+        try:
+            if keys is not None:
+                np.save(root / 'keys.npy', stored)
+        except OSError as e:
+            raise OSError(f"--teacher_cache {root}: cannot write keys.npy: {e.strerror or e}") from e
         _write_json(root / 'header.json', header)
 
     def rows(self, batch):
@@ -1341,9 +1346,11 @@ def sha256_file(path, chunk=1 << 20):
 
 
 def _write_json(path, obj):
+    """obj as JSON (a str as it is) to path through a temp file; a failed write removes it, keeps any earlier file
+    and raises OSError naming path and the cause (a full disk)."""
     tmp = Path(f"{path}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=1) + '\n')
+        tmp.write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=1) + '\n')
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except OSError as e:
         tmp.unlink(missing_ok=True)

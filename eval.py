@@ -794,7 +794,7 @@ def save_results(path, metrics, meta):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
     meta = dict(protocol=PROTOCOL, date=time.strftime("%Y-%m-%d %H:%M:%S"), **meta)
-    Path(path).write_text(json.dumps(dict(meta=meta, metrics=clean), indent=2))
+    data._write_json(path, json.dumps(dict(meta=meta, metrics=clean), indent=2))  # a full disk: named, no half file
     return path
 
 
@@ -1024,7 +1024,7 @@ def table1(root, out=None, n=None, device="cpu"):
             for k in TABLE1_METRICS}
     md = table1_markdown(result)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table1.md").write_text(md)
+    data._write_json(out / "table1.md", md)
     save_results(out / "table1.json", result, dict(task="table1", root=str(root), split="test", n=n))
     png = plot_dynamics(out / "dynamics.png", curves) if curves else None
     print(md + f"\nwrote {out / 'table1.md'}, {out / 'table1.json'}" + (f", {png}" if png else ""))

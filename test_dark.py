@@ -2486,6 +2486,26 @@ def test_a_cache_too_large_for_its_disk_is_refused_before_the_pass(tmp_path, mon
         assert (root / name).stat().st_size == size and (root / name).stat().st_blocks * 512 >= size, name
 
 
+# --- field siblings: the cache's keys.npy on a full disk ---
+def test_a_tar_cache_counts_its_keys_file_against_the_disk_and_names_it_when_the_write_fails(tmp_path, monkeypatch):
+    """keys.npy (one row per tar sample key) is part of what the cache needs: a disk with room for the fp16 files and
+    the done flags alone is refused before anything is written, and a failing np.save names keys.npy."""
+    keys, header = [f"{s}/{i:05d}" for s in ("a/x/000.tar", "b/x/000.tar") for i in range(2)], dict(cache_views=1,
+                                                                                                 embed_dim=2)
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=16 + 16 + 4))())  # image, text, done
+    with pytest.raises(OSError, match=r"the cache needs 232 bytes .* its disk has 36 free"):
+        data.TeacherCache.create(tmp_path / "small", header, keys)
+    assert not (tmp_path / "small" / "image.f16").exists()
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=1 << 30))())
+
+    def fills_the_disk(path, array):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data.np, "save", fills_the_disk)
+    with pytest.raises(OSError, match=r"--teacher_cache .*full: cannot write keys\.npy: No space left on device"):
+        data.TeacherCache.create(tmp_path / "full", header, keys)
+    assert not (tmp_path / "full" / "header.json").exists()  # unfinished, and known to be
+
+
 def test_killed_caching_pass_resumes_to_the_same_files(tmp_path, monkeypatch):
     whole, killed = (_cached(tmp_path, teacher_cache=str(tmp_path / name), out_dir=str(tmp_path / name / "run"))
                      for name in ("whole", "killed"))
@@ -3349,6 +3369,25 @@ def test_speed_of_an_mci_at_32_px(preset):
         assert evaluation.describe(models.build_model("fetalclip")) == "ViT 24x1024/14 @224px"
 
 
+# --- field siblings: a full disk under eval.py ---
+def test_eval_results_on_a_full_disk_name_the_file_and_leave_no_half_file(tmp_path, monkeypatch):
+    """results JSON (save_results) and table1.md (data._write_json, which writes text as it is): a write that fills
+    the disk names the file and the cause, and leaves neither a cut file for --table to read nor a temp file."""
+    data._write_json(tmp_path / "table1.md", "| table |\n")
+    assert (tmp_path / "table1.md").read_text() == "| table |\n"
+    (tmp_path / "table1.md").unlink()
+    real_write_text = Path.write_text
+
+    def fills_the_disk(self, text):
+        real_write_text(self, text[:3])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", fills_the_disk)
+    path = tmp_path / "results_toy_test.json"
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(str(path))}: No space left on device"):
+        evaluation.save_results(path, dict(acc=0.5), dict(task="toy"))
+    assert os.listdir(tmp_path) == []
+
+
 # ==================== eval.py: the Table 1 summary ====================
 
 N = 16  # test images: the toy test split's first 16 hold both plane and brain classes and four heads for GA
@@ -3906,6 +3945,23 @@ def test_the_package_is_for_the_target_the_summary_names(tmp_path, target, quant
                                 quantize=quantize)["image"]
     spec = ct.models.MLModel(summary["path"], skip_model_load=True).get_spec()
     assert summary["target"] == target and spec.specificationVersion == getattr(ct.target, target).value
+
+
+# --- field siblings: a package saved to a full disk ---
+def test_a_package_that_fails_to_save_is_removed_and_named(tmp_path):
+    """coremltools copies the package file by file (shutil.Error lists the failures): the half package, which would
+    pass for one and stop the next run without --overwrite, is removed, and one line names it and the cause."""
+    class FillsTheDisk:
+        def save(self, path):
+            Path(path, "Data").mkdir(parents=True)
+            Path(path, "Manifest.json").write_text("{")
+            raise shutil.Error([("/tmp/x.mlpackage/Manifest.json", f"{path}/Manifest.json",
+                                 f"[Errno 28] No space left on device: '/tmp/x' -> '{path}/Manifest.json'")])
+    path = tmp_path / "ios" / "MobileFetalCLIPImage.mlpackage"
+    with pytest.raises(OSError) as e:
+        export_ios.save_package(FillsTheDisk(), path)
+    assert str(e.value) == f"cannot write {path}: No space left on device; nothing of it is kept"
+    assert not path.exists()
 
 
 # ==================== porting to another modality: the README's files and its three commands =============
