@@ -2492,7 +2492,7 @@ def test_a_tar_cache_counts_its_keys_file_against_the_disk_and_names_it_when_the
     the done flags alone is refused before anything is written, and a failing np.save names keys.npy."""
     keys, header = [f"{s}/{i:05d}" for s in ("a/x/000.tar", "b/x/000.tar") for i in range(2)], dict(cache_views=1,
                                                                                                  embed_dim=2)
-    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=16 + 16 + 4))())  # image, text, done
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=16 + 16 + 4))())  # fp16s, done
     with pytest.raises(OSError, match=r"the cache needs 232 bytes .* its disk has 36 free"):
         data.TeacherCache.create(tmp_path / "small", header, keys)
     assert not (tmp_path / "small" / "image.f16").exists()
