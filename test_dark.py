@@ -2310,7 +2310,8 @@ def test_trivial_answers_are_a_uniform_guess_and_the_training_heads_median_age(m
 
 # --- launchers other than torchrun ---
 LAUNCH_ENV = dict(  # what srun --ntasks=2 and mpirun -np 2 set for task `rank` on one node
-    srun=lambda rank, port: dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=2, SLURM_NNODES=1,
+    srun=lambda rank, port: dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=2, SLURM_STEP_NUM_TASKS=2,
+                                 SLURM_NNODES=1,
                                  SLURM_JOB_ID=port - 20000),  # the port is derived from the job id
     mpirun=lambda rank, port: dict(OMPI_COMM_WORLD_RANK=rank, OMPI_COMM_WORLD_LOCAL_RANK=rank, OMPI_COMM_WORLD_SIZE=2,
                                    OMPI_COMM_WORLD_LOCAL_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
@@ -2357,11 +2358,14 @@ def test_launcher_variables_one_task_several_nodes_and_torchrun_inside_slurm(tmp
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job runs as plain python
     assert train.launch_info() == ("python", 0, 0, 1)
+    # an sbatch --ntasks=2 script that runs python itself, outside any srun step (field sibling)
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # the job's tasks: no rank 1 will ever start, so this is one process
+    assert train.launch_info() == ("python", 0, 0, 1)
     assert train.compute_init(dict(device="cpu")) == (False, 0, 1, torch.device("cpu"))
     assert not torch.distributed.is_initialized()
     cfg = dict(out_dir=str(tmp_path))
     (tmp_path / "ckpt.pt").touch()  # Ctrl-C names the launcher's command
-    for env, message in ((dict(SLURM_NTASKS="8", SLURM_NNODES="2"), "srun on several nodes (SLURM_NNODES)"),
+    for env, message in ((dict(SLURM_STEP_NUM_TASKS="8", SLURM_NNODES="2"), "srun on several nodes (SLURM_NNODES)"),
                          (dict(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="8", OMPI_COMM_WORLD_LOCAL_SIZE="4"),
                           "mpirun on several nodes (OMPI_COMM_WORLD_LOCAL_SIZE < OMPI_COMM_WORLD_SIZE)")):
         with monkeypatch.context() as m:

@@ -223,7 +223,9 @@ def kd_weight(cfg, step, total_steps):
 
 # --- distributed ---
 # each launcher's variables for (rank, local rank, world size), as open_clip's world_info_from_env reads them
-LAUNCHERS = dict(torchrun=("RANK", "LOCAL_RANK", "WORLD_SIZE"), srun=("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
+# srun's step size, not the job's SLURM_NTASKS: an sbatch --ntasks=N script that runs python without srun has that too
+LAUNCHERS = dict(torchrun=("RANK", "LOCAL_RANK", "WORLD_SIZE"),
+                 srun=("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS"),
                  mpirun=("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"))
 
 
