@@ -350,7 +350,7 @@ class ToyWorld(torch.utils.data.Dataset):
 
 
 def save_grid(path, n=16, size=128, split='train', seed=0):
-    """Save n toy samples as one PNG, each labelled with its plane (or sub-plane) and age."""
+    """Save n toy samples as one PNG, each labelled with its plane (or sub-plane) and age. OSError names path."""
     world, cols = ToyWorld(split, size, seed, n), math.ceil(math.sqrt(n))
     grid = Image.new('L', (cols * size, math.ceil(n / cols) * size))
     draw = ImageDraw.Draw(grid)
@@ -360,7 +360,11 @@ def save_grid(path, n=16, size=128, split='train', seed=0):
         name = BRAIN_PLANES[item['brain_plane']] if item['plane'] == 1 else PLANES[item['plane']]
         weeks, days = divmod(round(item['ga_weeks'] * 7), 7)
         draw.text((x + 3, y + 2), f"{name} {weeks}w{days}d", fill=255)
-    grid.save(path)
+    try:
+        grid.save(path)
+    except OSError as e:  # a full disk: Pillow's error names no file, and leaves a cut one
+        Path(path).unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 # --- tokenizers ---
@@ -1484,9 +1488,10 @@ def run_script(main, prog):
     sys.exit(status)
 
 
-if __name__ == '__main__':
-    opt, _ = parse_flags(sys.argv[1:], dict(out='toy_samples.png'), doc=__doc__, notes=dict(out='a PNG grid of 16 '
-                         'toy training images; then captions and the images/s of the toy world are printed'))
+def main(argv):
+    """`python data.py`: a grid of toy images, some captions and the toy world's speed."""
+    opt, _ = parse_flags(argv, dict(out='toy_samples.png'), doc=__doc__, notes=dict(out='a PNG grid of 16 toy '
+                         'training images; then captions and the images/s of the toy world are printed'))
     torch.set_num_threads(1)
     out = opt['out']
     save_grid(out)
@@ -1498,3 +1503,7 @@ if __name__ == '__main__':
         for i in range(n):
             world[i]
         print(f"{size} px: {n / (time.perf_counter() - start):.0f} images/s on one core")
+
+
+if __name__ == '__main__':
+    run_script(main, 'data.py')

@@ -988,6 +988,19 @@ def _png(path, size=(40, 30), value=128):
     Image.new('L', size, value).save(path)
 
 
+# --- field siblings: python data.py's refusals ---
+@pytest.mark.parametrize("argv, said", [(["--bogus=1"], "data.py: unknown argument '--bogus=1'; the options are --out"),
+                                        (["--out={tmp}/no/such/dir/grid.png"],
+                                         "data.py: cannot write {tmp}/no/such/dir/grid.png: No such file or directory")])
+def test_data_py_refuses_in_one_line_with_status_2(tmp_path, argv, said):
+    """data.run_script is data.py's entry point too: a bad flag or an --out it cannot write is one line, status 2."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "data.py"),
+                           *[a.format(tmp=tmp_path) for a in argv]], cwd=tmp_path, text=True, capture_output=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert (done.returncode, done.stderr.count("\n")) == (2, 1), done.stderr
+    assert done.stderr.startswith(said.format(tmp=tmp_path))
+
+
 def test_caption_csv_and_tsv(tmp_path):
     (tmp_path / 'img').mkdir()
     _png(tmp_path / 'img/a.png')
