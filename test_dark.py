@@ -991,7 +991,7 @@ def _png(path, size=(40, 30), value=128):
 # --- field siblings: python data.py's refusals ---
 @pytest.mark.parametrize("argv, said", [
     (["--bogus=1"], "data.py: unknown argument '--bogus=1'; the options are --out"),
-    (["--out={tmp}/no/such/dir/grid.png"], "data.py: cannot write {tmp}/no/such/dir/grid.png: No such file or directory")])
+    (["--out={tmp}/no/such/dir/g.png"], "data.py: cannot write {tmp}/no/such/dir/g.png: No such file or directory")])
 def test_data_py_refuses_in_one_line_with_status_2(tmp_path, argv, said):
     """data.run_script is data.py's entry point too: a bad flag or an --out it cannot write is one line, status 2."""
     done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "data.py"),
