@@ -1483,6 +1483,8 @@ def run_script(main, prog):
         message, status = e.code, 130 if isinstance(e.__context__, KeyboardInterrupt) else 2
     except (ValueError, OSError, FloatingPointError) as e:
         message = f"{prog}: {e}"
+    except KeyboardInterrupt:  # Ctrl-C where main leaves no message of its own (eval.py, export_ios.py)
+        message, status = f"{prog}: interrupted", 130
     if int(os.environ.get('RANK', 0)) == 0:
         print(' '.join(message.split()), file=sys.stderr, flush=True)
     sys.exit(status)

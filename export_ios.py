@@ -333,12 +333,14 @@ def print_summary(summary, target):
 def save_package(mlmodel, path):
     """mlmodel.save(path); a failed save (a full disk: shutil.Error lists every file it could not copy) removes what
     it wrote, which would pass for a package (and stop the next run without --overwrite), and raises OSError naming
-    path and the cause."""
+    path and the cause; Ctrl-C during the save removes it too."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         mlmodel.save(str(path))
-    except OSError as e:
+    except (OSError, KeyboardInterrupt) as e:
         shutil.rmtree(path, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise
         why = re.search(r"\[Errno \d+\] ([^:'\]]+)", str(e))
         raise OSError(f"cannot write {path}: {why[1] if why else e}; nothing of it is kept") from e
 

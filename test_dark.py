@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -1659,6 +1660,8 @@ def test_a_refusal_is_one_line_and_status_2(monkeypatch, capsys):
                                (lambda argv: int("one"), 2, "x.py: invalid literal for int() with base 10: 'one'"),
                                (lambda argv: open("/nonexistent/f"), 2, "x.py: [Errno 2] No such file or directory"),
                                (interrupted, 130, "interrupted. resume with: python x.py"),
+                               (lambda argv: signal.default_int_handler(signal.SIGINT, None), 130,  # field sibling:
+                                "x.py: interrupted\n"),  # Ctrl-C in eval.py or export_ios.py: no traceback
                                (lambda argv: sys.exit(0), 0, "")):
         with pytest.raises(SystemExit) as e:
             data.run_script(main, "x.py")
@@ -3967,17 +3970,24 @@ def test_the_package_is_for_the_target_the_summary_names(tmp_path, target, quant
 # --- field siblings: a package saved to a full disk ---
 def test_a_package_that_fails_to_save_is_removed_and_named(tmp_path):
     """coremltools copies the package file by file (shutil.Error lists the failures): the half package, which would
-    pass for one and stop the next run without --overwrite, is removed, and one line names it and the cause."""
+    pass for one and stop the next run without --overwrite, is removed, and one line names it and the cause; a
+    Ctrl-C during the save removes it too."""
     class FillsTheDisk:
+        def __init__(self, error):
+            self.error = error
+
         def save(self, path):
             Path(path, "Data").mkdir(parents=True)
             Path(path, "Manifest.json").write_text("{")
-            raise shutil.Error([("/tmp/x.mlpackage/Manifest.json", f"{path}/Manifest.json",
-                                 f"[Errno 28] No space left on device: '/tmp/x' -> '{path}/Manifest.json'")])
+            raise self.error
     path = tmp_path / "ios" / "MobileFetalCLIPImage.mlpackage"
     with pytest.raises(OSError) as e:
-        export_ios.save_package(FillsTheDisk(), path)
+        export_ios.save_package(FillsTheDisk(shutil.Error([("/tmp/x.mlpackage/Manifest.json", f"{path}/Manifest.json",
+                                f"[Errno 28] No space left on device: '/tmp/x' -> '{path}/Manifest.json'")])), path)
     assert str(e.value) == f"cannot write {path}: No space left on device; nothing of it is kept"
+    assert not path.exists()
+    with pytest.raises(KeyboardInterrupt):
+        export_ios.save_package(FillsTheDisk(KeyboardInterrupt()), path)
     assert not path.exists()
 
 
