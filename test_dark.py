@@ -435,6 +435,25 @@ def test_weight_files_torch_save_did_not_write_are_refused_in_one_line_naming_th
             assert '\n' not in str(e.value) and 'Re-running' not in str(e.value), name
 
 
+# --- field siblings: other tools' checkpoints ---
+@pytest.mark.parametrize("pickled", ["a whole model", "a run's dict"])
+def test_the_advice_for_a_pickled_checkpoint_gives_weights_that_load(tmp_path, monkeypatch, pickled):
+    """torch.save(model) (a whole nn.Module) and a training run's dict with Python objects beside its state_dict are
+    both refused by weights_only loading; the command the message gives turns either into weights that load."""
+    import argparse
+    torch.manual_seed(0)
+    model = models.build_model('toy-student')
+    torch.save(model if pickled == "a whole model" else {'args': argparse.Namespace(lr=1.0),
+                                                        'state_dict': model.state_dict()}, tmp_path / 'run.pt')
+    with pytest.raises(ValueError) as e:
+        models.load_checkpoint(models.build_model('toy-student'), tmp_path / 'run.pt')
+    monkeypatch.chdir(tmp_path)
+    exec(re.search(r'python -c "(.*)"$', str(e.value))[1], {})
+    loaded = models.build_model('toy-student')
+    models.load_checkpoint(loaded, tmp_path / 'weights.pt')
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
 def to_ml_mobileclip(state_dict, prefix, stages):
     """Our timm-named trunk keys in Apple ml-mobileclip's mci.py layout (the inverse of the loader's rules)."""
     network, n = {}, 0  # ml-mobileclip's flat list: [blocks0, downsample1, blocks1, ..., downsample3, pe3, blocks3]
