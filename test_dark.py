@@ -394,7 +394,7 @@ def test_torchscript_clip_archive_loads_as_open_clip_reads_it(tmp_path, make):
     want = {k: v.half().to(v.dtype) if v.is_floating_point() else v for k, v in source.state_dict().items()}
     model = models.load_checkpoint(models.build_model(TOY_VIT), tmp_path / 'ViT-toy.pt')
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
-    model, kind = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
+    model, kind, _ = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
     assert not torch.equal(want['visual.conv1.weight'], models.build_model(TOY_VIT).state_dict()['visual.conv1.weight'])
 
@@ -2684,6 +2684,28 @@ def test_teacher_cache_over_shards_of_one_name_in_two_folders_builds_and_holds_e
     items = list(data.TarShards(pattern))
     assert len({item["key"] for item in items}) == 4
     _assert_rows_hold_their_pairs(cfg, items)
+
+
+# --- field siblings: a raw or TorchScript teacher in the toy run's report ---
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript"])
+def test_the_toy_report_reads_a_raw_teacher_with_its_teacher_config(tmp_path, monkeypatch, kind):
+    """A toy run distilled from raw weights (--teacher_config) or an OpenAI-style TorchScript archive trains, then
+    reports: the report reads that teacher as the run did, with its config, not as a train.py checkpoint."""
+    source = randomize_(models.build_model(TOY_VIT))
+    path = tmp_path / "teacher.pt"
+    if kind == "torchscript":
+        torch.jit.script(TorchScriptCLIP(source.state_dict())).save(path)
+    else:
+        torch.save(source.state_dict(), path)
+    seen = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, tok, **kw: seen.append(model) or dict(
+        planes_f1=0.5, brain_f1=0.5, ga_validity=50.0, composite=0.5))
+    monkeypatch.setattr(evaluation, "speed", lambda model, runs: dict(image_ms=1.0, spread=0.0))
+    cfg = dict(teacher=str(path), teacher_config=TOY_VIT, out_dir=str(tmp_path), seed=0, toy_train_size=64)
+    rows = train.report([("teacher", str(path))], cfg)
+    assert rows[0]["model"] == "teacher" and (tmp_path / "results.json").is_file()
+    got = seen[0].state_dict()["visual.conv1.weight"]
+    assert torch.allclose(got, source.state_dict()["visual.conv1.weight"], atol=1e-2)  # its weights (fp16 in jit)
 
 
 def test_readme_toy_numbers_come_from_the_committed_results():

@@ -787,8 +787,9 @@ def report(checkpoints, cfg):
     trivial answers; the rows also go to results.json."""
     rows, configs, speeds = [], {}, []
     for name, path in checkpoints:
-        configs[name] = torch.load(path, map_location="cpu", weights_only=True).get("config")  # the run's recipe
-        model, tokenizer = evaluation.load_model_from_checkpoint(path)
+        configs[name] = models.read_checkpoint(path, mmap=True).get("config")  # the run's recipe (raw weights: none)
+        raw_config = cfg["teacher_config"] if path == cfg["teacher"] else None  # a teacher of raw (or jit) weights
+        model, tokenizer = evaluation.load_model_from_checkpoint(path, raw_config or None)
         metrics = evaluation.evaluate(model, tokenizer, task="toy", split="test")
         speeds.append(speed := evaluation.speed(model, runs=10))
         rows.append(dict(model=name, params_M=sum(p.numel() for p in model.parameters()) / 1e6,
