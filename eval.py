@@ -975,8 +975,12 @@ def table1(root, out=None, n=None, device="cpu"):
         return cached(ckpt.parent / "test_metrics.json", [ckpt], dict(checkpoint=str(ckpt), split="test", n=n),
                       lambda: evaluate(*load(ckpt), "toy", "test", n, device=device))
 
-    runs = [dict(name=p.parent.name, dir=p.parent, cfg=torch.load(p, map_location="cpu", weights_only=True)["config"])
-            for p in sorted(root.glob("*/best.pt"))]
+    def run_config(path):  # a cut file, or weights that train.py did not write, refused by name
+        cfg = models.read_checkpoint(path, mmap=True).get("config")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: no run config in it, so not a train.py checkpoint (--table reads train.py runs)")
+        return cfg
+    runs = [dict(name=p.parent.name, dir=p.parent, cfg=run_config(p)) for p in sorted(root.glob("*/best.pt"))]
     if not runs:
         raise FileNotFoundError(f"no {root}/<run>/best.pt: train each run with python train.py --kd=... --seed=... "
                                 f"--out_dir={root}/<run>")

@@ -3669,6 +3669,22 @@ def test_readme_table1_comes_from_the_committed_results():
     assert all(d['seeds'] == len(seeds[0]) for pair in saved['paired'].values() for d in pair.values())
 
 
+# --- field siblings: --table over a folder holding what train.py did not write ---
+@pytest.mark.parametrize("content, said", [("cut", "a zip archive cut short"),
+                                           ("weights", "no run config in it, so not a train.py checkpoint")])
+def test_table_names_a_best_pt_it_cannot_read(tmp_path, content, said):
+    """A run folder whose best.pt was cut short (a copy interrupted) or holds raw weights is named, one line."""
+    weights = models.build_model("toy-student").state_dict()
+    (tmp_path / "run").mkdir()
+    torch.save(weights, tmp_path / "run" / "best.pt")
+    if content == "cut":
+        raw = (tmp_path / "run" / "best.pt").read_bytes()
+        (tmp_path / "run" / "best.pt").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "run" / "best.pt")) + ".*" + said) as e:
+        evaluation.table1(tmp_path)
+    assert "\n" not in str(e.value)
+
+
 # ==================== export_ios.py: Core ML ====================
 
 def toy_checkpoint(path, preset="toy-student"):
