@@ -1999,6 +1999,21 @@ def test_a_full_disk_stops_the_run_naming_file_step_cause_and_last_checkpoint(tm
     assert torch.load(ckpt, weights_only=False)["step"] == 2  # the earlier checkpoint, whole
 
 
+# --- field siblings: --resume from a ckpt.pt it cannot read ---
+@pytest.mark.parametrize("content, said", [("cut", ": a zip archive cut short"),
+                                           ("weights", "holds no run config: train.py did not write it")])
+def test_resume_names_a_ckpt_pt_it_cannot_read(tmp_path, content, said):
+    """A run folder copied in part (ckpt.pt cut short) or given bare weights as ckpt.pt: one line naming the file."""
+    (tmp_path / "run").mkdir()
+    torch.save(models.build_model("toy-student").state_dict(), tmp_path / "run" / "ckpt.pt")
+    if content == "cut":
+        raw = (tmp_path / "run" / "ckpt.pt").read_bytes()
+        (tmp_path / "run" / "ckpt.pt").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises((SystemExit, ValueError)) as e:
+        train.configure(["--resume=true", f"--out_dir={tmp_path / 'run'}"])
+    assert re.search(re.escape(str(tmp_path / "run" / "ckpt.pt")) + ".*" + said, str(e.value)), str(e.value)
+
+
 def test_every_run_file_names_itself_when_the_disk_is_full(tmp_path, monkeypatch):
     """results.md and .json (train.save_atomic of text), the cache's JSON files, log.jsonl: each failed write names
     its file and the cause, and leaves no temp file and the earlier file as it was."""

@@ -154,7 +154,9 @@ def configure(argv):
         if not (out / "ckpt.pt").is_file():
             sys.exit(f"train.py: --resume=true: no checkpoint at {out / 'ckpt.pt'} (is --out_dir the run's folder?)")
         # mmap: only the config is read from disk, not every weight of a large checkpoint
-        ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
+        ckpt = models.read_checkpoint(out / "ckpt.pt", mmap=True)  # a cut file or bare weights: named
+        if not isinstance(ckpt.get("config"), dict):
+            sys.exit(f"train.py: --resume=true: {out / 'ckpt.pt'} holds no run config: train.py did not write it")
         saved, files, runs = ckpt["config"], ckpt.get("files", {}), ckpt.get("plan", {}).get("ranks", ranks)
         batch, keep = cfg["batch_size"] if "batch_size" in given else saved["batch_size"], saved["batch_size"] * runs
         if batch * ranks != keep:  # the global batch fixes the steps per epoch, hence the schedule
