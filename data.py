@@ -350,7 +350,7 @@ class ToyWorld(torch.utils.data.Dataset):
 
 
 def save_grid(path, n=16, size=128, split='train', seed=0):
-    """Save n toy samples as one PNG, each labelled with its plane (or sub-plane) and age."""
+    """Save n toy samples as one PNG, each labelled with its plane (or sub-plane) and age. OSError names path."""
     world, cols = ToyWorld(split, size, seed, n), math.ceil(math.sqrt(n))
     grid = Image.new('L', (cols * size, math.ceil(n / cols) * size))
     draw = ImageDraw.Draw(grid)
@@ -360,7 +360,11 @@ def save_grid(path, n=16, size=128, split='train', seed=0):
         name = BRAIN_PLANES[item['brain_plane']] if item['plane'] == 1 else PLANES[item['plane']]
         weeks, days = divmod(round(item['ga_weeks'] * 7), 7)
         draw.text((x + 3, y + 2), f"{name} {weeks}w{days}d", fill=255)
-    grid.save(path)
+    try:
+        grid.save(path)
+    except OSError as e:  # a full disk: Pillow's error names no file, and leaves a cut one
+        Path(path).unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e.strerror or e}") from e
 
 
 # --- tokenizers ---
@@ -1249,9 +1253,11 @@ class TeacherCache:
         root.mkdir(parents=True, exist_ok=True)
         n, k, d = header['pairs'], header['cache_views'], header['embed_dim']
         sizes = {'image.f16': 2 * n * k * d, 'text.f16': 2 * n * d, 'done.u8': n}
+        stored = None if keys is None else np.array(sorted(k.encode() for k in keys), dtype=bytes)  # utf-8: in order
+        need = sum(sizes.values()) + (0 if keys is None else stored.nbytes + 128)  # keys.npy: np.save's 128-byte header
         free = shutil.disk_usage(root).free
-        if sum(sizes.values()) > free:  # mapped files past the disk's end would kill the pass with SIGBUS
-            raise OSError(f"--teacher_cache {root}: the cache needs {sum(sizes.values())} bytes "
+        if need > free:  # mapped files past the disk's end would kill the pass with SIGBUS
+            raise OSError(f"--teacher_cache {root}: the cache needs {need} bytes "
                           f"({n} pairs x {k} views x {d} dims in fp16) and its disk has {free} free: free some space, "
                           "or give a folder on a larger disk")
         for name, size in sizes.items():
@@ -1264,8 +1270,11 @@ class TeacherCache:
                     if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without it: sparse, checked
                         raise OSError(f"--teacher_cache {root}: cannot allocate {name} ({size} bytes): "
                                       f"{e.strerror or e}") from e
-        if keys is not None:
-            np.save(root / 'keys.npy', np.array(sorted(k.encode() for k in keys), dtype=bytes))  # utf-8 keeps the order
+        try:
+            if keys is not None:
+                np.save(root / 'keys.npy', stored)
+        except OSError as e:
+            raise OSError(f"--teacher_cache {root}: cannot write keys.npy: {e.strerror or e}") from e
         _write_json(root / 'header.json', header)
 
     def rows(self, batch):
@@ -1341,9 +1350,11 @@ def sha256_file(path, chunk=1 << 20):
 
 
 def _write_json(path, obj):
+    """obj as JSON (a str as it is) to path through a temp file; a failed write removes it, keeps any earlier file
+    and raises OSError naming path and the cause (a full disk)."""
     tmp = Path(f"{path}.tmp")
     try:
-        tmp.write_text(json.dumps(obj, indent=1) + '\n')
+        tmp.write_text(obj if isinstance(obj, str) else json.dumps(obj, indent=1) + '\n')
         os.replace(tmp, path)  # atomic: a reader never sees half a file
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -1472,15 +1483,18 @@ def run_script(main, prog):
         message, status = e.code, 130 if isinstance(e.__context__, KeyboardInterrupt) else 2
     except (ValueError, OSError, FloatingPointError) as e:
         message = f"{prog}: {e}"
+    except KeyboardInterrupt:  # Ctrl-C where main leaves no message of its own (eval.py, export_ios.py)
+        message, status = f"{prog}: interrupted", 130
     # the rank of torchrun, SLURM's srun or Open MPI's mpirun, in train.LAUNCHERS' order: torchrun's wins in a SLURM job
     if int(next((os.environ[k] for k in ('RANK', 'SLURM_PROCID', 'OMPI_COMM_WORLD_RANK') if k in os.environ), 0)) == 0:
         print(' '.join(message.split()), file=sys.stderr, flush=True)
     sys.exit(status)
 
 
-if __name__ == '__main__':
-    opt, _ = parse_flags(sys.argv[1:], dict(out='toy_samples.png'), doc=__doc__, notes=dict(out='a PNG grid of 16 '
-                         'toy training images; then captions and the images/s of the toy world are printed'))
+def main(argv):
+    """`python data.py`: a grid of toy images, some captions and the toy world's speed."""
+    opt, _ = parse_flags(argv, dict(out='toy_samples.png'), doc=__doc__, notes=dict(out='a PNG grid of 16 toy '
+                         'training images; then captions and the images/s of the toy world are printed'))
     torch.set_num_threads(1)
     out = opt['out']
     save_grid(out)
@@ -1492,3 +1506,7 @@ if __name__ == '__main__':
         for i in range(n):
             world[i]
         print(f"{size} px: {n / (time.perf_counter() - start):.0f} images/s on one core")
+
+
+if __name__ == '__main__':
+    run_script(main, 'data.py')

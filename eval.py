@@ -794,7 +794,7 @@ def save_results(path, metrics, meta):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in metrics.items()}
     meta = dict(protocol=PROTOCOL, date=time.strftime("%Y-%m-%d %H:%M:%S"), **meta)
-    Path(path).write_text(json.dumps(dict(meta=meta, metrics=clean), indent=2))
+    data._write_json(path, json.dumps(dict(meta=meta, metrics=clean), indent=2))  # a full disk: named, no half file
     return path
 
 
@@ -979,8 +979,12 @@ def table1(root, out=None, n=None, device="cpu"):
         return cached(ckpt.parent / "test_metrics.json", [ckpt], dict(checkpoint=str(ckpt), split="test", n=n),
                       lambda: evaluate(*load(ckpt), "toy", "test", n, device=device))
 
-    runs = [dict(name=p.parent.name, dir=p.parent, cfg=torch.load(p, map_location="cpu", weights_only=True)["config"])
-            for p in sorted(root.glob("*/best.pt"))]
+    def run_config(path):  # a cut file, or weights that train.py did not write, refused by name
+        cfg = models.read_checkpoint(path, mmap=True).get("config")
+        if not isinstance(cfg, dict):
+            raise ValueError(f"{path}: no run config in it, so not a train.py checkpoint (--table reads train.py runs)")
+        return cfg
+    runs = [dict(name=p.parent.name, dir=p.parent, cfg=run_config(p)) for p in sorted(root.glob("*/best.pt"))]
     if not runs:
         raise FileNotFoundError(f"no {root}/<run>/best.pt: train each run with python train.py --kd=... --seed=... "
                                 f"--out_dir={root}/<run>")
@@ -1028,7 +1032,7 @@ def table1(root, out=None, n=None, device="cpu"):
             for k in TABLE1_METRICS}
     md = table1_markdown(result)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "table1.md").write_text(md)
+    data._write_json(out / "table1.md", md)
     save_results(out / "table1.json", result, dict(task="table1", root=str(root), split="test", n=n))
     png = plot_dynamics(out / "dynamics.png", curves) if curves else None
     print(md + f"\nwrote {out / 'table1.md'}, {out / 'table1.json'}" + (f", {png}" if png else ""))

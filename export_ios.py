@@ -28,6 +28,7 @@ import json
 import math
 import platform
 import re
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -329,14 +330,28 @@ def print_summary(summary, target):
     print(f"  Core ML predict: {summary['predict']}")
 
 
+def save_package(mlmodel, path):
+    """mlmodel.save(path); a failed save (a full disk: shutil.Error lists every file it could not copy) removes what
+    it wrote, which would pass for a package (and stop the next run without --overwrite), and raises OSError naming
+    path and the cause; Ctrl-C during the save removes it too."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mlmodel.save(str(path))
+    except (OSError, KeyboardInterrupt) as e:
+        shutil.rmtree(path, ignore_errors=True)
+        if isinstance(e, KeyboardInterrupt):
+            raise
+        why = re.search(r"\[Errno \d+\] ([^:'\]]+)", str(e))
+        raise OSError(f"cannot write {path}: {why[1] if why else e}; nothing of it is kept") from e
+
+
 # --- the whole export ---
 def build_package(path, module, example, ct_input, io, docs, feeds, meta, target, quantize):
     """Export, convert, describe, save, check -> summary (also printed)."""
     program, err = export_program(module, example)
     mlmodel = to_coreml(program, ct_input, list(io)[1:], target, quantize)
     describe(mlmodel, meta, docs)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    mlmodel.save(str(path))
+    save_package(mlmodel, path)
     summary = check_package(path, io, n_weights(program), quantize, target)
     summary.update(path=str(path), target=target, export_error=err,
                    predict=check_predictions(path, module, feeds, quantize))

@@ -718,8 +718,10 @@ def read_checkpoint(path, mmap=False):
     except Exception as e:  # torch.load raises pickle, zip, EOF and runtime errors alike
         if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(e)):
             raise refuse(f"it holds Python objects ({found[1]}) that weights_only loading refuses (unpickling could "
-                         f"run code). If you trust the file, save its weights alone: torch.save(torch.load('{path}', "
-                         "weights_only=False)['state_dict'], 'weights.pt')") from None
+                         "run code). If you trust the file, save its weights alone (a whole pickled model's too): "
+                         f"python -c \"import torch; m = torch.load('{path}', weights_only=False); torch.save("
+                         "m.state_dict() if isinstance(m, torch.nn.Module) else m['state_dict'], 'weights.pt')\"") \
+                from None
         cut = "a zip archive cut short" if head[:4] == b"PK\x03\x04" else "cut short, or not a torch.save file"
         raise refuse(f"{cut} ({type(e).__name__}: {(str(e).splitlines() or [''])[0][:120]})") from None
 

@@ -16,6 +16,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -393,7 +394,7 @@ def test_torchscript_clip_archive_loads_as_open_clip_reads_it(tmp_path, make):
     want = {k: v.half().to(v.dtype) if v.is_floating_point() else v for k, v in source.state_dict().items()}
     model = models.load_checkpoint(models.build_model(TOY_VIT), tmp_path / 'ViT-toy.pt')
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
-    model, _, _ = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
+    model, kind, _ = evaluation.load_model_and_tokenizer_kind(tmp_path / 'ViT-toy.pt', TOY_VIT)  # --teacher's way
     assert all(torch.equal(v, want[k]) for k, v in model.state_dict().items())
     assert not torch.equal(want['visual.conv1.weight'], models.build_model(TOY_VIT).state_dict()['visual.conv1.weight'])
 
@@ -432,6 +433,25 @@ def test_weight_files_torch_save_did_not_write_are_refused_in_one_line_naming_th
             with pytest.raises(ValueError, match=f"^cannot read checkpoint {where}: {what}") as e:
                 load(tmp_path / name)
             assert '\n' not in str(e.value) and 'Re-running' not in str(e.value), name
+
+
+# --- field siblings: other tools' checkpoints ---
+@pytest.mark.parametrize("pickled", ["a whole model", "a run's dict"])
+def test_the_advice_for_a_pickled_checkpoint_gives_weights_that_load(tmp_path, monkeypatch, pickled):
+    """torch.save(model) (a whole nn.Module) and a training run's dict with Python objects beside its state_dict are
+    both refused by weights_only loading; the command the message gives turns either into weights that load."""
+    import argparse
+    torch.manual_seed(0)
+    model = models.build_model('toy-student')
+    torch.save(model if pickled == "a whole model" else {'args': argparse.Namespace(lr=1.0),
+                                                        'state_dict': model.state_dict()}, tmp_path / 'run.pt')
+    with pytest.raises(ValueError) as e:
+        models.load_checkpoint(models.build_model('toy-student'), tmp_path / 'run.pt')
+    monkeypatch.chdir(tmp_path)
+    exec(re.search(r'python -c "(.*)"$', str(e.value))[1], {})
+    loaded = models.build_model('toy-student')
+    models.load_checkpoint(loaded, tmp_path / 'weights.pt')
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
 
 
 def to_ml_mobileclip(state_dict, prefix, stages):
@@ -986,6 +1006,19 @@ def test_clean_text_turns_each_whitespace_character_into_one_space(space):
 # --- real formats ---
 def _png(path, size=(40, 30), value=128):
     Image.new('L', size, value).save(path)
+
+
+# --- field siblings: python data.py's refusals ---
+@pytest.mark.parametrize("argv, said", [
+    (["--bogus=1"], "data.py: unknown argument '--bogus=1'; the options are --out"),
+    (["--out={tmp}/no/such/dir/g.png"], "data.py: cannot write {tmp}/no/such/dir/g.png: No such file or directory")])
+def test_data_py_refuses_in_one_line_with_status_2(tmp_path, argv, said):
+    """data.run_script is data.py's entry point too: a bad flag or an --out it cannot write is one line, status 2."""
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent / "data.py"),
+                           *[a.format(tmp=tmp_path) for a in argv]], cwd=tmp_path, text=True, capture_output=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert (done.returncode, done.stderr.count("\n")) == (2, 1), done.stderr
+    assert done.stderr.startswith(said.format(tmp=tmp_path))
 
 
 def test_caption_csv_and_tsv(tmp_path):
@@ -1646,6 +1679,8 @@ def test_a_refusal_is_one_line_and_status_2(monkeypatch, capsys):
                                (lambda argv: int("one"), 2, "x.py: invalid literal for int() with base 10: 'one'"),
                                (lambda argv: open("/nonexistent/f"), 2, "x.py: [Errno 2] No such file or directory"),
                                (interrupted, 130, "interrupted. resume with: python x.py"),
+                               (lambda argv: signal.default_int_handler(signal.SIGINT, None), 130,  # field sibling:
+                                "x.py: interrupted\n"),  # Ctrl-C in eval.py or export_ios.py: no traceback
                                (lambda argv: sys.exit(0), 0, "")):
         with pytest.raises(SystemExit) as e:
             data.run_script(main, "x.py")
@@ -1980,6 +2015,21 @@ def test_a_full_disk_stops_the_run_naming_file_step_cause_and_last_checkpoint(tm
                         rf"kept\. stopping\. The last good checkpoint is {re.escape(str(ckpt))}", said[0]), said[0]
     assert sorted(os.listdir(cfg["out_dir"])) == ["ckpt.pt", "log.jsonl"]  # the temp file is gone
     assert torch.load(ckpt, weights_only=False)["step"] == 2  # the earlier checkpoint, whole
+
+
+# --- field siblings: --resume from a ckpt.pt it cannot read ---
+@pytest.mark.parametrize("content, said", [("cut", ": a zip archive cut short"),
+                                           ("weights", "holds no run config: train.py did not write it")])
+def test_resume_names_a_ckpt_pt_it_cannot_read(tmp_path, content, said):
+    """A run folder copied in part (ckpt.pt cut short) or given bare weights as ckpt.pt: one line naming the file."""
+    (tmp_path / "run").mkdir()
+    torch.save(models.build_model("toy-student").state_dict(), tmp_path / "run" / "ckpt.pt")
+    if content == "cut":
+        raw = (tmp_path / "run" / "ckpt.pt").read_bytes()
+        (tmp_path / "run" / "ckpt.pt").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises((SystemExit, ValueError)) as e:
+        train.configure(["--resume=true", f"--out_dir={tmp_path / 'run'}"])
+    assert re.search(re.escape(str(tmp_path / "run" / "ckpt.pt")) + ".*" + said, str(e.value)), str(e.value)
 
 
 def test_every_run_file_names_itself_when_the_disk_is_full(tmp_path, monkeypatch):
@@ -2329,7 +2379,8 @@ def test_trivial_answers_are_a_uniform_guess_and_the_training_heads_median_age(m
 
 # --- launchers other than torchrun ---
 LAUNCH_ENV = dict(  # what srun --ntasks=2 and mpirun -np 2 set for task `rank` on one node
-    srun=lambda rank, port: dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=2, SLURM_NNODES=1,
+    srun=lambda rank, port: dict(SLURM_PROCID=rank, SLURM_LOCALID=rank, SLURM_NTASKS=2, SLURM_STEP_NUM_TASKS=2,
+                                 SLURM_NNODES=1,
                                  SLURM_JOB_ID=port - 20000),  # the port is derived from the job id
     mpirun=lambda rank, port: dict(OMPI_COMM_WORLD_RANK=rank, OMPI_COMM_WORLD_LOCAL_RANK=rank, OMPI_COMM_WORLD_SIZE=2,
                                    OMPI_COMM_WORLD_LOCAL_SIZE=2, MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
@@ -2376,11 +2427,14 @@ def test_launcher_variables_one_task_several_nodes_and_torchrun_inside_slurm(tmp
     monkeypatch.setenv("SLURM_PROCID", "0")
     monkeypatch.setenv("SLURM_NTASKS", "1")  # a one-task job runs as plain python
     assert train.launch_info() == ("python", 0, 0, 1)
+    # an sbatch --ntasks=2 script that runs python itself, outside any srun step (field sibling)
+    monkeypatch.setenv("SLURM_NTASKS", "2")  # the job's tasks: no rank 1 will ever start, so this is one process
+    assert train.launch_info() == ("python", 0, 0, 1)
     assert train.compute_init(dict(device="cpu")) == (False, 0, 1, torch.device("cpu"))
     assert not torch.distributed.is_initialized()
     cfg = dict(out_dir=str(tmp_path))
     (tmp_path / "ckpt.pt").touch()  # Ctrl-C names the launcher's command
-    for env, message in ((dict(SLURM_NTASKS="8", SLURM_NNODES="2"), "srun on several nodes (SLURM_NNODES)"),
+    for env, message in ((dict(SLURM_STEP_NUM_TASKS="8", SLURM_NNODES="2"), "srun on several nodes (SLURM_NNODES)"),
                          (dict(OMPI_COMM_WORLD_RANK="0", OMPI_COMM_WORLD_SIZE="8", OMPI_COMM_WORLD_LOCAL_SIZE="4"),
                           "mpirun on several nodes (OMPI_COMM_WORLD_LOCAL_SIZE < OMPI_COMM_WORLD_SIZE)")):
         with monkeypatch.context() as m:
@@ -2503,6 +2557,26 @@ def test_a_cache_too_large_for_its_disk_is_refused_before_the_pass(tmp_path, mon
     data.TeacherCache.create(root, dict(pairs=32, cache_views=2, embed_dim=32))
     for name, size in (("image.f16", 4096), ("text.f16", 2048), ("done.u8", 32)):
         assert (root / name).stat().st_size == size and (root / name).stat().st_blocks * 512 >= size, name
+
+
+# --- field siblings: the cache's keys.npy on a full disk ---
+def test_a_tar_cache_counts_its_keys_file_against_the_disk_and_names_it_when_the_write_fails(tmp_path, monkeypatch):
+    """keys.npy (one row per tar sample key) is part of what the cache needs: a disk with room for the fp16 files and
+    the done flags alone is refused before anything is written, and a failing np.save names keys.npy."""
+    keys, header = [f"{s}/{i:05d}" for s in ("a/x/000.tar", "b/x/000.tar") for i in range(2)], dict(cache_views=1,
+                                                                                                 embed_dim=2)
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=16 + 16 + 4))())  # fp16s, done
+    with pytest.raises(OSError, match=r"the cache needs 232 bytes .* its disk has 36 free"):
+        data.TeacherCache.create(tmp_path / "small", header, keys)
+    assert not (tmp_path / "small" / "image.f16").exists()
+    monkeypatch.setattr(data.shutil, "disk_usage", lambda p: type("usage", (), dict(free=1 << 30))())
+
+    def fills_the_disk(path, array):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(data.np, "save", fills_the_disk)
+    with pytest.raises(OSError, match=r"--teacher_cache .*full: cannot write keys\.npy: No space left on device"):
+        data.TeacherCache.create(tmp_path / "full", header, keys)
+    assert not (tmp_path / "full" / "header.json").exists()  # unfinished, and known to be
 
 
 def test_killed_caching_pass_resumes_to_the_same_files(tmp_path, monkeypatch):
@@ -2654,6 +2728,28 @@ def test_teacher_cache_over_shards_of_one_name_in_two_folders_builds_and_holds_e
     items = list(data.TarShards(pattern))
     assert len({item["key"] for item in items}) == 4
     _assert_rows_hold_their_pairs(cfg, items)
+
+
+# --- field siblings: a raw or TorchScript teacher in the toy run's report ---
+@pytest.mark.parametrize("kind", ["state_dict", "torchscript"])
+def test_the_toy_report_reads_a_raw_teacher_with_its_teacher_config(tmp_path, monkeypatch, kind):
+    """A toy run distilled from raw weights (--teacher_config) or an OpenAI-style TorchScript archive trains, then
+    reports: the report reads that teacher as the run did, with its config, not as a train.py checkpoint."""
+    source = randomize_(models.build_model(TOY_VIT))
+    path = tmp_path / "teacher.pt"
+    if kind == "torchscript":
+        torch.jit.script(TorchScriptCLIP(source.state_dict())).save(path)
+    else:
+        torch.save(source.state_dict(), path)
+    seen = []
+    monkeypatch.setattr(evaluation, "evaluate", lambda model, tok, **kw: seen.append(model) or dict(
+        planes_f1=0.5, brain_f1=0.5, ga_validity=50.0, composite=0.5))
+    monkeypatch.setattr(evaluation, "speed", lambda model, runs: dict(image_ms=1.0, spread=0.0))
+    cfg = dict(teacher=str(path), teacher_config=TOY_VIT, out_dir=str(tmp_path), seed=0, toy_train_size=64)
+    rows = train.report([("teacher", str(path))], cfg)
+    assert rows[0]["model"] == "teacher" and (tmp_path / "results.json").is_file()
+    got = seen[0].state_dict()["visual.conv1.weight"]
+    assert torch.allclose(got, source.state_dict()["visual.conv1.weight"], atol=1e-2)  # its weights (fp16 in jit)
 
 
 def test_readme_toy_numbers_come_from_the_committed_results():
@@ -3391,6 +3487,25 @@ def test_speed_of_an_mci_at_32_px(preset):
         assert evaluation.describe(models.build_model("fetalclip")) == "ViT 24x1024/14 @224px"
 
 
+# --- field siblings: a full disk under eval.py ---
+def test_eval_results_on_a_full_disk_name_the_file_and_leave_no_half_file(tmp_path, monkeypatch):
+    """results JSON (save_results) and table1.md (data._write_json, which writes text as it is): a write that fills
+    the disk names the file and the cause, and leaves neither a cut file for --table to read nor a temp file."""
+    data._write_json(tmp_path / "table1.md", "| table |\n")
+    assert (tmp_path / "table1.md").read_text() == "| table |\n"
+    (tmp_path / "table1.md").unlink()
+    real_write_text = Path.write_text
+
+    def fills_the_disk(self, text):
+        real_write_text(self, text[:3])
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(Path, "write_text", fills_the_disk)
+    path = tmp_path / "results_toy_test.json"
+    with pytest.raises(OSError, match=rf"cannot write {re.escape(str(path))}: No space left on device"):
+        evaluation.save_results(path, dict(acc=0.5), dict(task="toy"))
+    assert os.listdir(tmp_path) == []
+
+
 # ==================== eval.py: the Table 1 summary ====================
 
 N = 16  # test images: the toy test split's first 16 hold both plane and brain classes and four heads for GA
@@ -3622,6 +3737,22 @@ def test_readme_table1_comes_from_the_committed_results():
     assert all(s == seeds[0] for s in seeds) and len(seeds[0]) >= 3
     assert set(saved['paired']) == {'DARK - No KD', 'DARK - Static logit KD'}
     assert all(d['seeds'] == len(seeds[0]) for pair in saved['paired'].values() for d in pair.values())
+
+
+# --- field siblings: --table over a folder holding what train.py did not write ---
+@pytest.mark.parametrize("content, said", [("cut", "a zip archive cut short"),
+                                           ("weights", "no run config in it, so not a train.py checkpoint")])
+def test_table_names_a_best_pt_it_cannot_read(tmp_path, content, said):
+    """A run folder whose best.pt was cut short (a copy interrupted) or holds raw weights is named, one line."""
+    weights = models.build_model("toy-student").state_dict()
+    (tmp_path / "run").mkdir()
+    torch.save(weights, tmp_path / "run" / "best.pt")
+    if content == "cut":
+        raw = (tmp_path / "run" / "best.pt").read_bytes()
+        (tmp_path / "run" / "best.pt").write_bytes(raw[:len(raw) // 2])
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "run" / "best.pt")) + ".*" + said) as e:
+        evaluation.table1(tmp_path)
+    assert "\n" not in str(e.value)
 
 
 # ==================== export_ios.py: Core ML ====================
@@ -3962,6 +4093,30 @@ def test_the_package_is_for_the_target_the_summary_names(tmp_path, target, quant
                                 quantize=quantize)["image"]
     spec = ct.models.MLModel(summary["path"], skip_model_load=True).get_spec()
     assert summary["target"] == target and spec.specificationVersion == getattr(ct.target, target).value
+
+
+# --- field siblings: a package saved to a full disk ---
+def test_a_package_that_fails_to_save_is_removed_and_named(tmp_path):
+    """coremltools copies the package file by file (shutil.Error lists the failures): the half package, which would
+    pass for one and stop the next run without --overwrite, is removed, and one line names it and the cause; a
+    Ctrl-C during the save removes it too."""
+    class FillsTheDisk:
+        def __init__(self, error):
+            self.error = error
+
+        def save(self, path):
+            Path(path, "Data").mkdir(parents=True)
+            Path(path, "Manifest.json").write_text("{")
+            raise self.error
+    path = tmp_path / "ios" / "MobileFetalCLIPImage.mlpackage"
+    with pytest.raises(OSError) as e:
+        export_ios.save_package(FillsTheDisk(shutil.Error([("/tmp/x.mlpackage/Manifest.json", f"{path}/Manifest.json",
+                                f"[Errno 28] No space left on device: '/tmp/x' -> '{path}/Manifest.json'")])), path)
+    assert str(e.value) == f"cannot write {path}: No space left on device; nothing of it is kept"
+    assert not path.exists()
+    with pytest.raises(KeyboardInterrupt):
+        export_ios.save_package(FillsTheDisk(KeyboardInterrupt()), path)
+    assert not path.exists()
 
 
 # ==================== porting to another modality: the README's files and its three commands =============

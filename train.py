@@ -154,7 +154,9 @@ def configure(argv):
         if not (out / "ckpt.pt").is_file():
             sys.exit(f"train.py: --resume=true: no checkpoint at {out / 'ckpt.pt'} (is --out_dir the run's folder?)")
         # mmap: only the config is read from disk, not every weight of a large checkpoint
-        ckpt = torch.load(out / "ckpt.pt", map_location="cpu", weights_only=True, mmap=True)
+        ckpt = models.read_checkpoint(out / "ckpt.pt", mmap=True)  # a cut file or bare weights: named
+        if not isinstance(ckpt.get("config"), dict):
+            sys.exit(f"train.py: --resume=true: {out / 'ckpt.pt'} holds no run config: train.py did not write it")
         saved, files, runs = ckpt["config"], ckpt.get("files", {}), ckpt.get("plan", {}).get("ranks", ranks)
         batch, keep = cfg["batch_size"] if "batch_size" in given else saved["batch_size"], saved["batch_size"] * runs
         if batch * ranks != keep:  # the global batch fixes the steps per epoch, hence the schedule
@@ -223,7 +225,9 @@ def kd_weight(cfg, step, total_steps):
 
 # --- distributed ---
 # each launcher's variables for (rank, local rank, world size), as open_clip's world_info_from_env reads them
-LAUNCHERS = dict(torchrun=("RANK", "LOCAL_RANK", "WORLD_SIZE"), srun=("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS"),
+# srun's step size, not the job's SLURM_NTASKS: an sbatch --ntasks=N script that runs python without srun has that too
+LAUNCHERS = dict(torchrun=("RANK", "LOCAL_RANK", "WORLD_SIZE"),
+                 srun=("SLURM_PROCID", "SLURM_LOCALID", "SLURM_STEP_NUM_TASKS"),
                  mpirun=("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_SIZE"))
 
 
@@ -786,8 +790,9 @@ def report(checkpoints, cfg):
     trivial answers; the rows also go to results.json."""
     rows, configs, speeds = [], {}, []
     for name, path in checkpoints:
-        configs[name] = torch.load(path, map_location="cpu", weights_only=True).get("config")  # the run's recipe
-        model, tokenizer = evaluation.load_model_from_checkpoint(path)
+        configs[name] = models.read_checkpoint(path, mmap=True).get("config")  # the run's recipe (raw weights: none)
+        raw_config = cfg["teacher_config"] if path == cfg["teacher"] else None  # a teacher of raw (or jit) weights
+        model, tokenizer = evaluation.load_model_from_checkpoint(path, raw_config or None)
         metrics = evaluation.evaluate(model, tokenizer, task="toy", split="test")
         speeds.append(speed := evaluation.speed(model, runs=10))
         rows.append(dict(model=name, params_M=sum(p.numel() for p in model.parameters()) / 1e6,
