@@ -3978,3 +3978,25 @@ def test_porting_readme_commands_from_an_empty_folder(shared, tmp_path):
     import coremltools as ct
     package = tmp_path / "out" / "ios" / "MyCLIPImage.mlpackage"
     assert json.loads(ct.models.MLModel(str(package), skip_model_load=True).user_defined_metadata["classes"]) == classes
+
+
+# --- a newcomer's port: No KD beside DARK, from the README alone ---
+def test_a_no_kd_run_takes_the_teachers_vocabulary(shared, tmp_path, monkeypatch):
+    """A --kd=none run with --teacher given (Table 1's No KD row beside a distilled one) needs no --bpe: the teacher
+    is not used, but the vocabulary its checkpoint carries is. A raw teacher without a config is not refused there."""
+    bpe = shared / "vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
+    model, tok = _bpe_model(), data.get_tokenizer("bpe", 77, bpe)
+    carried, raw = tmp_path / "teacher.pt", tmp_path / "raw.pt"
+    torch.save(dict(model=model.state_dict(), model_config=model.config, tokenizer="bpe", bpe_vocab=tok.vocab_file),
+               carried)
+    torch.save(model.state_dict(), raw)  # open_clip-style weights: no model_config
+    monkeypatch.delenv("DARK_BPE", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # no open_clip to borrow it from
+    texts = ["a handwritten digit seven", "a handwritten digit one"]
+    for kd in ("none", "dark"):
+        got = train.make_tokenizer(dict(train.KEYS, kd=kd, teacher=str(carried), bpe=""), model)
+        assert got.vocab_file == tok.vocab_file and torch.equal(got(texts), tok(texts))
+    assert train.make_tokenizer(dict(train.KEYS, kd="none", teacher=str(raw), bpe=str(bpe)), model)(texts).equal(
+        tok(texts))
+    with pytest.raises(FileNotFoundError, match="CLIP BPE vocabulary not found"):
+        train.make_tokenizer(dict(train.KEYS, kd="none", teacher=str(raw), bpe=""), model)
