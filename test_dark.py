@@ -4000,3 +4000,22 @@ def test_a_no_kd_run_takes_the_teachers_vocabulary(shared, tmp_path, monkeypatch
         tok(texts))
     with pytest.raises(FileNotFoundError, match="CLIP BPE vocabulary not found"):
         train.make_tokenizer(dict(train.KEYS, kd="none", teacher=str(raw), bpe=""), model)
+
+
+def test_retrieval_repeated_captions_and_images_tie_however_the_sums_round():
+    """A caption repeated for many images (class-level captions) and an image given twice tie exactly with the truth:
+    image->text R@1 equals the zero-shot accuracy over the distinct captions, and a duplicate image never outranks
+    its twin, though the pair's cosine and the block's matmul sum the same products in another order."""
+    g = torch.Generator().manual_seed(0)
+    classes = F.normalize(torch.randn(10, 512, generator=g), dim=-1)
+    label = torch.arange(200) % 10
+    img = F.normalize(classes[label] + 12 * torch.randn(200, 512, generator=g) / 512 ** 0.5, dim=-1).half()
+    txt = classes[label].half()  # one caption an image: its class's, 20 copies each
+    zero_shot = float(((img.double() @ classes.half().double().T).argmax(1) == label).double().mean())
+    assert 0.2 < zero_shot < 1  # neither trivial nor hopeless
+    for chunk in (7, 2048):
+        got = evaluation.retrieval_metrics(img, txt, torch.arange(200), chunk=chunk)
+        assert got["i2t_r1"] == pytest.approx(zero_shot) and got["i2t_r1"] == got["i2t_r10"]  # 20 wrong copies
+    twice = torch.cat([img, img])  # every image twice, each copy with its own caption
+    got = evaluation.retrieval_metrics(twice, torch.cat([txt, txt]), torch.arange(400))
+    assert got["t2i_r1"] == pytest.approx(evaluation.retrieval_metrics(img, txt, torch.arange(200))["t2i_r1"])
