@@ -1140,7 +1140,8 @@ def main(argv):
     shown = dict(classify=["classify_acc", "classify_balanced_acc", "classify_f1", "classify_top5"],
                  retrieval=[f"retrieval_{k}" for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_recall")]).get(
         task, ["planes_f1", "brain_f1", "class_f1", "ga_validity", "composite"])
-    shown += [k for k in (f"probe_{k}_{m}" for k in PROBE_KEYS.get(task, ()) for m in ("f1", "auroc")) if k in metrics]
+    shown = [k for k in shown + [f"probe_{k}_{m}" for k in PROBE_KEYS.get(task, ()) for m in ("f1", "auroc")]
+             if k in metrics]  # what this run measured: a probe without --prompts has no zero-shot columns
     print(markdown_table([dict(meta, protocol=PROTOCOL, **metrics)], ["model", "checkpoint", "dataset", "split",
                                                                       "protocol", *shown]))
     print(f"all {len(metrics)} metrics: {path}" + ("\n" + retrieval_note(metrics)) * bool(retrieval_note(metrics)))

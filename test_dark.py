@@ -4019,3 +4019,14 @@ def test_retrieval_repeated_captions_and_images_tie_however_the_sums_round():
     twice = torch.cat([img, img])  # every image twice, each copy with its own caption
     got = evaluation.retrieval_metrics(twice, torch.cat([txt, txt]), torch.arange(400))
     assert got["t2i_r1"] == pytest.approx(evaluation.retrieval_metrics(img, txt, torch.arange(200))["t2i_r1"])
+
+
+def test_a_probe_alone_shows_no_zero_shot_columns(tiny, tmp_path, capsys):
+    """classify --probe without --prompts measures no zero-shot metric: the summary shows the probe's, not '-'s."""
+    model, _ = tiny
+    rows = [(p, "CHD" if p % 2 else "normal", "test" if p >= 8 else "val" if p >= 6 else "train") for p in range(12)]
+    argv = [f"--checkpoint={_save(model, tmp_path / 'ckpt.pt')}", "--task=classify", "--probe", "--probe_runs=1",
+            "--probe_epochs=2", "--quiet", f"--data={_write_labelled_csv(tmp_path / 'csv', rows)}", f"--out={tmp_path}"]
+    evaluation.main(argv)
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| model |")]
+    assert header == ["| model | checkpoint | dataset | split | protocol | probe_label_f1 | probe_label_auroc |"]
