@@ -591,8 +591,8 @@ def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits=""
     FetalCLIP's split files, or its probing/ folder) on the raw image embeddings, scored on the test rows by
     class_metrics, for each key: plane (six classes with "Other"), brain, label (classify). -> probe_<key>_<metric>
     and _<metric>_std (mean, sample std over the runs), probe_<key>_runs [{fold, run, n_train, n_val, n_test,
-    best_epoch, val_loss [epochs], metrics}]; with two classes auroc (the second positive), auroc_ci_low/high (10,000
-    bootstrap resamples of the test images scored by the probabilities averaged over the runs)."""
+    best_epoch, val_loss [epochs], metrics}]; with two classes auroc (the second positive), auroc_ci_low/high (the mean
+    over the runs of their AUROCs on each of 10,000 bootstrap resamples of the test images: the interval of auroc), auroc_positive (its class)."""
     records, out = probe_records(task, root, n, csv), {}
     patients = {r["group"] for r in records}  # a brain split may name a test patient with no brain image
     records = [r for r in records if any(r.get(k) for k in PROBE_KEYS[task])]
@@ -607,7 +607,7 @@ def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits=""
         folder = Path(splits or ".") / FETALCLIP_SPLITS.get(key, "")
         folds = probe_folds(*(np.array([records[i][k] for i in keep]) for k in ("group", "split")),
                             splits and (folder if folder.is_dir() else splits), patients, root or "the toy world")
-        test, results, mean_probs = folds[0][2], [], 0  # the same test rows in every fold
+        test, results, run_probs = folds[0][2], [], []  # the same test rows in every fold
         if len(names) == 2 and len(set(y[test])) < 2:
             raise ValueError(f"{root}: the test rows are all {names[y[test][0]]!r}: AUROC needs both classes")
         for (fold, (train, val, test)), run in itertools.product(enumerate(folds), range(runs)):
@@ -615,15 +615,17 @@ def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits=""
                                                len(names), epochs, seed=fold * runs + run)
             m = {k: v for k, v in class_metrics(probs, y[test], names, topk=(2, 3)).items() if k != "confusion"}
             if len(names) == 2:
-                m["auroc"], mean_probs = auroc(probs[:, 1], y[test]), mean_probs + probs[:, 1] / len(folds) / runs
+                m["auroc"] = auroc(probs[:, 1], y[test])
+                run_probs.append(probs[:, 1])
             results.append(dict(fold=fold, run=run, n_train=int(train.sum()), n_val=int(val.sum()),
                                 n_test=int(test.sum()), best_epoch=best, val_loss=losses, **m))
         for k in ["best_epoch", *m]:
             out[f"probe_{key}_{k}"], out[f"probe_{key}_{k}_std"] = mean_std([r.get(k) for r in results])
         if len(names) == 2:
-            defined = lambda s, t: auroc(s, t) if 0 < t.sum() < len(t) else math.nan  # a resample of one class
+            mean_auroc = lambda t, *p: np.mean([auroc(s, t) for s in p]) if 0 < t.sum() < len(t) else math.nan
             out[f"probe_{key}_auroc_ci_low"], out[f"probe_{key}_auroc_ci_high"] = bootstrap_ci(
-                (mean_probs, y[test]), statistic=defined)
+                (y[test], *run_probs), statistic=mean_auroc)  # NaN: a resample of one class, left out
+            out[f"probe_{key}_auroc_positive"] = names[1]
         out[f"probe_{key}_runs"] = results
     return out
 
@@ -1122,7 +1124,9 @@ def main(argv):
                              opt["probe_runs"], opt["probe_epochs"]))
         for key in [k for k in PROBE_KEYS[task] if f"probe_{k}_f1" in metrics]:
             runs = metrics[f"probe_{key}_runs"]
-            print(f"linear probe {key}: {len(runs)} runs ({runs[-1]['fold'] + 1} folds), test n={runs[0]['n_test']}")
+            positive = metrics.get(f"probe_{key}_auroc_positive")
+            print(f"linear probe {key}: {len(runs)} runs ({runs[-1]['fold'] + 1} folds), test n={runs[0]['n_test']}"
+                  + f"; AUROC's positive class: {positive!r}" * bool(positive))
             print(markdown_table([dict(metric=k, mean=metrics[f"probe_{key}_{k}"], std=metrics[f"probe_{key}_{k}_std"])
                                   for k in runs[0] if isinstance(runs[0][k], float)], ["metric", "mean", "std"]))
     if opt["analysis"]:

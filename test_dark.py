@@ -3144,7 +3144,7 @@ def _write_labelled_csv(folder, rows):
     return folder / "labels.csv"
 
 
-def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch):
+def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch, capsys):
     import runpy
     model, _ = tiny
     ckpt = _save(model, tmp_path / "ckpt.pt")
@@ -3167,7 +3167,8 @@ def test_probe_on_a_labelled_csv_from_the_shell(tiny, tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["eval.py", f"--checkpoint={ckpt}", "--task=classify", f"--data={bad}", "--probe"])
     with pytest.raises(SystemExit) as refused:  # the script's own entry point, in this process: one line, no traceback
         runpy.run_path(evaluation.__file__, run_name="__main__")
-    assert refused.value.code == f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test"
+    assert refused.value.code == 2 and capsys.readouterr().err == (
+        f"eval.py: {bad}, line 3: split 'valid': the split column takes train | val | test\n")
 
 
 def test_probe_csv_split_column_three_files_and_refusals(tiny, tmp_path):
@@ -4030,3 +4031,20 @@ def test_a_probe_alone_shows_no_zero_shot_columns(tiny, tmp_path, capsys):
     evaluation.main(argv)
     header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| model |")]
     assert header == ["| model | checkpoint | dataset | split | protocol | probe_label_f1 | probe_label_auroc |"]
+
+
+def test_the_probes_auroc_interval_is_around_its_auroc(tiny, tmp_path, monkeypatch):
+    """probe_label_auroc is the mean of the runs' AUROCs, and its bootstrap interval is of that mean (not of the
+    AUROC of averaged probabilities, which two runs, one perfect and one at chance, put at 1); the positive is named."""
+    model, _ = tiny
+    rows = [(p, "CHD" if p % 2 else "normal", "test" if p >= 20 else "val" if p >= 16 else "train") for p in range(40)]
+
+    def fake_probe(train, val, test, num_classes, epochs, seed):  # even seeds perfect, odd ones blind to the label
+        y = np.asarray(test[1])
+        p = 0.1 + 0.8 * y if seed % 2 == 0 else np.where(np.arange(len(y)) % 4 < 2, 0.7, 0.3)
+        return np.stack([1 - p, p], 1), [0.0] * epochs, 0
+    monkeypatch.setattr(evaluation, "linear_probe", fake_probe)
+    m = evaluation.probe(model, "classify", root=_write_labelled_csv(tmp_path / "csv", rows), runs=2, epochs=1)
+    assert [r["auroc"] for r in m["probe_label_runs"]] == [1.0, 0.5]
+    assert m["probe_label_auroc"] == 0.75 and m["probe_label_auroc_positive"] == "normal"
+    assert m["probe_label_auroc_ci_low"] < 0.75 < m["probe_label_auroc_ci_high"] < 1
