@@ -827,6 +827,8 @@ def describe(model):
 TABLE1_ROWS = ("No KD", "Static logit KD", "Coupled repulsive KD (lambda 1 -> -0.8)", "DARK (beta 2 -> -0.8)")
 ANALYSED = ("No KD", "Static logit KD", "DARK (beta 2 -> -0.8)")  # the paper's teacher-student comparison
 TABLE1_METRICS = dict(planes_f1=4, brain_f1=4, ga_validity=2, composite=4)  # digits shown: validity is a percent
+TABLE_METRICS = dict(toy=TABLE1_METRICS, classify=("classify_f1", "classify_acc"),  # --table's columns by --task
+                     retrieval=("retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_mean_recall"))
 TS_COLUMNS = ("true_prob_corr", "offdiag_prob_corr", "confusion_corr", "separation_teacher", "separation_student")
 TS_PLANES = [f"ts_planes_{k}" for k in TS_COLUMNS]  # analysis() keys for the 5-plane task
 
@@ -954,34 +956,40 @@ def table1_markdown(result, protocol=PROTOCOL):
     fmt = lambda x, digits: "-" if x is None else f"{x:.{digits}f}"
     interval = lambda d, digits: (f"{fmt(d['mean'], digits)} [{fmt(d['lo'], digits)}, {fmt(d['hi'], digits)}]"
                                   f" (n={d['seeds']})")
-    lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in TABLE1_METRICS.items()})]
+    keys = {k: TABLE1_METRICS.get(k, 4) for k in result["teacher"] if k != "path"}  # metric -> digits shown
+    lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in keys.items()})]
     lines += [dict(row=r["row"], seeds=r["seeds"], **{k: f"{fmt(r[k], d)} +/- {fmt(r[k + '_std'], d)}"
-                                                      for k, d in TABLE1_METRICS.items()}) for r in result["rows"]]
-    return (f"Zero-shot on the toy test split: mean +/- sample std over seeds ({protocol})\n\n"
-           + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS])
+                                                      for k, d in keys.items()}) for r in result["rows"]]
+    return (f"Zero-shot on {result.get('scored_on', 'the toy test split')}: mean +/- sample std over seeds "
+            f"({protocol})\n\n" + markdown_table(lines, ["row", "seeds", *keys])
            + "\n\nPaired by seed: mean difference [95% t interval over seeds] (seeds paired)\n\n"
-           + markdown_table([dict(difference=name, **{k: interval(d[k], TABLE1_METRICS[k]) for k in TABLE1_METRICS})
-                             for name, d in result["paired"].items()], ["difference", *TABLE1_METRICS])
-           + "\n\nTeacher-student analysis, 5 planes, "
-           "lowest seed\n\n" + markdown_table([dict(row=label, **a) for label, a in result["analysis"].items()],
-                                                ["row", "run", *TS_PLANES]) + "\n")
+           + markdown_table([dict(difference=name, **{k: interval(d[k], keys[k]) for k in keys})
+                             for name, d in result["paired"].items()], ["difference", *keys])
+           + ("" if "scored_on" in result else "\n\nTeacher-student analysis, 5 planes, lowest seed\n\n"
+              + markdown_table([dict(row=label, **a) for label, a in result["analysis"].items()],
+                               ["row", "run", *TS_PLANES])) + "\n")
 
 
-def table1(root, out=None, n=None, device="cpu"):
+def table1(root, out=None, n=None, device="cpu", task="toy", test_data=None, prompts=None, csv=None):
     """root/<run>/{best.pt, log.jsonl}, one folder per train.py run -> Table 1 on the toy test split (mean and sample
     std over seeds, beside the teacher) in out/table1.md and table1.json (out defaults to root), Figure 2 in
     dynamics.png, the differences DARK - Static KD and DARK - No KD paired by seed with 95% t intervals, and the
-    teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON.
-    Each checkpoint's metrics are cached beside it (test_metrics.json, analysis.json): a rerun is cheap."""
-    root, out = Path(root), Path(out or root)
+    teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON. Runs on data of one's own:
+    task 'classify' (test_data a labelled CSV, prompts {'classify': {class: [prompts]}}) or 'retrieval' (a caption
+    CSV or shards) scores them on test_data instead (TABLE_METRICS; no analysis, no figure). The teacher's own run
+    folder, when it lies in root, is the Teacher row, not a run. Each checkpoint's metrics are cached beside it
+    (test_metrics.json, analysis.json): a rerun is cheap. Raises ValueError for runs trained on files, scored on
+    the toy world."""
+    root, out, toy = Path(root), Path(out or root), task == "toy"
 
     def load(path):
         model, tokenizer = load_model_from_checkpoint(path)
         return model.to(device), tokenizer
 
     def test(ckpt):
-        return cached(ckpt.parent / "test_metrics.json", [ckpt], dict(checkpoint=str(ckpt), split="test", n=n),
-                      lambda: evaluate(*load(ckpt), "toy", "test", n, device=device))
+        meta = dict(checkpoint=str(ckpt), split="test", n=n, **({} if toy else dict(task=task, data=str(test_data))))
+        return cached(ckpt.parent / "test_metrics.json", [ckpt], meta, lambda: evaluate(
+            *load(ckpt), task, "test" if toy else "all", n, test_data, prompts, device=device, csv=csv))
 
     runs = [dict(name=p.parent.name, dir=p.parent, cfg=torch.load(p, map_location="cpu", weights_only=True)["config"])
             for p in sorted(root.glob("*/best.pt"))]
@@ -998,6 +1006,11 @@ def table1(root, out=None, n=None, device="cpu"):
     if not teacher.is_file():
         raise FileNotFoundError(f"teacher {teacher}, named by the runs' config, is not there: a relative path is from "
                                 "the folder train.py ran in, so run the table from there")
+    runs = [run for run in runs if (run["dir"] / "best.pt").resolve() != teacher.resolve()]  # the Teacher row
+    if toy and (own := next((run for run in runs if run["cfg"].get("train_data", "toy") != "toy"), None)):
+        raise ValueError(f"{root / own['name']} trained on {own['cfg']['train_data']}, not the toy world: score "
+                         "the runs on your test set, --table=... --task=classify --data=test.csv "
+                         "--prompts=classes.json (or --task=retrieval --data=pairs.csv)")
     groups, curves = {}, {}
     for run in sorted(runs, key=lambda run: run["cfg"]["seed"]):  # lowest seed first: the one analysed
         group = groups.setdefault(run_group(run["cfg"]), [])
@@ -1007,19 +1020,19 @@ def table1(root, out=None, n=None, device="cpu"):
                              f"{run['cfg']['seed']}. Keep one, or train the other with another --seed")
         group.append(run)
     labels = row_labels({g: members[0]["cfg"] for g, members in groups.items()})
-    result = dict(teacher=dict(path=str(teacher), **{k: test(teacher)[k] for k in TABLE1_METRICS}), rows=[],
+    result = dict(teacher=dict(path=str(teacher), **{k: test(teacher)[k] for k in TABLE_METRICS[task]}), rows=[],
                   paired={}, analysis={})
     by_seed = {}  # label -> {seed: test metrics}, for the paired differences
     for label, members in sorted(((labels[g], m) for g, m in groups.items()),
                                  key=lambda x: (table1_row(x[1][0]["cfg"])[0], x[0])):
         row = dict(row=label, seeds=len(members), runs=[m["name"] for m in members])
         by_seed[label] = {m["cfg"]["seed"]: test(m["dir"] / "best.pt") for m in members}
-        for k in TABLE1_METRICS:
+        for k in TABLE_METRICS[task]:
             row[k], row[f"{k}_std"] = mean_std([metrics[k] for metrics in by_seed[label].values()])
         result["rows"].append(row)
-        if label in TABLE1_ROWS:
+        if label in TABLE1_ROWS and toy:
             curves[label] = dynamics_curves([m["dir"] for m in members])
-        if label in ANALYSED:
+        if label in ANALYSED and toy:
             first, ckpt = members[0], members[0]["dir"] / "best.pt"
             ts = cached(first["dir"] / "analysis.json", [ckpt, teacher], dict(teacher=str(teacher), split="test", n=n),
                         lambda: analysis(load(teacher), load(ckpt), "toy", "test", n, out_dir=first["dir"],
@@ -1029,7 +1042,9 @@ def table1(root, out=None, n=None, device="cpu"):
     for other in (r for r in TABLE1_ROWS[:2] if r in by_seed and dark_row in by_seed):
         result["paired"][f"DARK - {other}"] = {k: paired_difference(
             {s: m[k] for s, m in by_seed[dark_row].items()}, {s: m[k] for s, m in by_seed[other].items()})
-            for k in TABLE1_METRICS}
+            for k in TABLE_METRICS[task]}
+    if not toy:
+        result["scored_on"] = str(test_data)
     md = table1_markdown(result)
     out.mkdir(parents=True, exist_ok=True)
     (out / "table1.md").write_text(md)
@@ -1079,8 +1094,14 @@ def main(argv):
     opt, _ = data.parse_flags(argv, OPTIONS, ACCEPTS, __doc__, __file__)
     QUIET = opt["quiet"]
     stamp, out = time.strftime("%Y%m%d_%H%M%S"), Path(opt["out"])
-    if opt["table"]:
-        return table1(opt["table"], n=opt["n"] or None, device=data.pick_device(opt["device"]))
+    if opt["table"]:  # the toy test split, or a test set of one's own
+        if opt["task"] not in TABLE_METRICS or (opt["task"] != "toy") != bool(opt["data"]) or (
+                opt["task"] == "classify") != bool(opt["prompts"]):
+            sys.exit("eval.py: --table scores the runs on the toy test split, or on --task=classify --data=test.csv "
+                     "--prompts=classes.json, or --task=retrieval --data=pairs.csv")
+        return table1(opt["table"], n=opt["n"] or None, device=data.pick_device(opt["device"]), task=opt["task"],
+                      test_data=opt["data"] or None, csv={k: v for k, v in opt.items() if k.startswith("csv_")},
+                      prompts=opt["prompts"] and {"classify": data.load_prompts(opt["prompts"])})
     if opt["speed"]:  # the checkpoints given, else FetalCLIP and MobileCLIP2-S0 with random weights: same speed
         print(f"speed: parameters, GMACs, and the median of {opt['runs']} CPU runs at batch 1 after 3 warm-ups, "
               f"{torch.get_num_threads()} threads (OMP_NUM_THREADS sets them); spread = interquartile range / median")

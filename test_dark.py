@@ -4048,3 +4048,26 @@ def test_the_probes_auroc_interval_is_around_its_auroc(tiny, tmp_path, monkeypat
     assert [r["auroc"] for r in m["probe_label_runs"]] == [1.0, 0.5]
     assert m["probe_label_auroc"] == 0.75 and m["probe_label_auroc_positive"] == "normal"
     assert m["probe_label_auroc_ci_low"] < 0.75 < m["probe_label_auroc_ci_high"] < 1
+
+
+def test_table_of_runs_on_ones_own_data(tmp_path, capsys):
+    """--table over runs trained on files: scored on the user's test CSV (classify), the teacher's own run folder
+    inside the root is the Teacher row and no run; scored on the toy world instead, such runs are refused by name."""
+    root = tmp_path / "out"
+    _save(_tiny("toy-teacher", 0), root / "teacher" / "best.pt", dict(kd="none", seed=0, train_data="train.csv"))
+    for name, kd in (("none", "none"), ("student", "dark")):
+        _run(root, name, kd, 0, teacher=root / "teacher" / "best.pt")
+        cfg = torch.load(root / name / "best.pt", weights_only=True)
+        cfg["config"]["train_data"] = "train.csv"
+        torch.save(cfg, root / name / "best.pt")
+    labels = _write_labelled_csv(tmp_path / "csv", [(p, "CHD" if p % 2 else "normal", "") for p in range(8)])
+    prompts = {"classify": {"CHD": ["a bright scan"], "normal": ["a dark scan"]}}
+    result = evaluation.table1(root, task="classify", test_data=labels, prompts=prompts)
+    printed = capsys.readouterr().out
+    assert [r["row"] for r in result["rows"]] == ["No KD", "DARK (beta 2 -> -0.8)"]  # not the teacher's folder
+    assert f"Zero-shot on {labels}" in printed and "| row | seeds | classify_f1 | classify_acc |" in printed
+    direct = evaluation.evaluate(*evaluation.load_model_from_checkpoint(root / "none" / "best.pt"), "classify", "all",
+                                 root=labels, prompts=prompts)
+    assert result["rows"][0]["classify_f1"] == pytest.approx(direct["classify_f1"])
+    with pytest.raises(ValueError, match=r"out/none trained on train\.csv, not the toy world: .*--task=classify"):
+        evaluation.table1(root, n=N)
