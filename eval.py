@@ -11,6 +11,7 @@ choosing a checkpoint is train.py's business, on validation data.
     python eval.py --checkpoint=ckpt.pt --task=retrieval --data=pairs.csv     # or tar shards: recall@1/5/10, mean rank
     python eval.py --speed                                    # FetalCLIP vs MobileCLIP2-S0: params, GMACs, CPU ms
     python eval.py --table=out/table1     # a folder of train.py runs -> Table 1 (table1.md, .json), dynamics.png
+    python eval.py --table=out --task=classify --data=test.csv --prompts=classes.json  # runs on your own data
 
 Zero-shot, as FetalCLIP's released evaluation (reused by MobileFetalCLIP):
 - A class embedding is normalise(mean of normalised prompt embeddings); logits = 100 * cosine, CLIP's fixed
@@ -1076,7 +1077,7 @@ OPTIONS = dict(
     teacher_config="",      # for raw teacher weights: a preset name or an open_clip JSON
     speed=False,            # params, GMACs, CPU ms of --teacher and --checkpoint (default: the paper's two models)
     runs=10,                # timed runs per tower for --speed, after 3 warm-up runs
-    table="",               # a folder of train.py runs (one per row and seed) -> Table 1, Figure 2, the analysis
+    table="",               # a folder of train.py runs -> Table 1; on your data with --task=classify | retrieval --data
     csv_img_key="filepath",  # classify, retrieval: the CSV's image-path column (relative to the CSV's folder)
     csv_label_key="label",  # classify: the CSV's class-name column
     csv_caption_key="title",  # retrieval: the CSV's caption column
