@@ -47,7 +47,7 @@ csv_img_key = "filepath"    # caption CSV/TSV: the image path column (open_clip'
 csv_caption_key = "title"   # caption CSV/TSV: the caption column (open_clip's --csv-caption-key)
 samples_per_epoch = 0       # tar shards: pairs per epoch (0 = count the shard members once at start-up)
 skip_bad = False            # skip undecodable images, bad shard samples, cut shards (counted, reported); else stop
-bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz) for the real models
+bpe = ""                    # CLIP BPE vocabulary (bpe_simple_vocab_16e6.txt.gz); unneeded when --teacher carries one
 val_data = ""               # selection: FETAL_PLANES_DB, labelled CSV + val_prompts, or caption CSV/shards (toy: val split)
 #                             on class F1 (Train=1 rows only), macro F1, mean retrieval recall; always printed and logged
 val_prompts = ""            # a labelled val_data CSV: the classes' prompts JSON (eval.py --prompts' formats)
