@@ -139,13 +139,16 @@ def retrieval_metrics(img, txt, owner, ks=(1, 5, 10), chunk=2048):
     the image of each caption (an image may have several, as in COCO). -> i2t_r{k}, t2i_r{k} (fraction with the
     true match among the k best), i2t_mean_rank, t2i_mean_rank (1 = first) and mean_recall (of the six recalls, the
     number a caption-only validation selects on). An image ranks by its best caption. A rank counts the wrong
-    candidates that score strictly higher, in [chunk, chunk] blocks: memory stays O(chunk^2 + (M + N) D), never
-    [M, N], and ties go to the true match: a candidate whose embedding equals the truth's (the same caption text, the
+    candidates that score strictly higher, in [chunk, chunk] blocks: memory stays O(chunk^2 K + (M + N) D) (K: the
+    most captions of one image), never [M, N], and ties go to the true match: a candidate whose embedding equals the truth's (the same caption text, the
     same image twice) is no wrong candidate, even where two sums of the same products round apart."""
     owner = torch.as_tensor(owner)
     # equal embeddings (a repeated caption, a repeated image) tie exactly, whatever order a matmul summed them in
     caption_id, image_id = (torch.unique(x, dim=0, return_inverse=True)[1] for x in (txt, img))
-    true_ids = torch.unique(owner * len(txt) + caption_id)  # (image, caption embedding) of every true pair
+    count, order = torch.bincount(owner, minlength=len(img)), torch.argsort(owner, stable=True)
+    own = torch.full((len(img), int(count.max())), -1, dtype=torch.long)  # [M, K] an image's caption ids, -1 padded
+    own[owner[order], torch.arange(len(owner)) - torch.repeat_interleave(count.cumsum(0) - count, count)] = \
+        caption_id[order]
     pair = torch.cat([(img[owner[j:j + chunk]].float() * txt[j:j + chunk].float()).sum(-1)  # [N] cosine of each
                       for j in range(0, len(txt), chunk)])  # caption with its own image, in chunks: no [N, D] fp32 copy
     best = torch.full((len(img),), -math.inf).scatter_reduce(0, owner, pair, "amax")  # [M] an image's best caption
@@ -156,7 +159,7 @@ def retrieval_metrics(img, txt, owner, ks=(1, 5, 10), chunk=2048):
         for j in range(0, len(txt), chunk):
             sim = a @ txt[j:j + chunk].float().T  # [chunk, chunk]
             rows = torch.arange(i, i + len(a))[:, None]
-            wrong_caption = ~torch.isin(rows * len(txt) + caption_id[None, j:j + chunk], true_ids)
+            wrong_caption = (caption_id[None, j:j + chunk, None] != own[i:i + len(a), None, :]).all(-1)
             wrong_image = image_id[rows] != image_id[owner[None, j:j + chunk]]
             i2t[i:i + len(a)] += ((sim > best[i:i + len(a), None]) & wrong_caption).sum(1)
             t2i[j:j + chunk] += ((sim > pair[None, j:j + chunk]) & wrong_image).sum(0)
