@@ -11,6 +11,7 @@ choosing a checkpoint is train.py's business, on validation data.
     python eval.py --checkpoint=ckpt.pt --task=retrieval --data=pairs.csv     # or tar shards: recall@1/5/10, mean rank
     python eval.py --speed                                    # FetalCLIP vs MobileCLIP2-S0: params, GMACs, CPU ms
     python eval.py --table=out/table1     # a folder of train.py runs -> Table 1 (table1.md, .json), dynamics.png
+    python eval.py --table=out --task=classify --data=test.csv --prompts=classes.json  # runs on your own data
 
 Zero-shot, as FetalCLIP's released evaluation (reused by MobileFetalCLIP):
 - A class embedding is normalise(mean of normalised prompt embeddings); logits = 100 * cosine, CLIP's fixed
@@ -138,9 +139,16 @@ def retrieval_metrics(img, txt, owner, ks=(1, 5, 10), chunk=2048):
     the image of each caption (an image may have several, as in COCO). -> i2t_r{k}, t2i_r{k} (fraction with the
     true match among the k best), i2t_mean_rank, t2i_mean_rank (1 = first) and mean_recall (of the six recalls, the
     number a caption-only validation selects on). An image ranks by its best caption. A rank counts the wrong
-    candidates that score strictly higher, in [chunk, chunk] blocks: memory stays O(chunk^2 + (M + N) D), never
-    [M, N], and ties go to the true match."""
+    candidates that score strictly higher, in [chunk, chunk] blocks: memory stays O(chunk^2 K + (M + N) D) (K: the
+    most captions of one image), never [M, N], and ties go to the true match: a candidate whose embedding equals the truth's (the same caption text, the
+    same image twice) is no wrong candidate, even where two sums of the same products round apart."""
     owner = torch.as_tensor(owner)
+    # equal embeddings (a repeated caption, a repeated image) tie exactly, whatever order a matmul summed them in
+    caption_id, image_id = (torch.unique(x, dim=0, return_inverse=True)[1] for x in (txt, img))
+    count, order = torch.bincount(owner, minlength=len(img)), torch.argsort(owner, stable=True)
+    own = torch.full((len(img), int(count.max())), -1, dtype=torch.long)  # [M, K] an image's caption ids, -1 padded
+    own[owner[order], torch.arange(len(owner)) - torch.repeat_interleave(count.cumsum(0) - count, count)] = \
+        caption_id[order]
     pair = torch.cat([(img[owner[j:j + chunk]].float() * txt[j:j + chunk].float()).sum(-1)  # [N] cosine of each
                       for j in range(0, len(txt), chunk)])  # caption with its own image, in chunks: no [N, D] fp32 copy
     best = torch.full((len(img),), -math.inf).scatter_reduce(0, owner, pair, "amax")  # [M] an image's best caption
@@ -150,9 +158,11 @@ def retrieval_metrics(img, txt, owner, ks=(1, 5, 10), chunk=2048):
         a = img[i:i + chunk].float()
         for j in range(0, len(txt), chunk):
             sim = a @ txt[j:j + chunk].float().T  # [chunk, chunk]
-            wrong = owner[None, j:j + chunk] != torch.arange(i, i + len(a))[:, None]
-            i2t[i:i + len(a)] += ((sim > best[i:i + len(a), None]) & wrong).sum(1)
-            t2i[j:j + chunk] += ((sim > pair[None, j:j + chunk]) & wrong).sum(0)
+            rows = torch.arange(i, i + len(a))[:, None]
+            wrong_caption = (caption_id[None, j:j + chunk, None] != own[i:i + len(a), None, :]).all(-1)
+            wrong_image = image_id[rows] != image_id[owner[None, j:j + chunk]]
+            i2t[i:i + len(a)] += ((sim > best[i:i + len(a), None]) & wrong_caption).sum(1)
+            t2i[j:j + chunk] += ((sim > pair[None, j:j + chunk]) & wrong_image).sum(0)
         advance(len(a))
     out = {f"{d}_r{k}": float((rank < k).float().mean()) for d, rank in (("i2t", i2t), ("t2i", t2i)) for k in ks}
     return dict(out, mean_recall=float(np.mean(list(out.values()))), i2t_mean_rank=float(i2t.float().mean() + 1),
@@ -585,8 +595,8 @@ def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits=""
     FetalCLIP's split files, or its probing/ folder) on the raw image embeddings, scored on the test rows by
     class_metrics, for each key: plane (six classes with "Other"), brain, label (classify). -> probe_<key>_<metric>
     and _<metric>_std (mean, sample std over the runs), probe_<key>_runs [{fold, run, n_train, n_val, n_test,
-    best_epoch, val_loss [epochs], metrics}]; with two classes auroc (the second positive), auroc_ci_low/high (10,000
-    bootstrap resamples of the test images scored by the probabilities averaged over the runs)."""
+    best_epoch, val_loss [epochs], metrics}]; with two classes auroc (the second positive), auroc_ci_low/high (the mean
+    over the runs of their AUROCs on each of 10,000 bootstrap resamples of the test images: the interval of auroc), auroc_positive (its class)."""
     records, out = probe_records(task, root, n, csv), {}
     patients = {r["group"] for r in records}  # a brain split may name a test patient with no brain image
     records = [r for r in records if any(r.get(k) for k in PROBE_KEYS[task])]
@@ -601,7 +611,7 @@ def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits=""
         folder = Path(splits or ".") / FETALCLIP_SPLITS.get(key, "")
         folds = probe_folds(*(np.array([records[i][k] for i in keep]) for k in ("group", "split")),
                             splits and (folder if folder.is_dir() else splits), patients, root or "the toy world")
-        test, results, mean_probs = folds[0][2], [], 0  # the same test rows in every fold
+        test, results, run_probs = folds[0][2], [], []  # the same test rows in every fold
         if len(names) == 2 and len(set(y[test])) < 2:
             raise ValueError(f"{root}: the test rows are all {names[y[test][0]]!r}: AUROC needs both classes")
         for (fold, (train, val, test)), run in itertools.product(enumerate(folds), range(runs)):
@@ -609,15 +619,17 @@ def probe(model, task, n=None, root=None, batch_size=64, device="cpu", splits=""
                                                len(names), epochs, seed=fold * runs + run)
             m = {k: v for k, v in class_metrics(probs, y[test], names, topk=(2, 3)).items() if k != "confusion"}
             if len(names) == 2:
-                m["auroc"], mean_probs = auroc(probs[:, 1], y[test]), mean_probs + probs[:, 1] / len(folds) / runs
+                m["auroc"] = auroc(probs[:, 1], y[test])
+                run_probs.append(probs[:, 1])
             results.append(dict(fold=fold, run=run, n_train=int(train.sum()), n_val=int(val.sum()),
                                 n_test=int(test.sum()), best_epoch=best, val_loss=losses, **m))
         for k in ["best_epoch", *m]:
             out[f"probe_{key}_{k}"], out[f"probe_{key}_{k}_std"] = mean_std([r.get(k) for r in results])
         if len(names) == 2:
-            defined = lambda s, t: auroc(s, t) if 0 < t.sum() < len(t) else math.nan  # a resample of one class
+            mean_auroc = lambda t, *p: np.mean([auroc(s, t) for s in p]) if 0 < t.sum() < len(t) else math.nan
             out[f"probe_{key}_auroc_ci_low"], out[f"probe_{key}_auroc_ci_high"] = bootstrap_ci(
-                (mean_probs, y[test]), statistic=defined)
+                (y[test], *run_probs), statistic=mean_auroc)  # NaN: a resample of one class, left out
+            out[f"probe_{key}_auroc_positive"] = names[1]
         out[f"probe_{key}_runs"] = results
     return out
 
@@ -819,6 +831,8 @@ def describe(model):
 TABLE1_ROWS = ("No KD", "Static logit KD", "Coupled repulsive KD (lambda 1 -> -0.8)", "DARK (beta 2 -> -0.8)")
 ANALYSED = ("No KD", "Static logit KD", "DARK (beta 2 -> -0.8)")  # the paper's teacher-student comparison
 TABLE1_METRICS = dict(planes_f1=4, brain_f1=4, ga_validity=2, composite=4)  # digits shown: validity is a percent
+TABLE_METRICS = dict(toy=TABLE1_METRICS, classify=("classify_f1", "classify_acc"),  # --table's columns by --task
+                     retrieval=("retrieval_i2t_r1", "retrieval_t2i_r1", "retrieval_mean_recall"))
 TS_COLUMNS = ("true_prob_corr", "offdiag_prob_corr", "confusion_corr", "separation_teacher", "separation_student")
 TS_PLANES = [f"ts_planes_{k}" for k in TS_COLUMNS]  # analysis() keys for the 5-plane task
 
@@ -950,34 +964,40 @@ def table1_markdown(result, protocol=PROTOCOL):
     fmt = lambda x, digits: "-" if x is None else f"{x:.{digits}f}"
     interval = lambda d, digits: (f"{fmt(d['mean'], digits)} [{fmt(d['lo'], digits)}, {fmt(d['hi'], digits)}]"
                                   f" (n={d['seeds']})")
-    lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in TABLE1_METRICS.items()})]
+    keys = {k: TABLE1_METRICS.get(k, 4) for k in result["teacher"] if k != "path"}  # metric -> digits shown
+    lines = [dict(row="Teacher", seeds="-", **{k: fmt(result["teacher"][k], d) for k, d in keys.items()})]
     lines += [dict(row=r["row"], seeds=r["seeds"], **{k: f"{fmt(r[k], d)} +/- {fmt(r[k + '_std'], d)}"
-                                                      for k, d in TABLE1_METRICS.items()}) for r in result["rows"]]
-    return (f"Zero-shot on the toy test split: mean +/- sample std over seeds ({protocol})\n\n"
-           + markdown_table(lines, ["row", "seeds", *TABLE1_METRICS])
+                                                      for k, d in keys.items()}) for r in result["rows"]]
+    return (f"Zero-shot on {result.get('scored_on', 'the toy test split')}: mean +/- sample std over seeds "
+            f"({protocol})\n\n" + markdown_table(lines, ["row", "seeds", *keys])
            + "\n\nPaired by seed: mean difference [95% t interval over seeds] (seeds paired)\n\n"
-           + markdown_table([dict(difference=name, **{k: interval(d[k], TABLE1_METRICS[k]) for k in TABLE1_METRICS})
-                             for name, d in result["paired"].items()], ["difference", *TABLE1_METRICS])
-           + "\n\nTeacher-student analysis, 5 planes, "
-           "lowest seed\n\n" + markdown_table([dict(row=label, **a) for label, a in result["analysis"].items()],
-                                                ["row", "run", *TS_PLANES]) + "\n")
+           + markdown_table([dict(difference=name, **{k: interval(d[k], keys[k]) for k in keys})
+                             for name, d in result["paired"].items()], ["difference", *keys])
+           + ("" if "scored_on" in result else "\n\nTeacher-student analysis, 5 planes, lowest seed\n\n"
+              + markdown_table([dict(row=label, **a) for label, a in result["analysis"].items()],
+                               ["row", "run", *TS_PLANES])) + "\n")
 
 
-def table1(root, out=None, n=None, device="cpu"):
+def table1(root, out=None, n=None, device="cpu", task="toy", test_data=None, prompts=None, csv=None):
     """root/<run>/{best.pt, log.jsonl}, one folder per train.py run -> Table 1 on the toy test split (mean and sample
     std over seeds, beside the teacher) in out/table1.md and table1.json (out defaults to root), Figure 2 in
     dynamics.png, the differences DARK - Static KD and DARK - No KD paired by seed with 95% t intervals, and the
-    teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON.
-    Each checkpoint's metrics are cached beside it (test_metrics.json, analysis.json): a rerun is cheap."""
-    root, out = Path(root), Path(out or root)
+    teacher-student analysis of the lowest seed of No KD, Static KD and DARK. -> the JSON. Runs on data of one's own:
+    task 'classify' (test_data a labelled CSV, prompts {'classify': {class: [prompts]}}) or 'retrieval' (a caption
+    CSV or shards) scores them on test_data instead (TABLE_METRICS; no analysis, no figure). The teacher's own run
+    folder, when it lies in root, is the Teacher row, not a run. Each checkpoint's metrics are cached beside it
+    (test_metrics.json, analysis.json): a rerun is cheap. Raises ValueError for runs trained on files, scored on
+    the toy world."""
+    root, out, toy = Path(root), Path(out or root), task == "toy"
 
     def load(path):
         model, tokenizer = load_model_from_checkpoint(path)
         return model.to(device), tokenizer
 
     def test(ckpt):
-        return cached(ckpt.parent / "test_metrics.json", [ckpt], dict(checkpoint=str(ckpt), split="test", n=n),
-                      lambda: evaluate(*load(ckpt), "toy", "test", n, device=device))
+        meta = dict(checkpoint=str(ckpt), split="test", n=n, **({} if toy else dict(task=task, data=str(test_data))))
+        return cached(ckpt.parent / "test_metrics.json", [ckpt], meta, lambda: evaluate(
+            *load(ckpt), task, "test" if toy else "all", n, test_data, prompts, device=device, csv=csv))
 
     def run_config(path):  # a cut file, or weights that train.py did not write, refused by name
         cfg = models.read_checkpoint(path, mmap=True).get("config")
@@ -998,6 +1018,11 @@ def table1(root, out=None, n=None, device="cpu"):
     if not teacher.is_file():
         raise FileNotFoundError(f"teacher {teacher}, named by the runs' config, is not there: a relative path is from "
                                 "the folder train.py ran in, so run the table from there")
+    runs = [run for run in runs if (run["dir"] / "best.pt").resolve() != teacher.resolve()]  # the Teacher row
+    if toy and (own := next((run for run in runs if run["cfg"].get("train_data", "toy") != "toy"), None)):
+        raise ValueError(f"{root / own['name']} trained on {own['cfg']['train_data']}, not the toy world: score "
+                         "the runs on your test set, --table=... --task=classify --data=test.csv "
+                         "--prompts=classes.json (or --task=retrieval --data=pairs.csv)")
     groups, curves = {}, {}
     for run in sorted(runs, key=lambda run: run["cfg"]["seed"]):  # lowest seed first: the one analysed
         group = groups.setdefault(run_group(run["cfg"]), [])
@@ -1007,19 +1032,19 @@ def table1(root, out=None, n=None, device="cpu"):
                              f"{run['cfg']['seed']}. Keep one, or train the other with another --seed")
         group.append(run)
     labels = row_labels({g: members[0]["cfg"] for g, members in groups.items()})
-    result = dict(teacher=dict(path=str(teacher), **{k: test(teacher)[k] for k in TABLE1_METRICS}), rows=[],
+    result = dict(teacher=dict(path=str(teacher), **{k: test(teacher)[k] for k in TABLE_METRICS[task]}), rows=[],
                   paired={}, analysis={})
     by_seed = {}  # label -> {seed: test metrics}, for the paired differences
     for label, members in sorted(((labels[g], m) for g, m in groups.items()),
                                  key=lambda x: (table1_row(x[1][0]["cfg"])[0], x[0])):
         row = dict(row=label, seeds=len(members), runs=[m["name"] for m in members])
         by_seed[label] = {m["cfg"]["seed"]: test(m["dir"] / "best.pt") for m in members}
-        for k in TABLE1_METRICS:
+        for k in TABLE_METRICS[task]:
             row[k], row[f"{k}_std"] = mean_std([metrics[k] for metrics in by_seed[label].values()])
         result["rows"].append(row)
-        if label in TABLE1_ROWS:
+        if label in TABLE1_ROWS and toy:
             curves[label] = dynamics_curves([m["dir"] for m in members])
-        if label in ANALYSED:
+        if label in ANALYSED and toy:
             first, ckpt = members[0], members[0]["dir"] / "best.pt"
             ts = cached(first["dir"] / "analysis.json", [ckpt, teacher], dict(teacher=str(teacher), split="test", n=n),
                         lambda: analysis(load(teacher), load(ckpt), "toy", "test", n, out_dir=first["dir"],
@@ -1029,7 +1054,9 @@ def table1(root, out=None, n=None, device="cpu"):
     for other in (r for r in TABLE1_ROWS[:2] if r in by_seed and dark_row in by_seed):
         result["paired"][f"DARK - {other}"] = {k: paired_difference(
             {s: m[k] for s, m in by_seed[dark_row].items()}, {s: m[k] for s, m in by_seed[other].items()})
-            for k in TABLE1_METRICS}
+            for k in TABLE_METRICS[task]}
+    if not toy:
+        result["scored_on"] = str(test_data)
     md = table1_markdown(result)
     out.mkdir(parents=True, exist_ok=True)
     data._write_json(out / "table1.md", md)
@@ -1061,7 +1088,7 @@ OPTIONS = dict(
     teacher_config="",      # for raw teacher weights: a preset name or an open_clip JSON
     speed=False,            # params, GMACs, CPU ms of --teacher and --checkpoint (default: the paper's two models)
     runs=10,                # timed runs per tower for --speed, after 3 warm-up runs
-    table="",               # a folder of train.py runs (one per row and seed) -> Table 1, Figure 2, the analysis
+    table="",               # a folder of train.py runs -> Table 1; on your data with --task=classify | retrieval --data
     csv_img_key="filepath",  # classify, retrieval: the CSV's image-path column (relative to the CSV's folder)
     csv_label_key="label",  # classify: the CSV's class-name column
     csv_caption_key="title",  # retrieval: the CSV's caption column
@@ -1079,8 +1106,14 @@ def main(argv):
     opt, _ = data.parse_flags(argv, OPTIONS, ACCEPTS, __doc__, __file__)
     QUIET = opt["quiet"]
     stamp, out = time.strftime("%Y%m%d_%H%M%S"), Path(opt["out"])
-    if opt["table"]:
-        return table1(opt["table"], n=opt["n"] or None, device=data.pick_device(opt["device"]))
+    if opt["table"]:  # the toy test split, or a test set of one's own
+        if opt["task"] not in TABLE_METRICS or (opt["task"] != "toy") != bool(opt["data"]) or (
+                opt["task"] == "classify") != bool(opt["prompts"]):
+            sys.exit("eval.py: --table scores the runs on the toy test split, or on --task=classify --data=test.csv "
+                     "--prompts=classes.json, or --task=retrieval --data=pairs.csv")
+        return table1(opt["table"], n=opt["n"] or None, device=data.pick_device(opt["device"]), task=opt["task"],
+                      test_data=opt["data"] or None, csv={k: v for k, v in opt.items() if k.startswith("csv_")},
+                      prompts=opt["prompts"] and {"classify": data.load_prompts(opt["prompts"])})
     if opt["speed"]:  # the checkpoints given, else FetalCLIP and MobileCLIP2-S0 with random weights: same speed
         print(f"speed: parameters, GMACs, and the median of {opt['runs']} CPU runs at batch 1 after 3 warm-ups, "
               f"{torch.get_num_threads()} threads (OMP_NUM_THREADS sets them); spread = interquartile range / median")
@@ -1126,7 +1159,9 @@ def main(argv):
                              opt["probe_runs"], opt["probe_epochs"]))
         for key in [k for k in PROBE_KEYS[task] if f"probe_{k}_f1" in metrics]:
             runs = metrics[f"probe_{key}_runs"]
-            print(f"linear probe {key}: {len(runs)} runs ({runs[-1]['fold'] + 1} folds), test n={runs[0]['n_test']}")
+            positive = metrics.get(f"probe_{key}_auroc_positive")
+            print(f"linear probe {key}: {len(runs)} runs ({runs[-1]['fold'] + 1} folds), test n={runs[0]['n_test']}"
+                  + f"; AUROC's positive class: {positive!r}" * bool(positive))
             print(markdown_table([dict(metric=k, mean=metrics[f"probe_{key}_{k}"], std=metrics[f"probe_{key}_{k}_std"])
                                   for k in runs[0] if isinstance(runs[0][k], float)], ["metric", "mean", "std"]))
     if opt["analysis"]:
@@ -1144,7 +1179,8 @@ def main(argv):
     shown = dict(classify=["classify_acc", "classify_balanced_acc", "classify_f1", "classify_top5"],
                  retrieval=[f"retrieval_{k}" for k in ("i2t_r1", "i2t_r5", "t2i_r1", "t2i_r5", "mean_recall")]).get(
         task, ["planes_f1", "brain_f1", "class_f1", "ga_validity", "composite"])
-    shown += [k for k in (f"probe_{k}_{m}" for k in PROBE_KEYS.get(task, ()) for m in ("f1", "auroc")) if k in metrics]
+    shown = [k for k in shown + [f"probe_{k}_{m}" for k in PROBE_KEYS.get(task, ()) for m in ("f1", "auroc")]
+             if k in metrics]  # what this run measured: a probe without --prompts has no zero-shot columns
     print(markdown_table([dict(meta, protocol=PROTOCOL, **metrics)], ["model", "checkpoint", "dataset", "split",
                                                                       "protocol", *shown]))
     print(f"all {len(metrics)} metrics: {path}" + ("\n" + retrieval_note(metrics)) * bool(retrieval_note(metrics)))

@@ -4189,3 +4189,95 @@ def test_porting_readme_commands_from_an_empty_folder(shared, tmp_path):
     import coremltools as ct
     package = tmp_path / "out" / "ios" / "MyCLIPImage.mlpackage"
     assert json.loads(ct.models.MLModel(str(package), skip_model_load=True).user_defined_metadata["classes"]) == classes
+
+
+# --- a newcomer's port: No KD beside DARK, from the README alone ---
+def test_a_no_kd_run_takes_the_teachers_vocabulary(shared, tmp_path, monkeypatch):
+    """A --kd=none run with --teacher given (Table 1's No KD row beside a distilled one) needs no --bpe: the teacher
+    is not used, but the vocabulary its checkpoint carries is. A raw teacher without a config is not refused there."""
+    bpe = shared / "vendor/clip_bpe/bpe_simple_vocab_16e6.txt.gz"
+    model, tok = _bpe_model(), data.get_tokenizer("bpe", 77, bpe)
+    carried, raw = tmp_path / "teacher.pt", tmp_path / "raw.pt"
+    torch.save(dict(model=model.state_dict(), model_config=model.config, tokenizer="bpe", bpe_vocab=tok.vocab_file),
+               carried)
+    torch.save(model.state_dict(), raw)  # open_clip-style weights: no model_config
+    monkeypatch.delenv("DARK_BPE", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # no open_clip to borrow it from
+    texts = ["a handwritten digit seven", "a handwritten digit one"]
+    for kd in ("none", "dark"):
+        got = train.make_tokenizer(dict(train.KEYS, kd=kd, teacher=str(carried), bpe=""), model)
+        assert got.vocab_file == tok.vocab_file and torch.equal(got(texts), tok(texts))
+    assert train.make_tokenizer(dict(train.KEYS, kd="none", teacher=str(raw), bpe=str(bpe)), model)(texts).equal(
+        tok(texts))
+    with pytest.raises(FileNotFoundError, match="CLIP BPE vocabulary not found"):
+        train.make_tokenizer(dict(train.KEYS, kd="none", teacher=str(raw), bpe=""), model)
+
+
+def test_retrieval_repeated_captions_and_images_tie_however_the_sums_round():
+    """A caption repeated for many images (class-level captions) and an image given twice tie exactly with the truth:
+    image->text R@1 equals the zero-shot accuracy over the distinct captions, and a duplicate image never outranks
+    its twin, though the pair's cosine and the block's matmul sum the same products in another order."""
+    g = torch.Generator().manual_seed(0)
+    classes = F.normalize(torch.randn(10, 512, generator=g), dim=-1)
+    label = torch.arange(200) % 10
+    img = F.normalize(classes[label] + 12 * torch.randn(200, 512, generator=g) / 512 ** 0.5, dim=-1).half()
+    txt = classes[label].half()  # one caption an image: its class's, 20 copies each
+    zero_shot = float(((img.double() @ classes.half().double().T).argmax(1) == label).double().mean())
+    assert 0.2 < zero_shot < 1  # neither trivial nor hopeless
+    for chunk in (7, 2048):
+        got = evaluation.retrieval_metrics(img, txt, torch.arange(200), chunk=chunk)
+        assert got["i2t_r1"] == pytest.approx(zero_shot) and got["i2t_r1"] == got["i2t_r10"]  # 20 wrong copies
+    twice = torch.cat([img, img])  # every image twice, each copy with its own caption
+    got = evaluation.retrieval_metrics(twice, torch.cat([txt, txt]), torch.arange(400))
+    assert got["t2i_r1"] == pytest.approx(evaluation.retrieval_metrics(img, txt, torch.arange(200))["t2i_r1"])
+
+
+def test_a_probe_alone_shows_no_zero_shot_columns(tiny, tmp_path, capsys):
+    """classify --probe without --prompts measures no zero-shot metric: the summary shows the probe's, not '-'s."""
+    model, _ = tiny
+    rows = [(p, "CHD" if p % 2 else "normal", "test" if p >= 8 else "val" if p >= 6 else "train") for p in range(12)]
+    argv = [f"--checkpoint={_save(model, tmp_path / 'ckpt.pt')}", "--task=classify", "--probe", "--probe_runs=1",
+            "--probe_epochs=2", "--quiet", f"--data={_write_labelled_csv(tmp_path / 'csv', rows)}", f"--out={tmp_path}"]
+    evaluation.main(argv)
+    header = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| model |")]
+    assert header == ["| model | checkpoint | dataset | split | protocol | probe_label_f1 | probe_label_auroc |"]
+
+
+def test_the_probes_auroc_interval_is_around_its_auroc(tiny, tmp_path, monkeypatch):
+    """probe_label_auroc is the mean of the runs' AUROCs, and its bootstrap interval is of that mean (not of the
+    AUROC of averaged probabilities, which two runs, one perfect and one at chance, put at 1); the positive is named."""
+    model, _ = tiny
+    rows = [(p, "CHD" if p % 2 else "normal", "test" if p >= 20 else "val" if p >= 16 else "train") for p in range(40)]
+
+    def fake_probe(train, val, test, num_classes, epochs, seed):  # even seeds perfect, odd ones blind to the label
+        y = np.asarray(test[1])
+        p = 0.1 + 0.8 * y if seed % 2 == 0 else np.where(np.arange(len(y)) % 4 < 2, 0.7, 0.3)
+        return np.stack([1 - p, p], 1), [0.0] * epochs, 0
+    monkeypatch.setattr(evaluation, "linear_probe", fake_probe)
+    m = evaluation.probe(model, "classify", root=_write_labelled_csv(tmp_path / "csv", rows), runs=2, epochs=1)
+    assert [r["auroc"] for r in m["probe_label_runs"]] == [1.0, 0.5]
+    assert m["probe_label_auroc"] == 0.75 and m["probe_label_auroc_positive"] == "normal"
+    assert m["probe_label_auroc_ci_low"] < 0.75 < m["probe_label_auroc_ci_high"] < 1
+
+
+def test_table_of_runs_on_ones_own_data(tmp_path, capsys):
+    """--table over runs trained on files: scored on the user's test CSV (classify), the teacher's own run folder
+    inside the root is the Teacher row and no run; scored on the toy world instead, such runs are refused by name."""
+    root = tmp_path / "out"
+    _save(_tiny("toy-teacher", 0), root / "teacher" / "best.pt", dict(kd="none", seed=0, train_data="train.csv"))
+    for name, kd in (("none", "none"), ("student", "dark")):
+        _run(root, name, kd, 0, teacher=root / "teacher" / "best.pt")
+        cfg = torch.load(root / name / "best.pt", weights_only=True)
+        cfg["config"]["train_data"] = "train.csv"
+        torch.save(cfg, root / name / "best.pt")
+    labels = _write_labelled_csv(tmp_path / "csv", [(p, "CHD" if p % 2 else "normal", "") for p in range(8)])
+    prompts = {"classify": {"CHD": ["a bright scan"], "normal": ["a dark scan"]}}
+    result = evaluation.table1(root, task="classify", test_data=labels, prompts=prompts)
+    printed = capsys.readouterr().out
+    assert [r["row"] for r in result["rows"]] == ["No KD", "DARK (beta 2 -> -0.8)"]  # not the teacher's folder
+    assert f"Zero-shot on {labels}" in printed and "| row | seeds | classify_f1 | classify_acc |" in printed
+    direct = evaluation.evaluate(*evaluation.load_model_from_checkpoint(root / "none" / "best.pt"), "classify", "all",
+                                 root=labels, prompts=prompts)
+    assert result["rows"][0]["classify_f1"] == pytest.approx(direct["classify_f1"])
+    with pytest.raises(ValueError, match=r"out/none trained on train\.csv, not the toy world: .*--task=classify"):
+        evaluation.table1(root, n=N)

@@ -432,10 +432,13 @@ def init_toy_numbers(model, frequencies=4, seed=0):
 def make_tokenizer(cfg, student, ckpt=None):
     """The student's tokenizer. A BPE vocabulary: the copy the run's own checkpoint (ckpt, at a resume) or a train.py
     teacher checkpoint carries, else --bpe, else $DARK_BPE or open_clip's (data._find_bpe); the student's checkpoints
-    then carry it too."""
+    then carry it too. With --kd=none the teacher is not used, yet its copy still serves when --bpe is not given: a
+    No KD run needs no flag its distilled sibling does not."""
     vocab = ckpt and ckpt.get("bpe_vocab")
-    if not vocab and tokenizer_kind(student) == "bpe" and cfg["kd"] != "none" and Path(cfg["teacher"]).is_file():
-        vocab = evaluation.load_model_and_tokenizer_kind(cfg["teacher"], cfg["teacher_config"] or None, False)[2]
+    if (not vocab and tokenizer_kind(student) == "bpe" and Path(cfg["teacher"]).is_file()
+            and (cfg["kd"] != "none" or not cfg["bpe"])):
+        vocab = models.read_checkpoint(cfg["teacher"], mmap=True)  # the vocabulary only: no config needed
+        vocab = vocab.get("bpe_vocab") if isinstance(vocab, dict) else None
     return data.get_tokenizer(tokenizer_kind(student), student.context_length, vocab or cfg["bpe"] or None)
 
 
