@@ -23,6 +23,7 @@ import contextlib
 import csv
 import difflib
 import errno
+import functools
 import gzip
 import hashlib
 import html
@@ -1341,7 +1342,14 @@ class TeacherCache:
 
 
 def sha256_file(path, chunk=1 << 20):
-    """Hex SHA-256 of a file, read 1 MiB at a time (hashlib.file_digest does this from Python 3.11 on)."""
+    """Hex SHA-256 of a file, read 1 MiB at a time (hashlib.file_digest does this from Python 3.11 on); a run asks
+    for a 1.7 GB teacher's more than once, so the answer is kept while the file's size and mtime stay the same."""
+    stat = os.stat(path)
+    return _sha256(os.path.realpath(path), stat.st_size, stat.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=64)
+def _sha256(path, size, mtime_ns, chunk):
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         while block := f.read(chunk):
