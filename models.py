@@ -68,7 +68,7 @@ PRESETS = {
         custom_text=True,
         preprocess_cfg=dict(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))),
     # Laptop-sized starting points for one's own captions (CLIP's BPE, open_clip's 77-token context): a ViT teacher
-    # to train first (64 px, 8 px patches; 0.63M image params) and an MCi student of the toy student's shape
+    # to train first (64 px, 8 px patches; 0.64M image params) and an MCi student of the toy student's shape
     # (0.21M image params). Most of their parameters are the 49,408-token embeddings.
     'small-teacher': dict(
         embed_dim=128,
